@@ -1,0 +1,3 @@
+from msibench.cli import main
+
+main()

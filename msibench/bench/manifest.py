@@ -1,0 +1,277 @@
+"""MSIBench manifest: the benchmark definition as data, its typed view and its validation.
+
+The manifest is one JSON file. It pins, for every source image, the COCO image id, file name, split,
+``coco_url`` and sha256, and for every task the subjects' categories, boxes (normalized to the square
+output canvas), z-order and the exact reference instance (annotation id, pixel crop, segmentation), so the
+references can be materialized from a COCO download alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FORMAT = "msibench-manifest"
+DEFAULT_MANIFEST_NAME = "msibench_v1.json"
+TRACKS = ("single", "multi")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not follow the schema; the message names the file, task and field."""
+
+
+@dataclass(frozen=True)
+class Source:
+    image_id: int
+    split: str
+    file_name: str
+    coco_url: str
+    sha256: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference instance: its pixels are ``crop`` (x0, y0, x1, y1, integer pixels) of the source image,
+    with everything outside ``segmentation`` (COCO polygons or RLE) set to white."""
+
+    image_id: int
+    annotation_id: int
+    crop: tuple[int, int, int, int]
+    segmentation: Any
+    mask_area: float
+    touches_border: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.crop[2] - self.crop[0], self.crop[3] - self.crop[1])
+
+
+@dataclass(frozen=True)
+class Subject:
+    category: str
+    category_id: int
+    box: tuple[float, float, float, float]
+    z: int
+    scene_annotation_id: int | None
+    scene_mask_area: float | None
+    reference: Reference
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    track: str
+    prompt: str
+    background: str
+    scene_image_id: int | None
+    scene_caption: str | None
+    subjects: tuple[Subject, ...]
+
+    @property
+    def k(self) -> int:
+        return len(self.subjects)
+
+    def subjects_back_to_front(self) -> list[Subject]:
+        return sorted(self.subjects, key=lambda s: s.z)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str
+    version: str
+    sha256: str
+    build: dict[str, Any]
+    sources: dict[int, Source]
+    tasks: tuple[Task, ...]
+
+    @cached_property
+    def by_id(self) -> dict[str, Task]:
+        return {t.id: t for t in self.tasks}
+
+    def select(self, track: str = "all", limit: int | None = None) -> list[Task]:
+        if track not in (*TRACKS, "all"):
+            raise ValueError(f"unknown track {track!r}; choose single, multi or all")
+        tasks = [t for t in self.tasks if track == "all" or t.track == track]
+        if limit is not None:
+            if track == "all":
+                tasks = [t for tr in TRACKS for t in [t for t in tasks if t.track == tr][:limit]]
+            else:
+                tasks = tasks[:limit]
+        return tasks
+
+
+def default_manifest_path() -> Path:
+    return Path(str(resources.files("msibench") / "data" / DEFAULT_MANIFEST_NAME))
+
+
+def dumps(manifest: dict[str, Any]) -> bytes:
+    """Canonical bytes of a manifest dict: the same content always gives the same bytes."""
+    return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def load_manifest(path: str | Path | None = None) -> Manifest:
+    """Load and validate a manifest (the packaged v1 by default)."""
+    path = Path(path) if path is not None else default_manifest_path()
+    try:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot read manifest: {err}") from err
+    try:
+        raw = json.loads(blob)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON: {err}") from err
+    return parse_manifest(raw, str(path), hashlib.sha256(blob).hexdigest())
+
+
+class _Checker:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, field: str, message: str) -> ManifestError:
+        return ManifestError(f"{self.where}: field {field!r}: {message}")
+
+    def get(self, obj: dict[str, Any], key: str, types: type | tuple[type, ...], prefix: str = "") -> Any:
+        name = f"{prefix}{key}"
+        if not isinstance(obj, dict):
+            raise self.fail(prefix.rstrip(".") or "<root>", f"expected an object, got {type(obj).__name__}")
+        if key not in obj:
+            raise self.fail(name, "missing")
+        value = obj[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise self.fail(name, f"expected {_type_names(types)}, got bool")
+        if not isinstance(value, types):
+            raise self.fail(name, f"expected {_type_names(types)}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def parse_manifest(raw: Any, path: str, sha256: str) -> Manifest:
+    top = _Checker(path)
+    if not isinstance(raw, dict):
+        raise top.fail("<root>", "expected a JSON object")
+    fmt = top.get(raw, "format", str)
+    if fmt != MANIFEST_FORMAT:
+        raise top.fail("format", f"expected {MANIFEST_FORMAT!r}, got {fmt!r}")
+    version = top.get(raw, "version", str)
+    build = top.get(raw, "build", dict)
+
+    sources: dict[int, Source] = {}
+    for i, src in enumerate(top.get(raw, "sources", list)):
+        chk = _Checker(f"{path}: sources[{i}]")
+        sha = chk.get(src, "sha256", str)
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise chk.fail("sha256", f"expected 64 lowercase hex digits, got {sha!r}")
+        source = Source(
+            image_id=chk.get(src, "image_id", int),
+            split=chk.get(src, "split", str),
+            file_name=chk.get(src, "file_name", str),
+            coco_url=chk.get(src, "coco_url", str),
+            sha256=sha,
+            width=chk.get(src, "width", int),
+            height=chk.get(src, "height", int),
+        )
+        sources[source.image_id] = source
+
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for i, raw_task in enumerate(top.get(raw, "tasks", list)):
+        task_id = raw_task.get("id") if isinstance(raw_task, dict) else None
+        chk = _Checker(f"{path}: task {task_id!r}" if isinstance(task_id, str) else f"{path}: tasks[{i}]")
+        task = _parse_task(raw_task, chk, sources)
+        if task.id in seen:
+            raise chk.fail("id", "duplicate task id")
+        seen.add(task.id)
+        tasks.append(task)
+    return Manifest(path=path, version=version, sha256=sha256, build=build, sources=sources, tasks=tuple(tasks))
+
+
+def _parse_task(raw: Any, chk: _Checker, sources: dict[int, Source]) -> Task:
+    task_id = chk.get(raw, "id", str)
+    track = chk.get(raw, "track", str)
+    if track not in TRACKS:
+        raise chk.fail("track", f"expected one of {TRACKS}, got {track!r}")
+    prompt = chk.get(raw, "prompt", str)
+    background = chk.get(raw, "background", str)
+    if not prompt.strip():
+        raise chk.fail("prompt", "empty")
+    scene = chk.get(raw, "scene", dict)
+    scene_image_id = scene.get("image_id")
+    scene_caption = scene.get("caption")
+    if scene_image_id is not None and not isinstance(scene_image_id, int):
+        raise chk.fail("scene.image_id", f"expected int or null, got {scene_image_id!r}")
+    if scene_caption is not None and not isinstance(scene_caption, str):
+        raise chk.fail("scene.caption", f"expected str or null, got {scene_caption!r}")
+    raw_subjects = chk.get(raw, "subjects", list)
+    if not raw_subjects:
+        raise chk.fail("subjects", "a task needs at least one subject")
+    if track == "single" and len(raw_subjects) != 1:
+        raise chk.fail("subjects", f"a single-subject task has exactly 1 subject, got {len(raw_subjects)}")
+    subjects = []
+    for j, sub in enumerate(raw_subjects):
+        p = f"subjects[{j}]."
+        box = chk.get(sub, "box", list, p)
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise chk.fail(f"{p}box", f"expected 4 numbers, got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise chk.fail(f"{p}box", f"expected 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}")
+        ref = chk.get(sub, "reference", dict, p)
+        rp = f"{p}reference."
+        ref_image = chk.get(ref, "image_id", int, rp)
+        if ref_image not in sources:
+            raise chk.fail(f"{rp}image_id", f"image {ref_image} is not listed in sources")
+        crop = chk.get(ref, "crop", list, rp)
+        src = sources[ref_image]
+        if (
+            len(crop) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in crop)
+            or not (0 <= crop[0] < crop[2] <= src.width and 0 <= crop[1] < crop[3] <= src.height)
+        ):
+            raise chk.fail(f"{rp}crop", f"expected integer x0<x1, y0<y1 inside {src.width}x{src.height}, got {crop!r}")
+        segmentation = chk.get(ref, "segmentation", (list, dict), rp)
+        if ref_image == raw.get("scene", {}).get("image_id"):
+            raise chk.fail(f"{rp}image_id", "a reference must come from another image than the scene")
+        reference = Reference(
+            image_id=ref_image,
+            annotation_id=chk.get(ref, "annotation_id", int, rp),
+            crop=tuple(crop),  # type: ignore[arg-type]
+            segmentation=segmentation,
+            mask_area=float(chk.get(ref, "mask_area", (int, float), rp)),
+            touches_border=chk.get(ref, "touches_border", bool, rp),
+        )
+        scene_ann = sub.get("scene_annotation_id")
+        scene_area = sub.get("scene_mask_area")
+        subjects.append(
+            Subject(
+                category=chk.get(sub, "category", str, p),
+                category_id=chk.get(sub, "category_id", int, p),
+                box=(x0, y0, x1, y1),
+                z=chk.get(sub, "z", int, p),
+                scene_annotation_id=scene_ann if isinstance(scene_ann, int) else None,
+                scene_mask_area=float(scene_area) if isinstance(scene_area, (int, float)) else None,
+                reference=reference,
+            )
+        )
+    zs = sorted(s.z for s in subjects)
+    if zs != list(range(len(subjects))):
+        raise chk.fail("subjects[].z", f"z ranks must be 0..{len(subjects) - 1} once each, got {zs}")
+    return Task(
+        id=task_id,
+        track=track,
+        prompt=prompt,
+        background=background,
+        scene_image_id=scene_image_id,
+        scene_caption=scene_caption,
+        subjects=tuple(subjects),
+    )

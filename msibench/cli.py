@@ -1,0 +1,226 @@
+"""``msibench`` command line. Importing this module must stay cheap: no torch, heavy imports inside commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from msibench import __version__
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint="-M")
+        options[key.strip()] = value.strip()
+    return options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="msibench")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """MSIBench: evaluate controllable multi-subject image customization."""
+    _setup_logging(verbose)
+
+
+@main.command("ls")
+@click.argument("what", type=click.Choice(["methods", "tracks"]), default="methods")
+def ls_command(what: str) -> None:
+    """List registered methods (with their capabilities) or the benchmark tracks."""
+    from msibench import registry
+
+    if what == "tracks":
+        click.echo("single  100 tasks, one subject each (DINO-I, CLIP-I, CLIP-B)")
+        click.echo("multi   100 tasks, 25 each with 2, 3, 4 and 5 subjects (all metrics)")
+        return
+    click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}module")
+    for name, target in registry.METHODS.items():
+        try:
+            caps = registry.build(name).capabilities
+        except registry.MethodUnavailableError as err:
+            click.echo(f"{name:<16}{'-':>13}  {'-':<7}{'-':<8}{'-':<14}{target}  (unavailable: {err})")
+            continue
+        click.echo(
+            f"{name:<16}{caps.max_subjects:>13}  {'yes' if caps.uses_layout else 'no':<7}"
+            f"{'yes' if caps.uses_zorder else 'no':<8}{','.join(caps.tracks):<14}{target}"
+        )
+
+
+@main.group("bench")
+def bench_group() -> None:
+    """Build or inspect the benchmark manifest."""
+
+
+@bench_group.command("build")
+@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", default="val2017", show_default=True)
+def bench_build(coco_root: Path, out: Path, seed: int, split: str) -> None:
+    """Write the MSIBench manifest built deterministically from a COCO 2017 split."""
+    from msibench.bench.build import BuildParams, build_manifest
+    from msibench.bench.manifest import dumps
+    from msibench.cache import atomic_write_bytes
+
+    manifest = build_manifest(coco_root, BuildParams(split=split, seed=seed))
+    atomic_write_bytes(out, dumps(manifest))
+    stats = manifest["build"]["stats"]
+    click.echo(f"wrote {out}: {len(manifest['tasks'])} tasks; {stats}")
+
+
+@bench_group.command("info")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_info(manifest: Path | None) -> None:
+    """Summarize a manifest (the packaged v1 by default)."""
+    from collections import Counter
+
+    from msibench.bench.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    click.echo(f"{m.path}\nversion {m.version}, sha256 {m.sha256}")
+    per = Counter((t.track, t.k) for t in m.tasks)
+    for (track, k), n in sorted(per.items()):
+        click.echo(f"  {track:<6} K={k}: {n} tasks")
+    cats = {s.category for t in m.tasks for s in t.subjects}
+    click.echo(f"  categories: {len(cats)}; source images: {len(m.sources)}")
+
+
+@main.group("data")
+def data_group() -> None:
+    """Benchmark data (reference cut-outs and masks) in the cache."""
+
+
+@data_group.command("prepare")
+@click.option(
+    "--coco-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO 2017 root holding val2017/ (or MSIBENCH_COCO_ROOT); without it images are downloaded.",
+)
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def data_prepare(coco_root: Path | None, manifest: Path | None) -> None:
+    """Materialize every reference into $MSIBENCH_CACHE, checking each source file's sha256."""
+    from msibench.bench.manifest import load_manifest
+    from msibench.bench.prepare import PrepareError, prepare, references_dir
+
+    m = load_manifest(manifest)
+    try:
+        written = prepare(m, coco_root)
+    except PrepareError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{written} references written, all {len(m.sources)} source files verified -> {references_dir()}")
+
+
+@main.command("run", context_settings={"show_default": True})
+@click.option("--method", "method_name", required=True, help="Registered method name (msibench ls).")
+@click.option("--track", type=click.Choice(["multi", "single", "all"]), default="all")
+@click.option("--seeds", type=int, default=1, help="Samples per task.")
+@click.option("--seed", "base_seed", type=int, default=0, help="Base seed; per-sample seeds derive from it.")
+@click.option("--limit", type=int, default=None, help="At most N tasks per track.")
+@click.option("--shard", default=None, help="I/N: this process's share (default: torchrun RANK/WORLD_SIZE).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results/runs"),
+    help="Parent folder; the run folder is METHOD-FINGERPRINTHASH inside it.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Exact run folder (overrides --out).",
+)
+@click.option("-M", "method_options", multiple=True, metavar="KEY=VALUE", help="Method option (repeatable).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option(
+    "--coco-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO 2017 root for preparing references offline (or MSIBENCH_COCO_ROOT).",
+)
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--overwrite", is_flag=True, help="Discard results of another configuration in the run folder.")
+@click.option("--retry-failed", is_flag=True, help="Generate again the samples recorded as failed.")
+@click.option("--no-progress", is_flag=True)
+def run_command(
+    method_name,
+    track,
+    seeds,
+    base_seed,
+    limit,
+    shard,
+    out,
+    run_dir,
+    method_options,
+    device,
+    coco_root,
+    manifest,
+    overwrite,
+    retry_failed,
+    no_progress,
+) -> None:
+    """Generate images for the benchmark tasks; resumable. Exit code = number of failed samples."""
+    from msibench import registry
+    from msibench.bench.manifest import ManifestError
+    from msibench.bench.prepare import PrepareError
+    from msibench.runner import RunConflictError, default_device, parse_shard, run_method
+
+    try:
+        method = registry.build(method_name, _parse_options(method_options))
+        shard_spec = parse_shard(shard)
+    except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    try:
+        summary = run_method(
+            method,
+            run_dir=run_dir,
+            out=out,
+            manifest=manifest,
+            track=track,
+            limit=limit,
+            seeds=seeds,
+            base_seed=base_seed,
+            shard=shard_spec,
+            device=default_device(device),
+            coco_root=coco_root,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            progress=not no_progress,
+            argv=sys.argv,
+        )
+    except (RunConflictError, ManifestError, PrepareError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(
+        f"{summary.run_dir}: {summary.ok} generated, {summary.failed} failed, {summary.skipped} skipped, "
+        f"{summary.done_before} already done (of {summary.total} in shard {shard_spec[0]}/{shard_spec[1]})"
+    )
+    for failure in summary.failures[:20]:
+        click.echo(f"  failed {failure}", err=True)
+    sys.exit(summary.exit_code)
+
+
+def _register_optional_commands() -> None:
+    # Scoring, table and plot commands live with the scorers; their module imports only click at top level.
+    try:
+        from msibench.scoring import commands
+    except ImportError:
+        return
+    for command in commands.COMMANDS:
+        main.add_command(command)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The Method interface every generator implements (paste, the baselines, MS-CustomNet).
+
+A method is constructed cheaply from keyword options (strings from ``-M key=value`` are coerced by the
+method itself), loads its weights in :meth:`Method.setup`, and turns a batch of :class:`GenerationRequest`
+into images. The runner never special-cases a method: everything it needs is declared in
+:class:`Capabilities` and :meth:`Method.fingerprint`.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from msibench.bench.manifest import Task
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; the runner skips (and records) tasks outside it."""
+
+    max_subjects: int
+    uses_layout: bool
+    uses_zorder: bool
+    tracks: tuple[str, ...] = ("single", "multi")
+
+
+@dataclass(frozen=True)
+class SubjectInput:
+    """One subject of a request, with its reference already loaded.
+
+    ``box`` is (x0, y0, x1, y1) normalized to the square output canvas; ``z`` is the depth rank
+    (0 = farthest; a higher z is drawn in front). ``reference`` is the white-background RGB cut-out at
+    original resolution and ``mask`` its binary mask ("L" mode, 255 inside).
+    """
+
+    category: str
+    category_id: int
+    box: tuple[float, float, float, float]
+    z: int
+    reference: Image.Image
+    mask: Image.Image
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate: a task, a sample index and the seed derived from both."""
+
+    task: Task
+    sample_index: int
+    seed: int
+    subjects: tuple[SubjectInput, ...]
+
+    @property
+    def prompt(self) -> str:
+        return self.task.prompt
+
+    @property
+    def background(self) -> str:
+        return self.task.background
+
+
+class Method(abc.ABC):
+    """Base class of every generation method.
+
+    Subclasses set ``name`` and implement ``capabilities``, ``config``, ``setup`` and ``generate``.
+    ``__init__`` must stay cheap (no weights, no torch import needed by msibench ls).
+    """
+
+    name: ClassVar[str] = "method"
+    #: How many requests the runner hands to ``generate`` at once.
+    batch_size: int = 1
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """Declared capabilities."""
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything that changes the output: weights ids + revisions, scheduler, steps, guidance, scales,
+        resolution, dtype. Must be JSON-serialisable."""
+
+    @abc.abstractmethod
+    def setup(self, device: str) -> None:
+        """Load weights onto ``device``. Called once before the first ``generate``."""
+
+    @abc.abstractmethod
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        """Return one RGB image per request, in order. Must be deterministic given each request's seed."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"method": self.name, "config": self.config()}
+
+    def fingerprint_hash(self) -> str:
+        return fingerprint_hash(self.fingerprint())
+
+    def can_do(self, task: Task) -> str | None:
+        """Return None when the task is within the capabilities, else the reason it is skipped."""
+        caps = self.capabilities
+        if task.track not in caps.tracks:
+            return f"{self.name} does not support the {task.track}-subject track"
+        if len(task.subjects) > caps.max_subjects:
+            return f"{self.name} supports at most {caps.max_subjects} subject(s), task has {len(task.subjects)}"
+        return None
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """Short, stable hash of a fingerprint (canonical JSON)."""
+    blob = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def coerce_options(defaults: dict[str, Any], options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Merge ``-M key=value`` options into ``defaults``, converting strings to each default's type.
+
+    Unknown keys raise ``ValueError`` naming the key and the valid ones, so a typo never runs silently.
+    """
+    merged = dict(defaults)
+    for key, value in options.items():
+        if key not in defaults:
+            raise ValueError(f"{where}: unknown option {key!r}; valid options: {', '.join(sorted(defaults))}")
+        merged[key] = _coerce(value, defaults[key], f"{where} option {key!r}")
+    return merged
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            lowered = value.lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (list, tuple)):
+            return type(default)(json.loads(value))
+    except ValueError as err:
+        raise ValueError(f"{where}: cannot read {value!r} as {type(default).__name__}") from err
+    return value
+
+
+__all__ = [
+    "Capabilities",
+    "GenerationRequest",
+    "Method",
+    "SubjectInput",
+    "coerce_options",
+    "fingerprint_hash",
+]

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network or a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("MSIBENCH_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DIR} (set MSIBENCH_SHARED_DIR)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def coco_root(shared_dir: Path) -> Path:
+    root = shared_dir / "data" / "coco2017-mini"
+    if not (root / "annotations" / "instances_val2017.json").is_file():
+        pytest.skip(f"COCO slice not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dinov2_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "models" / "dinov2-s14-imgfocus"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"offline DINOv2 folder not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_keys_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "checkpoint-keys"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own MSIBENCH_CACHE so nothing leaks between tests or into ~/.cache."""
+    monkeypatch.setenv("MSIBENCH_CACHE", str(tmp_path_factory.mktemp("msibench_cache")))
