@@ -277,12 +277,16 @@ def _request(task: Task, sample_index: int, base_seed: int, manifest: Manifest) 
     for subject in task.subjects:
         source = manifest.sources[subject.reference.image_id]
         paths = reference_paths(subject.reference, source)
-        with Image.open(paths.image) as img:
-            img.load()
-            reference = img.convert("RGB")
-        with Image.open(paths.mask) as msk:
-            msk.load()
-            mask = msk.convert("L")
+        try:
+            with Image.open(paths.image) as img:
+                reference = img.convert("RGB")
+            with Image.open(paths.mask) as msk:
+                mask = msk.convert("L")
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot read the {subject.category} reference (annotation {subject.reference.annotation_id}) "
+                f"from {paths.image}: {err}"
+            ) from err
         if reference.size != subject.reference.size or mask.size != reference.size:
             raise ValueError(
                 f"{paths.image}: size {reference.size} / mask {mask.size}, expected {subject.reference.size}"
