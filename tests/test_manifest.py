@@ -63,9 +63,9 @@ def test_references_never_the_scene_instance(built, coco_val):
             per_cat.setdefault(s["category_id"], []).append(s["reference"]["annotation_id"])
         for cat, refs in per_cat.items():
             available = [
-                a for a in anns.values()
-                if a["category_id"] == cat and a["image_id"] != scene and not a["iscrowd"]
-                and min(a["bbox"][2:]) >= 32
+                a
+                for a in anns.values()
+                if a["category_id"] == cat and a["image_id"] != scene and not a["iscrowd"] and min(a["bbox"][2:]) >= 32
             ]
             assert len(set(refs)) == min(len(refs), len(available)), task["id"]
 
@@ -129,8 +129,10 @@ def _write(tmp_path, manifest):
         (lambda m: m["tasks"][3]["subjects"][0].__setitem__("z", "front"), "subjects[0].z"),
         (lambda m: m["tasks"][3].pop("prompt"), "'prompt': missing"),
         (lambda m: m["tasks"][3].__setitem__("track", "triple"), "'track'"),
-        (lambda m: m["tasks"][3]["subjects"][0]["reference"].__setitem__("crop", [0, 0, 99999, 5]),
-         "subjects[0].reference.crop"),
+        (
+            lambda m: m["tasks"][3]["subjects"][0]["reference"].__setitem__("crop", [0, 0, 99999, 5]),
+            "subjects[0].reference.crop",
+        ),
     ],
 )
 def test_bad_field_error_names_task_and_field(tmp_path, built, mutate, expected):

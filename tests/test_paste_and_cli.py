@@ -93,14 +93,20 @@ def test_bench_build_cli_reproduces_the_packaged_manifest(tmp_path, coco_root):
     out = tmp_path / "m.json"
     res = subprocess.run(
         [sys.executable, "-m", "msibench", "bench", "build", "--coco-root", str(coco_root), "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     assert out.read_bytes() == default_manifest_path().read_bytes()
 
 
 def test_data_prepare_cli(coco_root):
-    res = subprocess.run([sys.executable, "-m", "msibench", "data", "prepare", "--coco-root", str(coco_root)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "msibench", "data", "prepare", "--coco-root", str(coco_root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "source files verified" in res.stdout

@@ -105,12 +105,17 @@ def test_two_concurrent_shards_cover_every_task_once(tmp_path, reference_run, co
 
 def test_resume_skips_done_and_limit_and_tracks_select(tmp_path, prepared, coco_root):
     run_dir = tmp_path / "r"
-    first = run_method(PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, track="multi", limit=3,
-                       progress=False)
+    first = run_method(
+        PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, track="multi", limit=3, progress=False
+    )
     assert first.ok == 3 and {r["task_id"] for r in read_records(run_dir)} == {
-        "multi-k2-000", "multi-k2-001", "multi-k2-002"}
-    second = run_method(PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, track="all", limit=3,
-                        progress=False)
+        "multi-k2-000",
+        "multi-k2-001",
+        "multi-k2-002",
+    }
+    second = run_method(
+        PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, track="all", limit=3, progress=False
+    )
     assert second.done_before == 3 and second.ok == 3
 
 
@@ -120,11 +125,13 @@ def test_changed_fingerprint_is_refused(tmp_path, prepared):
     with pytest.raises(RunConflictError, match="fingerprint_hash"):
         run_method(PasteMethod(resolution=48), run_dir=run_dir, manifest=prepared, limit=1, progress=False)
     with pytest.raises(RunConflictError, match="base_seed"):
-        run_method(PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, limit=1, base_seed=7,
-                   progress=False)
+        run_method(
+            PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, limit=1, base_seed=7, progress=False
+        )
     assert len(read_records(run_dir)) == 2  # nothing lost by the refusals
-    summary = run_method(PasteMethod(resolution=48), run_dir=run_dir, manifest=prepared, limit=1, overwrite=True,
-                         progress=False)
+    summary = run_method(
+        PasteMethod(resolution=48), run_dir=run_dir, manifest=prepared, limit=1, overwrite=True, progress=False
+    )
     assert summary.ok == 2
     assert {Image.open(run_dir / r["image"]).size for r in read_records(run_dir)} == {(48, 48)}
     run_json = json.loads((run_dir / "run.json").read_text())
@@ -144,19 +151,36 @@ def test_corrupt_reference_is_recorded_as_failure(tmp_path, prepared, coco_root)
     victim = tasks[1].subjects[0]
     path = reference_paths(victim.reference, prepared.sources[victim.reference.image_id]).image
     path.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    summary = run_method(PasteMethod(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi",
-                         limit=4, progress=False)
+    summary = run_method(
+        PasteMethod(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi", limit=4, progress=False
+    )
     assert (summary.ok, summary.failed, summary.exit_code) == (3, 1, 1)
     failed = [r for r in read_records(tmp_path / "r") if r["status"] == "failed"]
     assert [r["task_id"] for r in failed] == [tasks[1].id]
     assert "reference" in failed[0]["reason"] and path.name in failed[0]["reason"]
     # Failed samples are kept on resume unless retried; a retry after repair succeeds.
-    assert run_method(PasteMethod(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi",
-                      limit=4, progress=False).failed == 0
+    assert (
+        run_method(
+            PasteMethod(resolution=32),
+            run_dir=tmp_path / "r",
+            manifest=prepared,
+            track="multi",
+            limit=4,
+            progress=False,
+        ).failed
+        == 0
+    )
     path.unlink()
     prepare(prepared, coco_root, tasks=[tasks[1]], verify_all=False)
-    retry = run_method(PasteMethod(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi",
-                       limit=4, retry_failed=True, progress=False)
+    retry = run_method(
+        PasteMethod(resolution=32),
+        run_dir=tmp_path / "r",
+        manifest=prepared,
+        track="multi",
+        limit=4,
+        retry_failed=True,
+        progress=False,
+    )
     assert retry.ok == 1 and all(r["status"] == "ok" for r in read_records(tmp_path / "r"))
 
 
@@ -170,8 +194,9 @@ class _Flaky(PasteMethod):
 
 
 def test_method_exception_fails_one_sample_and_run_goes_on(tmp_path, prepared):
-    summary = run_method(_Flaky(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi", limit=6,
-                         progress=False)
+    summary = run_method(
+        _Flaky(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi", limit=6, progress=False
+    )
     assert (summary.ok, summary.failed) == (5, 1)
     rec = {r["task_id"]: r for r in read_records(tmp_path / "r")}
     assert rec["multi-k2-002"]["status"] == "failed" and "out of memory" in rec["multi-k2-002"]["reason"]
@@ -186,8 +211,9 @@ class _TwoSubjects(PasteMethod):
 
 
 def test_tasks_beyond_capabilities_are_skipped_with_reason(tmp_path, prepared):
-    summary = run_method(_TwoSubjects(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi",
-                         progress=False)
+    summary = run_method(
+        _TwoSubjects(resolution=32), run_dir=tmp_path / "r", manifest=prepared, track="multi", progress=False
+    )
     assert summary.ok == 25 and summary.skipped == 75
     skipped = [r for r in read_records(tmp_path / "r") if r["status"] == "skipped"]
     assert all("at most 2 subject" in r["reason"] for r in skipped)
@@ -195,11 +221,19 @@ def test_tasks_beyond_capabilities_are_skipped_with_reason(tmp_path, prepared):
 
 def test_cli_exit_code_counts_failures_and_refusal_message(tmp_path, prepared, coco_root):
     run_dir = tmp_path / "r"
-    ok = subprocess.run(_cli("-M", "resolution=32", "--limit", "2", "--run-dir", str(run_dir)),
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        _cli("-M", "resolution=32", "--limit", "2", "--run-dir", str(run_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run(_cli("-M", "resolution=40", "--limit", "2", "--run-dir", str(run_dir)),
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        _cli("-M", "resolution=40", "--limit", "2", "--run-dir", str(run_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 1 and "refusing to mix" in refused.stderr and "--overwrite" in refused.stderr
     bad = subprocess.run(_cli("-M", "resolutoin=40"), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "unknown option 'resolutoin'" in bad.stderr
@@ -220,7 +254,14 @@ def test_shard_from_torchrun_environment(monkeypatch):
 
 
 def test_runner_prepares_missing_references_itself(tmp_path, coco_root, manifest):
-    summary = run_method(PasteMethod(resolution=32), run_dir=tmp_path / "r", manifest=manifest, track="single",
-                         limit=3, coco_root=coco_root, progress=False)
+    summary = run_method(
+        PasteMethod(resolution=32),
+        run_dir=tmp_path / "r",
+        manifest=manifest,
+        track="single",
+        limit=3,
+        coco_root=coco_root,
+        progress=False,
+    )
     assert summary.ok == 3
     assert os.listdir(Path(os.environ["MSIBENCH_CACHE"]) / "references")
