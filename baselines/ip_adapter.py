@@ -1,0 +1,309 @@
+"""``ip-adapter``: IP-Adapter (Ye et al., 2023, arXiv 2308.06721) on Stable Diffusion 1.5 as an msibench method.
+
+The official SD1.5 adapter (``h94/IP-Adapter`` ``models/ip-adapter_sd15.bin`` with its OpenCLIP ViT-H/14 image
+encoder ``models/image_encoder``) is loaded through diffusers' own IP-Adapter support
+(``StableDiffusionPipeline.load_ip_adapter``); ``baselines.ip_adapter_modules`` checks the file against the
+official key layout first and verifies afterwards that every tensor landed where the official code puts it.
+
+- Single subject (default, as in the paper): the subject's reference cut-out is the image prompt, the task
+  prompt the text prompt.
+- ``-M use_layout=true``: every subject's reference is one image of the adapter, and diffusers' IP-Adapter
+  attention masks (``IPAdapterMaskProcessor``) restrict each one to its layout box. Overlapping boxes both add
+  their image attention in the overlap: IP-Adapter knows no z-order.
+
+Defaults are the official ones, from tencent-ailab/IP-Adapter@62e4af9d0c1ac7d5f8dd386a0ccf2211346af1a2:
+README.md ("For multimodal prompts ... setting scale=0.5 can get good results"; base model
+runwayml/stable-diffusion-v1-5 and VAE stabilityai/sd-vae-ft-mse), ip_adapter/ip_adapter.py
+(``IPAdapter.generate``: guidance_scale=7.5, negative prompt "monochrome, lowres, bad anatomy, worst quality,
+low quality"; image encoder and adapter in float16), ip_adapter_t2i_demo.ipynb (DDIMScheduler with
+beta_start=0.00085, beta_end=0.012, scaled_linear, clip_sample=False, set_alpha_to_one=False, steps_offset=1;
+num_inference_steps=50; 512x512).
+
+torch / diffusers / transformers are imported inside methods and in ``baselines.ip_adapter_modules`` only, so
+that ``msibench ls`` stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from msibench.bench.manifest import Task
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The community mirror of runwayml/stable-diffusion-v1-5 (removed from the hub); same commit history.
+BASE_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+VAE_ID = "stabilityai/sd-vae-ft-mse"
+VAE_REVISION = "31f26fdeee1355a5c34592e401dd41e45d25a493"
+ADAPTER_ID = "h94/IP-Adapter"
+ADAPTER_REVISION = "018e402774aeeddd60609b4ecdb7e298259dc729"
+ADAPTER_WEIGHTS = "models/ip-adapter_sd15.bin"
+ADAPTER_IMAGE_ENCODER = "models/image_encoder"
+#: Overrides the default of ``adapter``: a local folder laid out like the hub repo (models/...).
+ADAPTER_ENV = "MSIBENCH_IP_ADAPTER_WEIGHTS"
+
+SCHEDULERS = ("ddim", "pndm", "unipc", "dpmsolver++", "euler")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+#: With layout masks every subject adds one masked image attention per cross-attention layer; there is no
+#: architectural limit, this bound only keeps the declared capability finite.
+MAX_LAYOUT_SUBJECTS = 64
+IMPLEMENTATION_VERSION = 1
+
+
+class WeightsUnavailableError(OSError):
+    """A weight source cannot be found or loaded; the message says what to download and where to point."""
+
+
+def _default_options() -> dict[str, Any]:
+    return {
+        "base_model": BASE_MODEL_ID,
+        "base_revision": BASE_MODEL_REVISION,
+        # "" keeps the base model's own VAE; the official demos swap in sd-vae-ft-mse.
+        "vae": VAE_ID,
+        "vae_revision": VAE_REVISION,
+        "adapter": os.environ.get(ADAPTER_ENV, ADAPTER_ID),
+        "adapter_revision": ADAPTER_REVISION,
+        "adapter_weights": ADAPTER_WEIGHTS,
+        "image_encoder": ADAPTER_IMAGE_ENCODER,
+        "scheduler": "ddim",
+        "steps": 50,
+        "guidance": 7.5,
+        "scale": 0.5,
+        "resolution": 512,
+        "dtype": "auto",
+        "negative_prompt": "monochrome, lowres, bad anatomy, worst quality, low quality",
+        "use_layout": False,
+    }
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists()
+
+
+def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
+    """``filename`` inside ``source`` (a local folder, a local file, or a hub repo id at ``revision``)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidate = path / filename
+        if candidate.is_file():
+            return candidate
+        raise WeightsUnavailableError(
+            f"ip-adapter: {what} not found: {candidate} does not exist. Download {filename} from the hub repo "
+            f"{ADAPTER_ID} (revision {ADAPTER_REVISION}) into {path}, keeping its relative path."
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(source, filename, revision=revision))
+    except Exception as err:  # offline, unknown repo, missing file: all end here with one readable message
+        raise WeightsUnavailableError(
+            f"ip-adapter: cannot get {what} {filename!r} from the hub repo {source!r} at revision {revision} "
+            f"({type(err).__name__}: {err}). Download it first, e.g. `huggingface-cli download {source} {filename} "
+            f"--revision {revision}`, or pass a local folder with -M adapter=DIR (or set {ADAPTER_ENV})."
+        ) from err
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class IPAdapterMethod(Method):
+    name: ClassVar[str] = "ip-adapter"
+    # One request per call: each request has its own number of images and its own masks.
+    batch_size = 1
+
+    def __init__(self, **options: Any) -> None:
+        self.options = coerce_options(_default_options(), options, self.name)
+        o = self.options
+        if o["scheduler"] not in SCHEDULERS:
+            raise ValueError(f"{self.name} option 'scheduler': {o['scheduler']!r} is not one of {SCHEDULERS}")
+        if o["dtype"] not in DTYPES:
+            raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
+        for key in ("steps", "resolution"):
+            if int(o[key]) < 1:
+                raise ValueError(f"{self.name} option {key!r}: must be a positive integer, got {o[key]!r}")
+        if int(o["resolution"]) % 8:
+            raise ValueError(f"{self.name} option 'resolution': must be a multiple of 8, got {o['resolution']}")
+        if float(o["scale"]) < 0:
+            raise ValueError(f"{self.name} option 'scale': must be >= 0, got {o['scale']}")
+        self._config: dict[str, Any] | None = None
+        self._pipe = None
+        self._device: str | None = None
+
+    # ------------------------------------------------------------------------------------------ declared
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self.options["use_layout"]:
+            return Capabilities(max_subjects=MAX_LAYOUT_SUBJECTS, uses_layout=True, uses_zorder=False)
+        return Capabilities(max_subjects=1, uses_layout=False, uses_zorder=False)
+
+    def can_do(self, task: Task) -> str | None:
+        reason = super().can_do(task)
+        if reason is not None and not self.options["use_layout"] and len(task.subjects) > 1:
+            reason += " (the paper's single-subject use; -M use_layout=true restricts one image per box)"
+        return reason
+
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            o = self.options
+            adapter: dict[str, Any] = {
+                "source": o["adapter"],
+                "weights": o["adapter_weights"],
+                "image_encoder": o["image_encoder"],
+            }
+            if _is_local(o["adapter"]):
+                # A local copy is identified by its content, not by where it happens to live.
+                weights = resolve_file(o["adapter"], o["adapter_weights"], o["adapter_revision"], "adapter weights")
+                adapter["source"] = str(Path(o["adapter"]).expanduser().resolve())
+                adapter["weights_sha256"] = _sha256(weights)
+            else:
+                adapter["revision"] = o["adapter_revision"]
+            base = {"source": o["base_model"]}
+            if _is_local(o["base_model"]):
+                base["source"] = str(Path(o["base_model"]).expanduser().resolve())
+            else:
+                base["revision"] = o["base_revision"]
+            vae: dict[str, Any] | None = None
+            if o["vae"]:
+                vae = {"source": o["vae"]}
+                if _is_local(o["vae"]):
+                    vae["source"] = str(Path(o["vae"]).expanduser().resolve())
+                else:
+                    vae["revision"] = o["vae_revision"]
+            self._config = {
+                "base_model": base,
+                "vae": vae,
+                "adapter": adapter,
+                "scheduler": o["scheduler"],
+                "steps": int(o["steps"]),
+                "guidance": float(o["guidance"]),
+                "scale": float(o["scale"]),
+                "resolution": int(o["resolution"]),
+                "dtype": self._resolved_dtype(),
+                "negative_prompt": o["negative_prompt"],
+                "use_layout": bool(o["use_layout"]),
+                "version": IMPLEMENTATION_VERSION,
+            }
+        return self._config
+
+    def _resolved_dtype(self) -> str:
+        if self.options["dtype"] != "auto":
+            return self.options["dtype"]
+        # The official code runs the adapter in float16 on CUDA; float16 is slow or unsupported on CPUs.
+        import torch
+
+        return "float16" if torch.cuda.is_available() else "float32"
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from baselines import ip_adapter_modules as modules
+
+        cfg = self.config()
+        o = self.options
+        dtype = getattr(torch, cfg["dtype"])
+        if dtype == torch.float16 and not str(device).startswith("cuda"):
+            logger.warning("ip-adapter: running float16 on %s (the fingerprint says so); expect it to be slow", device)
+        weights_path = resolve_file(o["adapter"], o["adapter_weights"], o["adapter_revision"], "adapter weights")
+        state_dict = modules.read_ip_adapter_file(weights_path)
+        encoder_source, encoder_subfolder = self._image_encoder_location()
+        pipe = modules.load_pipeline(
+            base_model=o["base_model"],
+            base_revision=o["base_revision"],
+            vae=o["vae"],
+            vae_revision=o["vae_revision"],
+            image_encoder=encoder_source,
+            image_encoder_subfolder=encoder_subfolder,
+            image_encoder_revision=o["adapter_revision"],
+            scheduler=o["scheduler"],
+            dtype=dtype,
+            error=WeightsUnavailableError,
+        )
+        modules.attach_ip_adapter(pipe, state_dict, source=str(weights_path))
+        pipe.set_ip_adapter_scale(float(o["scale"]))
+        pipe.set_progress_bar_config(disable=True)
+        self._pipe = pipe.to(device)
+        self._device = str(device)
+        logger.info("ip-adapter: loaded %s (%s) on %s", weights_path, cfg["dtype"], device)
+
+    def _image_encoder_location(self) -> tuple[str, str | None]:
+        """(model folder or hub id, subfolder) of the image encoder."""
+        o = self.options
+        encoder = Path(o["image_encoder"]).expanduser()
+        if encoder.is_absolute() or encoder.is_dir():
+            return str(encoder), None
+        adapter = Path(o["adapter"]).expanduser()
+        if adapter.is_file():  # a bare weights file: the encoder must sit next to it
+            adapter = adapter.parent
+        if adapter.is_dir():
+            return str(adapter / o["image_encoder"]), None
+        return o["adapter"], o["image_encoder"]
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        if self._pipe is None:
+            raise RuntimeError("ip-adapter: setup(device) must be called before generate()")
+        return [self._generate_one(r) for r in requests]
+
+    def _generate_one(self, request: GenerationRequest) -> Image.Image:
+        import torch
+
+        from baselines import ip_adapter_modules as modules
+
+        cfg = self.config()
+        size = cfg["resolution"]
+        references = [s.reference.convert("RGB") for s in request.subjects]
+        if not references:
+            raise ValueError(f"ip-adapter: task {request.task.id} has no subject")
+        kwargs: dict[str, Any] = {}
+        if cfg["use_layout"]:
+            # One adapter, N images: embeddings [1, N, D]; masks [1, N, H, W] (diffusers' masking layout).
+            ip_image: list[Any] = [references]
+            masks = modules.layout_masks([s.box for s in request.subjects], size)
+            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [masks]}
+        else:
+            if len(references) != 1:
+                raise ValueError(
+                    f"ip-adapter: task {request.task.id} has {len(references)} subjects; without -M use_layout=true "
+                    "the method takes exactly one"
+                )
+            ip_image = [references[0]]
+        # A CPU generator makes the initial noise independent of the device.
+        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        with torch.inference_mode():
+            out = self._pipe(
+                prompt=request.prompt,
+                negative_prompt=cfg["negative_prompt"] or None,
+                ip_adapter_image=ip_image,
+                height=size,
+                width=size,
+                num_inference_steps=cfg["steps"],
+                guidance_scale=cfg["guidance"],
+                generator=generator,
+                output_type="pil",
+                **kwargs,
+            )
+        return out.images[0]
+
+
+__all__ = ["IPAdapterMethod", "WeightsUnavailableError", "resolve_file"]
