@@ -1,0 +1,138 @@
+"""``mscustomnet``: the msibench method running MS-CustomNet (K subject tokens + the layout map M_L, DDIM + CFG).
+
+Construction is cheap and imports no torch (``msibench ls`` lists methods without it); ``setup`` loads the model
+folder written by ``mscustomnet train`` (or any folder in our format, or a hub id + revision).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "MSCUSTOMNET_WEIGHTS"
+_HINT = (
+    "Pass -M weights=PATH (a model folder written by `mscustomnet train`, with config.json and model.safetensors) "
+    f"or a hub id with -M revision=..., or set {WEIGHTS_ENV}."
+)
+
+
+class MSCustomNetMethod(Method):
+    name: ClassVar[str] = "mscustomnet"
+    batch_size = 4
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "weights": "",
+        "revision": "",
+        "steps": 50,
+        "guidance": 3.0,
+        "resolution": 256,
+        "dtype": "float32",
+    }
+    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+
+    def __init__(self, **options: Any) -> None:
+        self.options = coerce_options(self.DEFAULTS, options, self.name)
+        if not self.options["weights"]:
+            self.options["weights"] = os.environ.get(WEIGHTS_ENV, "")
+        if self.options["dtype"] not in self.DTYPES:
+            raise ValueError(f"{self.name} option 'dtype': {self.options['dtype']!r} is not one of {self.DTYPES}")
+        if int(self.options["steps"]) < 1:
+            raise ValueError(f"{self.name} option 'steps': must be >= 1")
+        if int(self.options["resolution"]) < 8:
+            raise ValueError(f"{self.name} option 'resolution': must be at least 8")
+        self._pipeline = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_subjects=5, uses_layout=True, uses_zorder=True)
+
+    def _weights_sha256(self) -> str | None:
+        from mscustomnet.model.io import read_model_info
+
+        weights = self.options["weights"]
+        info = read_model_info(weights) if weights else None
+        return info.get("weights_sha256") if info else None
+
+    def config(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "weights": o["weights"],
+            "revision": o["revision"] or None,
+            # A local folder is identified by its content, a hub id by its revision.
+            "weights_sha256": self._weights_sha256(),
+            "steps": int(o["steps"]),
+            "guidance": float(o["guidance"]),
+            "resolution": int(o["resolution"]),
+            "dtype": o["dtype"],
+            "sampler": "ddim eta=0, t=range(0,1000,1000//steps)+1",
+            "cfg": "one scale over text+subjects+layout; uncond = zero layout latent, no subject, empty prompt",
+            "reference": "object cropped to mask, long edge 200 on a 256 white square",
+            "layout": "M_L: references resized to boxes, pasted through masks on black, back to front by z",
+            "version": 1,
+        }
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from mscustomnet.model.io import load_model
+        from mscustomnet.model.pipeline import MSCustomNetPipeline
+
+        expected = self._weights_sha256()
+        model = load_model(
+            self.options["weights"],
+            revision=self.options["revision"] or None,
+            device=device,
+            dtype=getattr(torch, self.options["dtype"]),
+            what="MS-CustomNet",
+            hint=_HINT,
+        )
+        if not model.config.multi_subject:
+            raise ValueError(
+                f"{self.options['weights']}: holds a {model.config.name} model without a category encoder; "
+                "mscustomnet needs MS-CustomNet weights (the customnet method runs CustomNet ones)"
+            )
+        if self._weights_sha256() != expected:
+            raise RuntimeError(f"{self.options['weights']}: weights changed while the method was being set up")
+        self._pipeline = MSCustomNetPipeline(model)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        from mscustomnet.model.pipeline import Subject
+        from msibench.coco import CATEGORY_INDEX
+
+        if self._pipeline is None:
+            raise RuntimeError(f"{self.name}: call setup(device) before generate")
+        rows = []
+        for request in requests:
+            row = []
+            for s in request.subjects:
+                if s.category_id not in CATEGORY_INDEX:
+                    raise ValueError(f"task {request.task.id}: category id {s.category_id} is not a COCO category")
+                row.append(
+                    Subject(
+                        reference=s.reference,
+                        mask=s.mask,
+                        box=tuple(s.box),
+                        z=s.z,
+                        category_index=CATEGORY_INDEX[s.category_id],
+                    )
+                )
+            rows.append(row)
+        o = self.options
+        return self._pipeline(
+            [r.prompt for r in requests],
+            rows,
+            [r.seed for r in requests],
+            steps=int(o["steps"]),
+            guidance=float(o["guidance"]),
+            resolution=int(o["resolution"]),
+        )
+
+
+__all__ = ["MSCustomNetMethod", "WEIGHTS_ENV"]

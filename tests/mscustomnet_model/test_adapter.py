@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mscustomnet.adapter import WEIGHTS_ENV, MSCustomNetMethod
+from mscustomnet.model.io import WeightsNotFoundError, save_model
+from msibench.bench.manifest import load_manifest
+from msibench.methods.base import GenerationRequest, SubjectInput
+from msibench.records import read_records
+from msibench.registry import build, resolve
+from msibench.runner import run_method
+
+
+@pytest.fixture
+def tiny_weights(tiny_ms, tmp_path):
+    return save_model(tiny_ms, tmp_path / "tiny-ms")
+
+
+def test_listing_the_method_imports_no_torch():
+    code = (
+        "import sys; from msibench.registry import build; m = build('mscustomnet', {'steps': '7'}); "
+        "print(m.capabilities.max_subjects, m.config()['steps'], 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["5", "7", "False"]
+    assert resolve("mscustomnet") is MSCustomNetMethod
+
+
+def test_options_capabilities_and_fingerprint(tiny_weights, monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    method = build("mscustomnet", {"weights": str(tiny_weights), "steps": "20", "guidance": "2.5"})
+    caps = method.capabilities
+    assert (caps.max_subjects, caps.uses_layout, caps.uses_zorder) == (5, True, True)
+    cfg = method.config()
+    assert cfg["steps"] == 20 and cfg["guidance"] == 2.5 and cfg["resolution"] == 256 and cfg["dtype"] == "float32"
+    sha = json.loads((tiny_weights / "config.json").read_text())["weights_sha256"]
+    assert cfg["weights_sha256"] == sha
+    assert (
+        method.fingerprint_hash()
+        != build("mscustomnet", {"weights": str(tiny_weights), "steps": "21"}).fingerprint_hash()
+    )
+    monkeypatch.setenv(WEIGHTS_ENV, str(tiny_weights))
+    assert MSCustomNetMethod().config()["weights"] == str(tiny_weights)
+    with pytest.raises(ValueError, match="dtype"):
+        MSCustomNetMethod(dtype="float8")
+    with pytest.raises(ValueError, match="unknown option 'step'"):
+        MSCustomNetMethod(step=3)
+
+
+def test_setup_without_weights_says_how_to_provide_them(monkeypatch, tiny_customnet, tmp_path):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(WeightsNotFoundError, match=f"MS-CustomNet.*{WEIGHTS_ENV}"):
+        MSCustomNetMethod().setup("cpu")
+    with pytest.raises(WeightsNotFoundError, match="revision v1"):
+        MSCustomNetMethod(weights="nobody/no-such-model", revision="v1").setup("cpu")
+    single = save_model(tiny_customnet, tmp_path / "customnet")
+    with pytest.raises(ValueError, match="without a category encoder"):
+        MSCustomNetMethod(weights=str(single)).setup("cpu")
+
+
+def _request(task, seed):
+    subjects = []
+    for i, s in enumerate(task.subjects):
+        ref = Image.new("RGB", (30 + 5 * i, 20), (40 * i, 100, 200))
+        subjects.append(SubjectInput(s.category, s.category_id, s.box, s.z, ref, Image.new("L", ref.size, 255)))
+    return GenerationRequest(task=task, sample_index=0, seed=seed, subjects=tuple(subjects))
+
+
+def test_generate_is_seeded_and_sized(tiny_weights):
+    task = next(t for t in load_manifest().tasks if t.k == 3)
+    method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=32)
+    with pytest.raises(RuntimeError, match="setup"):
+        method.generate([_request(task, 0)])
+    method.setup("cpu")
+    a, b, c = method.generate([_request(task, 11), _request(task, 11), _request(task, 12)])
+    assert a.size == (32, 32) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_generates_through_the_msibench_runner(tiny_weights, tmp_path, coco_root):
+    method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=32)
+    summary = run_method(
+        method, run_dir=tmp_path / "run", track="all", limit=1, seeds=1, coco_root=coco_root, progress=False
+    )
+    assert summary.failed == 0 and summary.ok == 2, summary.failures
+    records = read_records(tmp_path / "run" / "records.jsonl")
+    assert {r["status"] for r in records} == {"ok"}
+    for record in records:
+        image = Image.open(tmp_path / "run" / record["image"])
+        assert image.size == (32, 32) and image.mode == "RGB"
