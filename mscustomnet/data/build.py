@@ -1,0 +1,613 @@
+"""Builder of the Multi-Subject Interaction (MSI) dataset from COCO (paper Sec. III-A, Fig. 1b, Eq. 1-5).
+
+Stages, each resumable:
+1. filter (annotations only): salient instances and kept scenes, see ``coco.py``;
+2. reference pools: per category, up to ``pool_size`` instances ranked for quality, cut out and saved
+   (``pool/<category id>/<annotation id>.png`` and ``..._mask.png``) and listed in ``pool.json``;
+3. tuples: per kept scene, a reference per salient subject, the layout map (``layouts/<image id>.png``), the prompt,
+   one line of ``manifest.jsonl`` (the line is the commit marker); scenes that cannot be built go to ``skipped.jsonl``;
+4. ``stats.json``, recomputed from the files so a resumed build writes the same bytes as an uninterrupted one.
+
+Everything is at the original image size (the paper does no resizing or cropping); the training Dataset does that.
+Randomness is drawn per scene from (seed, image id), so the output depends on neither worker count nor resume point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mscustomnet.data.coco import ALPHA, BETA, CocoInstances, decode_mask, filter_scenes, load_captions, load_instances
+from mscustomnet.data.layout import Placement, compose_layout_map, paint_order, reference_crop
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+POOL_SIZE = 30
+# A box within this many pixels of the image border counts as cut by the border (the object likely continues
+# outside the photo), so it ranks after every uncut candidate of its category.
+BORDER_MARGIN = 2.0
+
+CONFIG_FILE = "config.json"
+POOL_FILE = "pool.json"
+MANIFEST_FILE = "manifest.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+STATS_FILE = "stats.json"
+POOL_DIR = "pool"
+LAYOUT_DIR = "layouts"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    coco_root: Path
+    split: str
+    out: Path
+    alpha: int = ALPHA
+    beta: float = BETA
+    pool_size: int = POOL_SIZE
+    seed: int = 0
+    workers: int = 1
+    border_margin: float = BORDER_MARGIN
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    @property
+    def instances_file(self) -> Path:
+        return Path(self.coco_root) / "annotations" / f"instances_{self.split}.json"
+
+    @property
+    def captions_file(self) -> Path:
+        return Path(self.coco_root) / "annotations" / f"captions_{self.split}.json"
+
+    @property
+    def image_dir(self) -> Path:
+        return Path(self.coco_root) / self.split
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the output (not ``workers`` or ``out``): a resumed build must match it."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "coco_root": str(Path(self.coco_root).resolve()),
+            "split": self.split,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "pool_size": self.pool_size,
+            "seed": self.seed,
+            "border_margin": self.border_margin,
+        }
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    ann_id: int
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    mask_area: int
+    cut_by_border: bool
+
+    @property
+    def file(self) -> str:
+        return f"{POOL_DIR}/{self.category_id}/{self.ann_id}.png"
+
+    @property
+    def mask_file(self) -> str:
+        return f"{POOL_DIR}/{self.category_id}/{self.ann_id}_mask.png"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ann_id": self.ann_id,
+            "image_id": self.image_id,
+            "category_id": self.category_id,
+            "bbox": list(self.bbox),
+            "mask_area": self.mask_area,
+            "cut_by_border": self.cut_by_border,
+            "file": self.file,
+            "mask_file": self.mask_file,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PoolEntry:
+        return cls(
+            ann_id=int(d["ann_id"]),
+            image_id=int(d["image_id"]),
+            category_id=int(d["category_id"]),
+            bbox=tuple(float(v) for v in d["bbox"]),  # type: ignore[arg-type]
+            mask_area=int(d["mask_area"]),
+            cut_by_border=bool(d["cut_by_border"]),
+        )
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    out: Path
+    scenes_kept: int
+    scenes_written: int
+    scenes_skipped: int
+    filter_seconds: float
+
+
+# ----------------------------------------------------------------------------------------------------------- files
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def save_png_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_jsonl_committed(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file written line by line; a partial last line (killed mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        log.warning("%s: dropping a partial last line left by an interrupted build", path)
+        with path.open("r+b") as f:
+            f.truncate(end)
+        data = data[:end]
+    records = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e}); rebuild into a new folder") from e
+    return records
+
+
+def _check_config(config: BuildConfig) -> None:
+    path = Path(config.out) / CONFIG_FILE
+    identity = config.identity()
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+            raise ValueError(f"{Path(config.out)} holds a build with other settings ({details}); use another --out")
+    else:
+        write_json_atomic(path, identity)
+
+
+# ----------------------------------------------------------------------------------------------------------- pools
+
+
+def border_cut(coco: CocoInstances, margin: float) -> np.ndarray:
+    """bool [N]: the instance's box lies within ``margin`` px of its image's border."""
+    widths = np.array([coco.images[i].width for i in coco.image_ids.tolist()], dtype=np.float64)
+    heights = np.array([coco.images[i].height for i in coco.image_ids.tolist()], dtype=np.float64)
+    x, y, w, h = coco.bboxes.T
+    return (x <= margin) | (y <= margin) | (x + w >= widths - margin) | (y + h >= heights - margin)
+
+
+def rank_pool_candidates(coco: CocoInstances, margin: float) -> dict[int, np.ndarray]:
+    """Per category, the row indices of pool candidates best first.
+
+    Quality order: never crowd, a non-empty mask; boxes not cut by the image border before cut ones; then larger
+    mask area first; ties by annotation id. Cut boxes only fill a pool whose category lacks uncut instances.
+    """
+    cut = border_cut(coco, margin)
+    rows = np.flatnonzero(~coco.iscrowd & (coco.mask_areas > 0))
+    order = np.lexsort((coco.ann_ids[rows], -coco.mask_areas[rows], cut[rows], coco.category_ids[rows]))
+    rows = rows[order]
+    categories, starts = np.unique(coco.category_ids[rows], return_index=True)
+    bounds = [*starts.tolist(), len(rows)]
+    return {int(c): rows[bounds[i] : bounds[i + 1]] for i, c in enumerate(categories.tolist())}
+
+
+def _cut_reference(task: tuple[str, Any, tuple[float, ...], int, int, str, str]) -> str | None:
+    """Cut one pool instance out of its photo and save crop + mask. Returns an error reason, or None."""
+    image_path, segmentation, bbox, width, height, rgb_path, mask_path = task
+    if Path(rgb_path).is_file() and Path(mask_path).is_file():
+        return None  # written by an earlier, interrupted run: files only appear complete (atomic replace)
+    image, reason = _open_rgb(Path(image_path), width, height)
+    if image is None:
+        return reason
+    mask = decode_mask(segmentation, height, width, where=image_path)
+    rgb, mask_u8 = reference_crop(image, mask, bbox)
+    save_png_atomic(Path(mask_path), mask_u8)
+    save_png_atomic(Path(rgb_path), rgb)
+    return None
+
+
+def _open_rgb(path: Path, width: int, height: int) -> tuple[np.ndarray | None, str]:
+    """Fully decoded RGB pixels of a photo, or (None, reason) when it is missing, corrupt or of another size."""
+    if not path.is_file():
+        return None, f"image file missing: {path}"
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.size != (width, height):
+                return None, f"image {path} is {img.size[0]}x{img.size[1]}, annotations say {width}x{height}"
+            return np.asarray(img.convert("RGB")), ""
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"image {path} cannot be decoded: {e}"
+
+
+def build_pools(
+    coco: CocoInstances, config: BuildConfig, run: Callable[[Callable, Iterable], Iterator], progress: bool
+) -> tuple[dict[int, list[PoolEntry]], list[dict[str, Any]]]:
+    """Choose, cut and save every category's reference pool; returns the pools and the skipped candidates.
+
+    At most one instance per photo enters a category's pool, so excluding the scene's own photo removes at most one
+    reference. Candidates whose photo cannot be read are reported and replaced by the next-ranked candidate.
+    """
+    out = Path(config.out)
+    ranked = rank_pool_candidates(coco, config.border_margin)
+    cut = border_cut(coco, config.border_margin)
+    pools: dict[int, list[PoolEntry]] = {c: [] for c in sorted(coco.categories)}
+    cursor = {c: 0 for c in ranked}
+    used_images: dict[int, set[int]] = {c: set() for c in ranked}
+    bad_images: dict[int, str] = {}
+    skipped: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=sum(min(config.pool_size, len(np.unique(coco.image_ids[rows]))) for rows in ranked.values()),
+        desc="reference pools",
+        disable=not progress,
+        unit="ref",
+    )
+    while True:
+        # One round: the next candidates that would fill every pool if they all open; failures are refilled next round.
+        batch: list[tuple[int, int]] = []
+        for category, rows in ranked.items():
+            need = config.pool_size - len(pools[category])
+            while need > 0 and cursor[category] < len(rows):
+                row = int(rows[cursor[category]])
+                cursor[category] += 1
+                image_id = int(coco.image_ids[row])
+                if image_id in used_images[category] or image_id in bad_images:
+                    continue
+                used_images[category].add(image_id)
+                batch.append((category, row))
+                need -= 1
+        if not batch:
+            break
+        tasks = []
+        for category, row in batch:
+            image = coco.images[int(coco.image_ids[row])]
+            entry_rgb = out / POOL_DIR / str(category) / f"{int(coco.ann_ids[row])}.png"
+            tasks.append(
+                (
+                    str(config.image_dir / image.file_name),
+                    coco.segmentations[row],
+                    tuple(coco.bboxes[row].tolist()),
+                    image.width,
+                    image.height,
+                    str(entry_rgb),
+                    str(entry_rgb.with_name(entry_rgb.stem + "_mask.png")),
+                )
+            )
+        for (category, row), reason in zip(batch, run(_cut_reference, tasks), strict=True):
+            image_id = int(coco.image_ids[row])
+            if reason is not None:
+                bad_images[image_id] = reason
+                skipped.append({"ann_id": int(coco.ann_ids[row]), "image_id": image_id, "reason": reason})
+                log.warning("reference candidate %d skipped: %s", int(coco.ann_ids[row]), reason)
+                continue
+            entry = coco.instance(row)
+            pools[category].append(
+                PoolEntry(entry.ann_id, entry.image_id, entry.category_id, entry.bbox, entry.mask_area, bool(cut[row]))
+            )
+            bar.update(1)
+    bar.close()
+    # Rounds walk each category's candidates in rank order, so every pool is already best first.
+    skipped.sort(key=lambda s: s["ann_id"])
+    return pools, skipped
+
+
+def _load_pools(path: Path) -> tuple[dict[int, list[PoolEntry]], list[dict[str, Any]]]:
+    data = json.loads(path.read_text())
+    pools = {int(c): [PoolEntry.from_json(e) for e in entries] for c, entries in data["categories"].items()}
+    return pools, data["skipped"]
+
+
+# ---------------------------------------------------------------------------------------------------------- tuples
+
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_IRREGULAR_PLURALS = {
+    "person": "people",
+    "mouse": "mice",
+    "knife": "knives",
+    "sheep": "sheep",
+    "skis": "skis",
+    "scissors": "scissors",
+    "skateboard": "skateboards",
+}
+
+
+def _plural(name: str) -> str:
+    head, _, last = name.rpartition(" ")
+    if last in _IRREGULAR_PLURALS:
+        word = _IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "sh", "ch", "x")):
+        word = last + "es"
+    elif last.endswith("y") and last[-2:-1] not in "aeiou":
+        word = last[:-1] + "ies"
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
+def category_prompt(names: Iterable[str]) -> str:
+    """Prompt for a scene without a caption, from its subjects' category names: 'a photo of two people and a dog'."""
+    counts = Counter(names)
+    parts = []
+    for name in sorted(counts, key=lambda n: (-counts[n], n)):
+        n = counts[name]
+        if n == 1:
+            parts.append(f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
+        else:
+            parts.append(f"{_NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else n} {_plural(name)}")
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"a photo of {listed}"
+
+
+@functools.lru_cache(maxsize=256)
+def load_reference(out: str, rgb_file: str, mask_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """A saved reference crop (RGB uint8) and its mask (bool), read from a build folder."""
+    with Image.open(Path(out) / rgb_file) as rgb, Image.open(Path(out) / mask_file) as mask:
+        return np.asarray(rgb.convert("RGB")), np.asarray(mask.convert("L")) > 127
+
+
+def _make_tuple(task: dict[str, Any]) -> dict[str, Any]:
+    """Check the target photo and render one scene's layout map; returns the manifest record or a skip record."""
+    record = task["record"]
+    _, reason = _open_rgb(Path(task["image_path"]), record["width"], record["height"])
+    if reason:
+        return {"skipped": {"image_id": record["image_id"], "file_name": record["file_name"], "reason": reason}}
+    subjects = record["subjects"]
+    placements = [None] * len(subjects)
+    for subject in subjects:
+        rgb, mask = load_reference(task["out"], subject["reference_file"], subject["reference_mask_file"])
+        x, y, w, h = subject["bbox"]
+        placements[subject["z_rank"]] = Placement(rgb=rgb, mask=mask, box=(x, y, x + w, y + h))
+    layout_map, _ = compose_layout_map(record["width"], record["height"], placements)
+    save_png_atomic(Path(task["out"]) / record["layout_map"], layout_map)
+    return {"record": record}
+
+
+def plan_scene(
+    coco: CocoInstances,
+    rows: np.ndarray,
+    pools: dict[int, list[PoolEntry]],
+    captions: dict[int, list[str]],
+    seed: int,
+) -> tuple[dict[str, Any] | None, str]:
+    """Sample references and the prompt of one scene (Eq. 3-5). Returns (manifest record, '') or (None, reason)."""
+    image_id = int(coco.image_ids[rows[0]])
+    image = coco.images[image_id]
+    rng = np.random.default_rng([seed, image_id])
+    ann_ids = coco.ann_ids[rows].tolist()
+    areas = coco.mask_areas[rows].tolist()
+    z_rank = {index: rank for rank, index in enumerate(paint_order(areas, ann_ids))}
+    subjects = []
+    for index, row in enumerate(rows.tolist()):
+        category_id = int(coco.category_ids[row])
+        # A reference is never the scene's own instance, nor any instance of the same photo.
+        eligible = [e for e in pools.get(category_id, []) if e.image_id != image_id]
+        if not eligible:
+            name = coco.categories[category_id]
+            return None, f"no reference for category '{name}' outside this image (pool of {len(pools[category_id])})"
+        reference = eligible[int(rng.integers(len(eligible)))]
+        subjects.append(
+            {
+                "ann_id": ann_ids[index],
+                "category_id": category_id,
+                "category": coco.categories[category_id],
+                "bbox": coco.bboxes[row].tolist(),
+                "mask_area": areas[index],
+                "z_rank": z_rank[index],
+                "reference_id": reference.ann_id,
+                "reference_image_id": reference.image_id,
+                "reference_file": reference.file,
+                "reference_mask_file": reference.mask_file,
+            }
+        )
+    scene_captions = captions.get(image_id, [])
+    if scene_captions:
+        caption, source = scene_captions[int(rng.integers(len(scene_captions)))], "coco"
+    else:
+        caption, source = category_prompt(s["category"] for s in subjects), "categories"
+    record = {
+        "image_id": image_id,
+        "file_name": image.file_name,
+        "width": image.width,
+        "height": image.height,
+        "caption": caption,
+        "caption_source": source,
+        "layout_map": f"{LAYOUT_DIR}/{image_id:012d}.png",
+        "subjects": subjects,
+    }
+    return record, ""
+
+
+# ----------------------------------------------------------------------------------------------------------- stats
+
+
+def compute_stats(
+    config: BuildConfig,
+    coco: CocoInstances,
+    scenes_kept: int,
+    salient_count: int,
+    pools: dict[int, list[PoolEntry]],
+    pool_skipped: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+) -> dict[str, Any]:
+    per_scene = Counter(len(r["subjects"]) for r in records)
+    subjects = Counter(s["category_id"] for r in records for s in r["subjects"])
+    scenes_with = Counter(c for r in records for c in {s["category_id"] for s in r["subjects"]})
+    per_category = {}
+    for category_id, name in sorted(coco.categories.items()):
+        pool = pools.get(category_id, [])
+        per_category[name] = {
+            "category_id": category_id,
+            "subjects": subjects[category_id],
+            "scenes": scenes_with[category_id],
+            "pool": len(pool),
+            "pool_cut_by_border": sum(e.cut_by_border for e in pool),
+        }
+    return {
+        "config": config.identity(),
+        "images": len(coco.images),
+        "instances": len(coco),
+        "crowd_instances": int(coco.iscrowd.sum()),
+        "salient_instances": salient_count,
+        "scenes_kept": scenes_kept,
+        "scenes_written": len(records),
+        "scenes_skipped": len(skipped),
+        "subjects_written": sum(len(r["subjects"]) for r in records),
+        "subjects_per_scene": {str(k): per_scene[k] for k in sorted(per_scene)},
+        "captions": {
+            "coco": sum(r["caption_source"] == "coco" for r in records),
+            "categories": sum(r["caption_source"] == "categories" for r in records),
+        },
+        "per_category": per_category,
+        "skipped": skipped,
+        "pool_skipped": pool_skipped,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------- build
+
+
+@contextlib.contextmanager
+def _ordered_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+    """An ordered map over ``workers`` processes (in-process for 1).
+
+    The parent's objects are frozen across the fork so the children's garbage collector never touches (and so never
+    copies) the pages of the parsed annotations; the children need none of them, their tasks carry their data.
+    """
+    if workers <= 1:
+        yield map
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    gc.collect()
+    gc.freeze()
+    try:
+        pool = mp.get_context(method).Pool(workers)
+    finally:
+        gc.unfreeze()
+    try:
+        yield lambda fn, items: pool.imap(fn, items, chunksize=2)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
+    """Build (or resume) the MSI dataset described by ``config`` into ``config.out``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(config)
+
+    start = time.perf_counter()
+    coco = load_instances(config.instances_file, workers=config.workers)
+    scenes = filter_scenes(coco, alpha=config.alpha, beta=config.beta)
+    filter_seconds = time.perf_counter() - start
+    log.info(
+        "filter: %d of %d images kept (alpha=%d, beta=%g), %d salient instances, %.1f s",
+        len(scenes.scenes),
+        len(coco.images),
+        config.alpha,
+        config.beta,
+        int(scenes.salient.sum()),
+        filter_seconds,
+    )
+
+    pool_path = out / POOL_FILE
+    if pool_path.is_file():
+        pools, pool_skipped = _load_pools(pool_path)
+    else:
+        with _ordered_map(config.workers) as run:
+            pools, pool_skipped = build_pools(coco, config, run, progress)
+        pool_json = {"categories": {str(c): [e.to_json() for e in entries] for c, entries in sorted(pools.items())}}
+        write_json_atomic(pool_path, {**pool_json, "skipped": pool_skipped})
+    # Segmentations are only needed to cut references: free them before the scene workers fork.
+    coco = dataclasses.replace(coco, segmentations=[])
+    captions = load_captions(config.captions_file)
+
+    manifest_path, skipped_path = out / MANIFEST_FILE, out / SKIPPED_FILE
+    done = {r["image_id"] for r in read_jsonl_committed(manifest_path)}
+    done |= {r["image_id"] for r in read_jsonl_committed(skipped_path)}
+    unknown = done - set(scenes.scenes)
+    if unknown:
+        raise ValueError(f"{manifest_path} lists image ids that this build does not keep, e.g. {min(unknown)}")
+    remaining = [i for i in scenes.image_ids if i not in done]
+    if done:
+        log.info("resuming: %d scenes already done, %d to go", len(done), len(remaining))
+
+    def tasks() -> Iterator[dict[str, Any]]:
+        for image_id in remaining:
+            record, reason = plan_scene(coco, scenes.scenes[image_id], pools, captions, config.seed)
+            image = coco.images[image_id]
+            if record is None:
+                record = {"image_id": image_id, "file_name": image.file_name, "reason": reason}
+            yield {"record": record, "image_path": str(config.image_dir / image.file_name), "out": str(out)}
+
+    # Results come back in scene order, and each one is committed (a flushed line) before the next is read, so an
+    # interrupted build leaves a prefix that the next run continues.
+    with (
+        _ordered_map(config.workers) as run,
+        manifest_path.open("ab") as manifest,
+        skipped_path.open("ab") as skipped_file,
+    ):
+        results = run(_plan_or_render, tasks())
+        for result in tqdm(results, total=len(remaining), desc="scenes", disable=not progress, unit="scene"):
+            if "skipped" in result:
+                log.warning("scene %d skipped: %s", result["skipped"]["image_id"], result["skipped"]["reason"])
+                skipped_file.write((json.dumps(result["skipped"]) + "\n").encode("utf-8"))
+                skipped_file.flush()
+            else:
+                manifest.write((json.dumps(result["record"]) + "\n").encode("utf-8"))
+                manifest.flush()
+
+    records = read_jsonl_committed(manifest_path)
+    skipped = read_jsonl_committed(skipped_path)
+    stats = compute_stats(
+        config, coco, len(scenes.scenes), int(scenes.salient.sum()), pools, pool_skipped, records, skipped
+    )
+    write_json_atomic(out / STATS_FILE, stats)
+    return BuildSummary(out, len(scenes.scenes), len(records), len(skipped), filter_seconds)
+
+
+def _plan_or_render(task: dict[str, Any]) -> dict[str, Any]:
+    record = task["record"]
+    if "reason" in record:
+        return {"skipped": record}
+    return _make_tuple(task)

@@ -1,0 +1,45 @@
+"""``mscustomnet data build-msi``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mscustomnet.cli import main
+
+
+def test_build_msi_command(tiny_coco: Path, tiny_build: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "msi"
+    args = ["data", "build-msi", "--coco-root", str(tiny_coco), "--out", str(out), "--workers", "2", "--quiet"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "5 scenes kept (alpha=5, beta=0.015), 3 written, 2 skipped" in result.output
+    for name in ("manifest.jsonl", "stats.json", "pool.json", "config.json"):
+        assert (out / name).read_bytes() == (tiny_build / name).read_bytes()
+    assert len(list((out / "layouts").glob("*.png"))) == 3
+
+    result = runner.invoke(main, args)  # a finished build resumes to the same files
+    assert result.exit_code == 0 and (out / "stats.json").read_bytes() == (tiny_build / "stats.json").read_bytes()
+
+    result = runner.invoke(main, [*args, "--alpha", "4"])
+    assert result.exit_code == 1 and "alpha: 5 -> 4" in result.output
+
+    result = runner.invoke(main, ["data", "build-msi", "--coco-root", str(tiny_coco), "--split", "val2017",
+                                  "--out", str(tmp_path / "v")])  # fmt: skip
+    assert result.exit_code == 1 and "instances_val2017.json" in result.output
+
+    out4 = tmp_path / "alpha4"
+    result = runner.invoke(main, [*args[:5], str(out4), "--alpha", "4", "--pool-size", "2", "--seed", "7", "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out4 / "config.json").read_text())
+    assert (config["alpha"], config["pool_size"], config["seed"]) == (4, 2, 7)
+    stats = json.loads((out4 / "stats.json").read_text())
+    assert stats["scenes_kept"] == 6 and stats["per_category"]["dog"]["pool"] == 2
+
+
+def test_help_lists_the_data_group() -> None:
+    result = CliRunner().invoke(main, ["data", "--help"])
+    assert result.exit_code == 0 and "build-msi" in result.output
