@@ -87,11 +87,16 @@ def _default_options() -> dict[str, Any]:
 
 
 def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists()
+    return bool(source) and Path(source).expanduser().exists()
 
 
 def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
     """``filename`` inside ``source`` (a local folder, a local file, or a hub repo id at ``revision``)."""
+    if not source:
+        raise WeightsUnavailableError(
+            f"ip-adapter: no source given for the {what}; use -M adapter={ADAPTER_ID} or a local folder laid out "
+            f"like it (or set {ADAPTER_ENV})."
+        )
     path = Path(source).expanduser()
     if path.is_file():
         return path
@@ -152,7 +157,7 @@ class IPAdapterMethod(Method):
     def capabilities(self) -> Capabilities:
         if self.options["use_layout"]:
             return Capabilities(max_subjects=MAX_LAYOUT_SUBJECTS, uses_layout=True, uses_zorder=False)
-        return Capabilities(max_subjects=1, uses_layout=False, uses_zorder=False)
+        return Capabilities(max_subjects=1, uses_layout=False, uses_zorder=False, tracks=("single",))
 
     def can_do(self, task: Task) -> str | None:
         reason = super().can_do(task)

@@ -1,0 +1,369 @@
+"""``ssr-encoder``: SSR-Encoder (Zhang et al., CVPR 2024, arXiv 2312.16272) on Stable Diffusion 1.5.
+
+Each subject's reference cut-out is encoded by CLIP ViT-L/14; the aligner selects what its text query names,
+the subject's COCO category ("dog", "dining table"), and the UNet attends to the selected tokens of every
+subject through the SSR cross-attention layers (``baselines.ssr_encoder_modules``, written for current diffusers
+and loading the official checkpoint by key mapping).
+
+- Default: one selective text query per subject, any number of subjects; the layout is not used (the model has
+  no notion of position in the output).
+- ``-M use_layout=true``: the layout box becomes the subject's mask query. The subject's cut-out is placed in its
+  box on a white square canvas (aspect kept, centred: msibench's ``paste`` composition), that canvas is the
+  image the encoder sees, and the box (rasterised on the ViT patch grid) is the mask query, with the official
+  score bias. The subject's position thus enters the encoded features; it is still no spatial control of the
+  generated image.
+
+The weights (``pytorch_model.bin``: aligner, ``pytorch_model_1.bin``: attention layers) are released on Google
+Drive, not on the hub: download them and pass the folder with ``-M weights=DIR`` or ``MSIBENCH_SSR_WEIGHTS``.
+
+Defaults are the official ones, from Xiaojiu-z/SSR_Encoder@7bb5f684536841d995ebef58b1946e39b82f9300:
+``infer_text.py`` (UniPCMultistepScheduler from the SD1.5 scheduler config, num_inference_steps=30,
+guidance_scale=5, scale=0.65 "recommended 0.5-0.8, default 0.65", negative prompt "bad quality", uncond concept
+"", 512x512, float32, no safety checker), ``infer_mask.py`` (mask_weight=1), README (SD v1-5 in diffusers format,
+image encoder openai/clip-vit-large-patch14). Multi-subject as ``generate_multi``: the subjects' aligned tokens
+concatenated; its per-subject ``scale`` list is not reproduced (its slicing multiplies all subjects' tokens by
+the first entry), one ``scale`` applies to every subject in the attention layers as in single-subject use.
+
+torch / diffusers / transformers are imported inside methods and in ``baselines.ssr_encoder_modules`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The community mirror of runwayml/stable-diffusion-v1-5 (removed from the hub); same commit history.
+BASE_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+IMAGE_ENCODER_ID = "openai/clip-vit-large-patch14"
+IMAGE_ENCODER_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
+WEIGHTS_URL = "https://drive.google.com/drive/folders/1pMwzGRA8QzHjEH5Hc4zDwdsSDwjwQKMW"
+ALIGNER_FILE = "pytorch_model.bin"
+LAYERS_FILE = "pytorch_model_1.bin"
+#: Default of ``weights``: the local folder holding the two released files.
+WEIGHTS_ENV = "MSIBENCH_SSR_WEIGHTS"
+
+SCHEDULERS = ("unipc", "ddim", "pndm", "dpmsolver++", "euler")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+#: Every subject adds 6 x 77 context tokens; there is no architectural limit, this keeps the capability finite.
+MAX_SUBJECTS = 64
+IMPLEMENTATION_VERSION = 1
+
+
+class WeightsUnavailableError(OSError):
+    """A weight source cannot be found or loaded; the message says what to download and where to point."""
+
+
+def _default_options() -> dict[str, Any]:
+    return {
+        "base_model": BASE_MODEL_ID,
+        "base_revision": BASE_MODEL_REVISION,
+        "image_encoder": IMAGE_ENCODER_ID,
+        "image_encoder_revision": IMAGE_ENCODER_REVISION,
+        # A local folder (the release's models/ssr_model), or a hub mirror's id with weights_revision.
+        "weights": os.environ.get(WEIGHTS_ENV, ""),
+        "weights_revision": "main",
+        "aligner_file": ALIGNER_FILE,
+        "layers_file": LAYERS_FILE,
+        "scheduler": "unipc",
+        "steps": 30,
+        "guidance": 5.0,
+        "scale": 0.65,
+        "resolution": 512,
+        "dtype": "float32",
+        "negative_prompt": "bad quality",
+        "uncond_concept": "",
+        "use_layout": False,
+        "mask_weight": 1.0,
+    }
+
+
+def _missing_weights_message(detail: str) -> str:
+    return (
+        f"ssr-encoder: {detail}. The official weights are not on the hub: download {ALIGNER_FILE} and "
+        f"{LAYERS_FILE} from the SSR-Encoder Google Drive folder ({WEIGHTS_URL}, README 'Pretrained Models') into "
+        f"one folder and pass it with -M weights=DIR or set {WEIGHTS_ENV}=DIR."
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local(source: str) -> Path | None:
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+class SSREncoderMethod(Method):
+    name: ClassVar[str] = "ssr-encoder"
+    # One request per call: each request has its own number of subjects (context length).
+    batch_size = 1
+
+    def __init__(self, **options: Any) -> None:
+        self.options = coerce_options(_default_options(), options, self.name)
+        o = self.options
+        if o["scheduler"] not in SCHEDULERS:
+            raise ValueError(f"{self.name} option 'scheduler': {o['scheduler']!r} is not one of {SCHEDULERS}")
+        if o["dtype"] not in DTYPES:
+            raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
+        for key in ("steps", "resolution"):
+            if int(o[key]) < 1:
+                raise ValueError(f"{self.name} option {key!r}: must be a positive integer, got {o[key]!r}")
+        if int(o["resolution"]) % 8:
+            raise ValueError(f"{self.name} option 'resolution': must be a multiple of 8, got {o['resolution']}")
+        if float(o["mask_weight"]) < 0:
+            raise ValueError(f"{self.name} option 'mask_weight': must be >= 0, got {o['mask_weight']}")
+        self._config: dict[str, Any] | None = None
+        self._parts: dict[str, Any] | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_subjects=MAX_SUBJECTS, uses_layout=bool(self.options["use_layout"]), uses_zorder=False)
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def weight_files(self) -> tuple[Path, Path]:
+        """The aligner and attention-layer files (downloaded first when ``weights`` is a hub id)."""
+        o = self.options
+        source = o["weights"]
+        if not source:
+            raise WeightsUnavailableError(_missing_weights_message("no weights given"))
+        local = _local(source)
+        if local is not None:
+            if not local.is_dir():
+                raise WeightsUnavailableError(_missing_weights_message(f"{local} is not a folder"))
+            files = (local / o["aligner_file"], local / o["layers_file"])
+            absent = [str(f) for f in files if not f.is_file()]
+            if absent:
+                raise WeightsUnavailableError(_missing_weights_message(f"{', '.join(absent)} not found"))
+            return files
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return tuple(  # type: ignore[return-value]
+                Path(hf_hub_download(source, name, revision=o["weights_revision"]))
+                for name in (o["aligner_file"], o["layers_file"])
+            )
+        except Exception as err:  # offline, unknown repo, missing file
+            raise WeightsUnavailableError(
+                _missing_weights_message(
+                    f"{source!r} is neither a local folder nor a reachable hub repo ({type(err).__name__}: {err})"
+                )
+            ) from err
+
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            o = self.options
+            weights: dict[str, Any] = {"aligner": o["aligner_file"], "layers": o["layers_file"]}
+            if _local(o["weights"]) is not None or not o["weights"]:
+                # Local copies are identified by content, not by where they happen to live.
+                aligner, layers = self.weight_files()
+                weights.update(aligner_sha256=_sha256(aligner), layers_sha256=_sha256(layers))
+            else:
+                weights.update(source=o["weights"], revision=o["weights_revision"])
+            self._config = {
+                "base_model": self._source("base_model", "base_revision"),
+                "image_encoder": self._source("image_encoder", "image_encoder_revision"),
+                "weights": weights,
+                "scheduler": o["scheduler"],
+                "steps": int(o["steps"]),
+                "guidance": float(o["guidance"]),
+                "scale": float(o["scale"]),
+                "resolution": int(o["resolution"]),
+                "dtype": self._resolved_dtype(),
+                "negative_prompt": o["negative_prompt"],
+                "uncond_concept": o["uncond_concept"],
+                "use_layout": bool(o["use_layout"]),
+                "mask_weight": float(o["mask_weight"]) if o["use_layout"] else None,
+                "version": IMPLEMENTATION_VERSION,
+            }
+        return self._config
+
+    def _source(self, key: str, revision_key: str) -> dict[str, str]:
+        local = _local(self.options[key])
+        if local is not None:
+            return {"source": str(local)}
+        return {"source": self.options[key], "revision": self.options[revision_key]}
+
+    def _resolved_dtype(self) -> str:
+        if self.options["dtype"] != "auto":
+            return self.options["dtype"]
+        import torch
+
+        return "float16" if torch.cuda.is_available() else "float32"
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from baselines import ssr_encoder_modules as modules
+
+        cfg = self.config()
+        o = self.options
+        dtype = getattr(torch, cfg["dtype"])
+        aligner_path, layers_path = self.weight_files()
+        aligner_sd = modules.read_state_dict(aligner_path)
+        layers_sd = modules.read_state_dict(layers_path)
+        pipe, image_encoder = self._load_models(dtype)
+        text_tokens = int(pipe.tokenizer.model_max_length)
+        aligner, processors = modules.build_ssr_modules(
+            pipe.unet, aligner_sd, layers_sd, text_tokens=text_tokens, sources=(str(aligner_path), str(layers_path))
+        )
+        image_dim = int(image_encoder.config.hidden_size)
+        levels = len(modules.select_levels(range(int(image_encoder.config.num_hidden_layers) + 1)))
+        if aligner.to_k.in_features != image_dim or len(aligner.to_v) != levels:
+            raise modules.SSRLayoutError(
+                f"{aligner_path}: the aligner expects {len(aligner.to_v)} levels of {aligner.to_k.in_features}-d "
+                f"image features; the image encoder {o['image_encoder']} gives {levels} of {image_dim}-d"
+            )
+        for processor in processors.values():
+            processor.scale = float(o["scale"])
+        pipe.unet.set_attn_processor({**pipe.unet.attn_processors, **processors})
+        pipe.set_progress_bar_config(disable=True)
+        self._parts = {
+            "pipe": pipe.to(device, dtype),
+            "image_encoder": image_encoder.to(device, dtype).eval(),
+            "aligner": aligner.to(device, dtype).eval(),
+            "image_processor": self._image_processor(int(image_encoder.config.image_size)),
+            "grid": int(image_encoder.config.image_size) // int(image_encoder.config.patch_size),
+        }
+        logger.info("ssr-encoder: loaded %s + %s (%s) on %s", aligner_path, layers_path, cfg["dtype"], device)
+
+    @staticmethod
+    def _image_processor(size: int) -> Any:
+        from transformers import CLIPImageProcessor
+
+        # The official code uses CLIPImageProcessor() defaults: short side to 224, centre crop 224.
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    def _load_models(self, dtype: Any) -> tuple[Any, Any]:
+        import diffusers
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import deprecation_utils
+        from transformers import CLIPVisionModel
+
+        o = self.options
+        # diffusers deprecates torch_dtype for dtype; older releases only know torch_dtype.
+        dtype_kwarg = {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+        pipe = self._from_pretrained(
+            StableDiffusionPipeline.from_pretrained,
+            "base_model",
+            "base_revision",
+            "Stable Diffusion 1.5 base model",
+            safety_checker=None,
+            requires_safety_checker=False,
+            **dtype_kwarg,
+        )
+        scheduler_classes = {
+            "unipc": diffusers.UniPCMultistepScheduler,
+            "ddim": diffusers.DDIMScheduler,
+            "pndm": diffusers.PNDMScheduler,
+            "dpmsolver++": diffusers.DPMSolverMultistepScheduler,
+            "euler": diffusers.EulerDiscreteScheduler,
+        }
+        pipe.scheduler = scheduler_classes[o["scheduler"]].from_config(pipe.scheduler.config)
+        image_encoder = self._from_pretrained(
+            CLIPVisionModel.from_pretrained,
+            "image_encoder",
+            "image_encoder_revision",
+            "CLIP image encoder",
+            dtype=dtype,
+        )
+        return pipe, image_encoder
+
+    def _from_pretrained(self, loader: Any, key: str, revision_key: str, what: str, **kwargs: Any) -> Any:
+        source = self.options[key]
+        local = _local(source)
+        if local is None:
+            kwargs["revision"] = self.options[revision_key]
+        try:
+            return loader(str(local) if local is not None else source, **kwargs)
+        except (OSError, ValueError) as err:
+            where = str(local) if local is not None else f"{source}@{self.options[revision_key]}"
+            raise WeightsUnavailableError(
+                f"ssr-encoder: cannot load the {what} from {where}: {err}. Download it first (`huggingface-cli "
+                f"download {source} --revision {self.options[revision_key]}`) or pass a local folder with "
+                f"-M {key}=DIR."
+            ) from err
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        if self._parts is None:
+            raise RuntimeError("ssr-encoder: setup(device) must be called before generate()")
+        return [self._generate_one(r) for r in requests]
+
+    def _subject_images(self, request: GenerationRequest) -> tuple[list[Image.Image], Any]:
+        """The encoder's input per subject and, with the layout, the mask-query score bias."""
+        from baselines import ssr_encoder_modules as modules
+        from msibench.methods.paste import PasteMethod
+
+        cfg = self.config()
+        if not cfg["use_layout"]:
+            return [s.reference.convert("RGB") for s in request.subjects], None
+        processor = self._parts["image_processor"]
+        canvas_size = int(processor.crop_size["height"])
+        paste = PasteMethod(resolution=cfg["resolution"], background=[255, 255, 255])
+        canvases = [paste.generate([dataclasses.replace(request, subjects=(s,))])[0] for s in request.subjects]
+        coverage = modules.patch_coverage([s.box for s in request.subjects], canvas_size, self._parts["grid"])
+        return canvases, modules.mask_query_bias(coverage, cfg["mask_weight"])
+
+    def _generate_one(self, request: GenerationRequest) -> Image.Image:
+        import torch
+
+        from baselines import ssr_encoder_modules as modules
+
+        cfg = self.config()
+        parts = self._parts
+        pipe = parts["pipe"]
+        if not request.subjects:
+            raise ValueError(f"ssr-encoder: task {request.task.id} has no subject")
+        with torch.inference_mode():
+            images, bias = self._subject_images(request)
+            subject_cond, subject_uncond = modules.encode_subjects(
+                pipe,
+                parts["image_encoder"],
+                parts["image_processor"],
+                parts["aligner"],
+                images,
+                [s.category for s in request.subjects],
+                cfg["uncond_concept"],
+                bias,
+            )
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                request.prompt, pipe._execution_device, 1, True, negative_prompt=cfg["negative_prompt"]
+            )
+            generator = torch.Generator("cpu").manual_seed(int(request.seed))
+            out = pipe(
+                prompt_embeds=torch.cat([prompt_embeds, subject_cond.to(prompt_embeds.dtype)], dim=1),
+                negative_prompt_embeds=torch.cat([negative_embeds, subject_uncond.to(negative_embeds.dtype)], dim=1),
+                height=cfg["resolution"],
+                width=cfg["resolution"],
+                num_inference_steps=cfg["steps"],
+                guidance_scale=cfg["guidance"],
+                generator=generator,
+                output_type="pil",
+            )
+        return out.images[0]
+
+
+__all__ = ["SSREncoderMethod", "WeightsUnavailableError"]
