@@ -1,0 +1,244 @@
+"""``msibench score | table | plot | compare``. Only click is imported here; everything heavy loads inside the
+commands, so ``msibench --help`` never imports torch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+_METRIC_CHOICES = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b")
+
+
+def _fail(err: Exception) -> click.ClickException:
+    return click.ClickException(str(err))
+
+
+@click.command("score", context_settings={"show_default": True})
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--detector",
+    default="yolo11x-seg.pt",
+    help="YOLO11 weights (file name looked up offline, path, or a model yaml for random weights); "
+    "or $MSIBENCH_YOLO_WEIGHTS (the file or its folder).",
+)
+@click.option(
+    "--segmenter",
+    default=None,
+    help="YOLO11-seg weights for Z-Acc masks when --detector has no masks (e.g. yolo11x-seg.pt with yolo11x.pt).",
+)
+@click.option("--conf", type=float, default=0.25, help="Detector confidence threshold.")
+@click.option("--iou", type=float, default=0.7, help="Detector NMS IoU threshold.")
+@click.option("--imgsz", type=int, default=640, help="Detector input size (letterboxed square).")
+@click.option("--max-det", type=int, default=300, help="Detections kept per image.")
+@click.option(
+    "--dino-weights",
+    default=None,
+    help="DINO ViT-S/16: facebook/dino-vits16 (default), a transformers folder, a timm weight file, timm:NAME, "
+    "or random; or $MSIBENCH_DINO_WEIGHTS.",
+)
+@click.option(
+    "--clip-weights",
+    default=None,
+    help="CLIP ViT-B/32: openai (default), a local open_clip checkpoint file, or random; or $MSIBENCH_CLIP_WEIGHTS.",
+)
+@click.option("--identity-crop", type=click.Choice(["matched", "target", "full"]), default="matched")
+@click.option("--clip-b-mode", type=click.Choice(["full", "masked"]), default="full")
+@click.option(
+    "--metrics",
+    "metrics",
+    default=",".join(_METRIC_CHOICES),
+    help="Comma-separated subset of " + ", ".join(_METRIC_CHOICES) + ".",
+)
+@click.option(
+    "--batch-size", type=int, default=8, help="Images per detector batch (crops are batched per image batch)."
+)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--rescore", is_flag=True, help="Archive scores of another scorer version and score again.")
+@click.option("--limit", type=int, default=None, help="Score at most N pending images per run.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--no-progress", is_flag=True)
+def score_command(
+    run_dirs,
+    detector,
+    segmenter,
+    conf,
+    iou,
+    imgsz,
+    max_det,
+    dino_weights,
+    clip_weights,
+    identity_crop,
+    clip_b_mode,
+    metrics,
+    batch_size,
+    device,
+    threads,
+    rescore,
+    limit,
+    manifest,
+    coco_root,
+    no_progress,
+) -> None:
+    """Score generated images of RUN_DIRS into scores.jsonl (resumable; re-scores only what changed)."""
+    from msibench.bench.manifest import ManifestError
+    from msibench.bench.prepare import PrepareError
+    from msibench.runner import default_device
+    from msibench.scoring.backbones import BackboneError
+    from msibench.scoring.score import ScoreError, Scorer, ScorerConfig, score_run
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        config = ScorerConfig(
+            detector=detector,
+            segmenter=segmenter,
+            conf=conf,
+            iou=iou,
+            imgsz=imgsz,
+            max_det=max_det,
+            dino=dino_weights,
+            clip=clip_weights,
+            identity_crop=identity_crop,
+            clip_b_mode=clip_b_mode,
+            metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+            batch_size=batch_size,
+        )
+        scorer = Scorer(config, device=default_device(device))
+        scorer.setup()
+    except (ValueError, BackboneError, ScoreError) as err:
+        raise _fail(err) from err
+    failed = 0
+    for run_dir in run_dirs:
+        try:
+            summary = score_run(
+                run_dir,
+                scorer,
+                manifest=manifest,
+                coco_root=coco_root,
+                rescore=rescore,
+                limit=limit,
+                progress=not no_progress,
+                argv=sys.argv,
+            )
+        except (ScoreError, ManifestError, PrepareError) as err:
+            raise _fail(err) from err
+        failed += summary.failed
+        rate = f", {summary.scored / summary.seconds:.2f} img/s" if summary.seconds > 0 and summary.scored else ""
+        click.echo(
+            f"{run_dir}: scorer {summary.scorer_hash}: {summary.scored} scored, {summary.reused} already current, "
+            f"{summary.failed} failed, {summary.not_generated} not generated (of {summary.total}){rate}"
+        )
+        for failure in summary.failures[:20]:
+            click.echo(f"  failed {failure}", err=True)
+    sys.exit(min(failed, 125))
+
+
+def _load_runs(specs):
+    from msibench.scoring.score import ScoreError
+    from msibench.scoring.table import load_run
+
+    try:
+        return [load_run(spec) for spec in specs]
+    except (ScoreError, OSError) as err:
+        raise _fail(err) from err
+
+
+@click.command("table")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["md", "tex", "csv"]), default="md", show_default=True)
+@click.option("--paper", is_flag=True, help="Show the paper's reported numbers beside ours.")
+@click.option("--ci", is_flag=True, help="Add 95% bootstrap intervals to md/tex cells.")
+@click.option("--digits", type=int, default=3, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
+def table_command(runs, fmt, paper, ci, digits, out) -> None:
+    """Table I (rows: methods) from scored RUNS, each DIR or LABEL=DIR."""
+    from msibench.cache import atomic_write_bytes
+    from msibench.scoring.table import TableError, load_paper_table, render_table
+
+    results = _load_runs(runs)
+    try:
+        text = render_table(results, fmt, paper=load_paper_table() if paper else None, digits=digits, ci=ci)
+    except TableError as err:
+        raise _fail(err) from err
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_bytes(out, text.encode("utf-8"))
+        click.echo(f"wrote {out}")
+
+
+@click.group("plot")
+def plot_group() -> None:
+    """Figures (PNG + PDF) from scored runs."""
+
+
+@plot_group.command("ablation")
+@click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR, in the order of the x axis.")
+@click.option("--track", type=click.Choice(["multi", "single"]), default="multi", show_default=True)
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Bars (default: all).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/ablation"), show_default=True)
+def plot_ablation_command(runs, track, metrics, out) -> None:
+    """Fig. 5: grouped bars per configuration, one bar per metric, 95% CIs."""
+    from msibench.scoring.plot import plot_ablation
+
+    try:
+        paths = plot_ablation(_load_runs(runs), out, track=track, metrics=list(metrics) or None)
+    except ValueError as err:
+        raise _fail(err) from err
+    click.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@plot_group.command("by-k")
+@click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR (repeatable).")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Panels (default: all).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/by_k"), show_default=True)
+def plot_by_k_command(runs, metrics, out) -> None:
+    """Each metric against subject count K, one line per run."""
+    from msibench.scoring.plot import plot_by_k
+
+    try:
+        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None)
+    except ValueError as err:
+        raise _fail(err) from err
+    click.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@click.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--allow-mixed-scorers", is_flag=True, help="Compare runs scored by different scorer versions.")
+def compare_command(run_a, run_b, allow_mixed_scorers) -> None:
+    """Paired differences B - A per metric, with paired 95% bootstrap CIs over shared tasks."""
+    from msibench.scoring.aggregate import METRICS, compare
+    from msibench.scoring.score import ScoreError, load_scores
+    from msibench.scoring.table import parse_run_spec
+
+    try:
+        (ha, ra), (hb, rb) = (load_scores(parse_run_spec(spec)[1]) for spec in (run_a, run_b))
+    except ScoreError as err:
+        raise _fail(err) from err
+    if ha.get("scorer_hash") != hb.get("scorer_hash") and not allow_mixed_scorers:
+        raise click.ClickException(
+            f"the runs were scored by different scorer versions ({ha.get('scorer_hash')} vs "
+            f"{hb.get('scorer_hash')}); re-score one of them or pass --allow-mixed-scorers"
+        )
+    diffs = compare(ra, rb)
+    if not diffs:
+        raise click.ClickException("the runs share no scored task")
+    click.echo(f"A = {run_a}\nB = {run_b}")
+    click.echo(f"{'track':<7}{'metric':<17}{'n':>5}{'A':>9}{'B':>9}{'B-A':>9}  95% CI")
+    for d in diffs:
+        ci = f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if d.ci_low is not None else "-"
+        sig = " *" if d.ci_low is not None and (d.ci_low > 0 or d.ci_high < 0) else ""
+        values = f"{d.mean_a:>9.4f}{d.mean_b:>9.4f}{d.diff:>+9.4f}"
+        click.echo(f"{d.track:<7}{METRICS[d.metric].label:<17}{d.n:>5}{values}  {ci}{sig}")
+    click.echo("* the interval excludes 0")
+
+
+COMMANDS = [score_command, table_command, plot_group, compare_command]

@@ -1,0 +1,251 @@
+"""Table I of the paper from scored runs: rows are methods; single-subject DINO-I, CLIP-I, CLIP-B; multi-subject
+YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B; plus Z-Acc. ``–`` marks a method without a value (as in the paper).
+
+With ``paper=True`` each cell also shows the number the paper reports, read from
+``msibench/data/paper_table1.json`` (stored as data with its citation): ``0.613 (0.61)``; ``(?)`` marks a paper
+cell we could not read and ``(–)`` one the paper leaves empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from msibench.scoring.aggregate import METRICS, GroupSummary, Stat, aggregate, find_group
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("single", "dino_i"),
+    ("single", "clip_i"),
+    ("single", "clip_b"),
+    ("multi", "yolo_subj"),
+    ("multi", "yolo_l"),
+    ("multi", "dino_i"),
+    ("multi", "clip_i"),
+    ("multi", "clip_b"),
+    ("multi", "z_acc"),
+)
+METHOD_LABELS = {
+    "paste": "Paste (oracle)",
+    "ip-adapter": "IP-Adapter",
+    "lambda-eclipse": "λ-ECLIPSE",
+    "ssr-encoder": "SSR-Encoder",
+    "customnet": "CustomNet",
+    "mscustomnet": "MS-CustomNet",
+}
+PAPER_FILE = "paper_table1.json"
+DASH = "–"
+
+
+class TableError(ValueError):
+    """Bad table input (a run spec, a paper file); the message names it."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    label: str
+    method: str | None
+    run_dir: str
+    scorer_hash: str | None
+    summary: list[GroupSummary]
+
+
+@dataclass(frozen=True)
+class Cell:
+    stat: Stat | None
+    paper: float | None = None
+    # "reported", "dash" (the paper shows –), "unread", "absent" (method not in the paper); None without --paper
+    paper_status: str | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    method: str | None
+    run_dir: str | None
+    cells: tuple[Cell, ...]
+
+
+def parse_run_spec(spec: str) -> tuple[str | None, Path]:
+    """``LABEL=DIR`` or ``DIR``."""
+    label, sep, path = spec.partition("=")
+    if sep and label and not Path(spec).exists():
+        return label, Path(path)
+    return None, Path(spec)
+
+
+def load_run(spec: str | Path, label: str | None = None) -> RunResult:
+    """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated."""
+    from msibench.scoring.score import load_scores
+
+    spec_label, path = parse_run_spec(str(spec))
+    header, records = load_scores(path)
+    method = (header.get("run") or {}).get("method")
+    label = label or spec_label or METHOD_LABELS.get(str(method), str(method or path.name))
+    return RunResult(label, method, str(path), header.get("scorer_hash"), aggregate(records))
+
+
+def load_paper_table(path: str | Path | None = None) -> dict[str, Any]:
+    if path is None:
+        blob = (resources.files("msibench") / "data" / PAPER_FILE).read_text(encoding="utf-8")
+        where = PAPER_FILE
+    else:
+        blob = Path(path).read_text(encoding="utf-8")
+        where = str(path)
+    try:
+        data = json.loads(blob)
+    except json.JSONDecodeError as err:
+        raise TableError(f"{where}: not valid JSON: {err}") from err
+    if not isinstance(data.get("methods"), dict):
+        raise TableError(f"{where}: field 'methods' must be an object")
+    return data
+
+
+def paper_cell(paper: dict[str, Any], method: str | None, track: str, metric: str) -> tuple[float | None, str]:
+    entry = (paper.get("methods") or {}).get(method or "")
+    if entry is None:
+        return None, "absent"
+    value = (entry.get(track) or {}).get(metric)
+    if value is not None:
+        return float(value), "reported"
+    if f"{track}.{metric}" in (entry.get("dash") or []):
+        return None, "dash"
+    return None, "unread"
+
+
+def build_rows(runs: Sequence[RunResult], paper: dict[str, Any] | None = None) -> list[Row]:
+    rows = []
+    for run in runs:
+        cells = []
+        for track, metric in COLUMNS:
+            group = find_group(run.summary, track, None)
+            stat = group.metrics.get(metric) if group is not None else None
+            if paper is None:
+                cells.append(Cell(stat))
+            else:
+                cells.append(Cell(stat, *paper_cell(paper, run.method, track, metric)))
+        rows.append(Row(run.label, run.method, run.run_dir, tuple(cells)))
+    if paper is not None:
+        # Methods the paper reports numbers for but no run covers still get a row, with only the paper's numbers.
+        covered = {run.method for run in runs}
+        for method, entry in (paper.get("methods") or {}).items():
+            if method in covered:
+                continue
+            cells = tuple(Cell(None, *paper_cell(paper, method, t, m)) for t, m in COLUMNS)
+            if any(c.paper_status == "reported" for c in cells):
+                rows.append(Row(entry.get("label") or METHOD_LABELS.get(method, method), method, None, cells))
+    return rows
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _cell_text(cell: Cell, digits: int, ci: bool, with_paper: bool) -> str:
+    text = _fmt(cell.stat.mean if cell.stat else None, digits)
+    if ci and cell.stat is not None and cell.stat.ci_low is not None:
+        text += f" [{cell.stat.ci_low:.{digits}f}, {cell.stat.ci_high:.{digits}f}]"
+    if with_paper:
+        if cell.paper_status == "reported":
+            text += f" ({cell.paper:.2f})"
+        elif cell.paper_status == "dash":
+            text += f" ({DASH})"
+        elif cell.paper_status == "unread":
+            text += " (?)"
+    return text
+
+
+def _headers() -> list[str]:
+    return [f"{'Single' if t == 'single' else 'Multi'} {METRICS[m].label}" for t, m in COLUMNS]
+
+
+def render_table(
+    runs: Sequence[RunResult],
+    fmt: str = "md",
+    *,
+    paper: dict[str, Any] | None = None,
+    digits: int = 3,
+    ci: bool = False,
+) -> str:
+    """Table I as Markdown (``md``), LaTeX (``tex``) or CSV (``csv``, full precision, CIs and n included)."""
+    rows = build_rows(runs, paper)
+    if fmt == "csv":
+        return _render_csv(rows, runs, paper is not None)
+    if fmt not in ("md", "tex"):
+        raise TableError(f"unknown table format {fmt!r}; choose md, tex or csv")
+    texts = [[_cell_text(c, digits, ci, paper is not None) for c in row.cells] for row in rows]
+    notes = _notes(runs, paper)
+    if fmt == "md":
+        lines = ["| Method | " + " | ".join(_headers()) + " |", "|---|" + "---:|" * len(COLUMNS)]
+        lines += [f"| {row.label} | " + " | ".join(t) + " |" for row, t in zip(rows, texts, strict=True)]
+        return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
+    labels = [METRICS[m].label for _, m in COLUMNS]
+    lines = [
+        r"\begin{tabular}{l" + "c" * len(COLUMNS) + "}",
+        r"\toprule",
+        r" & \multicolumn{3}{c}{Single-subject} & \multicolumn{5}{c}{Multi-subject} & \\",
+        r"\cmidrule(lr){2-4}\cmidrule(lr){5-9}",
+        "Method & " + " & ".join(labels) + r" \\",
+        r"\midrule",
+    ]
+    lines += [
+        _tex(row.label) + " & " + " & ".join(_tex(x) for x in t) + r" \\" for row, t in zip(rows, texts, strict=True)
+    ]
+    lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    return text.replace("λ", r"$\lambda$").replace(DASH, "--").replace("%", r"\%").replace("_", r"\_")
+
+
+def _notes(runs: Sequence[RunResult], paper: dict[str, Any] | None) -> list[str]:
+    notes = []
+    if paper is not None:
+        cite = paper.get("citation") or {}
+        notes.append(
+            f"In parentheses: numbers reported in {cite.get('short', 'the paper')} ({cite.get('url', '')}); "
+            "(?) = not read from the paper, (–) = not reported there."
+        )
+    hashes = {run.scorer_hash for run in runs}
+    if len(hashes) > 1:
+        notes.append(f"Warning: runs were scored by different scorer versions: {', '.join(sorted(map(str, hashes)))}.")
+    for run in runs:
+        group = find_group(run.summary, "multi", None)
+        if group is not None and "z_acc" in group.metrics:
+            notes.append(
+                f"{run.label}: Z-Acc over {group.metrics['z_acc'].n} tasks with overlapping subjects "
+                f"({group.z_tasks_without_overlap} tasks without overlap left out)."
+            )
+    return notes
+
+
+def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) -> str:
+    header = ["label", "method", "run_dir"]
+    for track, metric in COLUMNS:
+        base = f"{track}_{metric}"
+        header += [base, f"{base}_ci_low", f"{base}_ci_high", f"{base}_n"]
+        if with_paper:
+            header.append(f"{base}_paper")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        out: list[Any] = [row.label, row.method or "", row.run_dir or ""]
+        for cell in row.cells:
+            s = cell.stat
+            out += [_num(s.mean if s else None), _num(s.ci_low if s else None), _num(s.ci_high if s else None)]
+            out.append(s.n if s else "")
+            if with_paper:
+                out.append(_num(cell.paper))
+        writer.writerow(out)
+    return buf.getvalue()
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))

@@ -1,0 +1,170 @@
+"""Aggregation, comparison, Table I and figures over hand-written score records."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from msibench.scoring.aggregate import aggregate, compare, find_group
+from msibench.scoring.table import COLUMNS, load_paper_table, load_run, render_table
+
+
+def rec(task, track, k, sample, status="ok", **metrics):
+    return {"task_id": task, "track": track, "k": k, "sample_index": sample, "status": status, "metrics": metrics}
+
+
+RECORDS = [
+    # single track: task s0 has two seeds (0.2, 0.4 -> task mean 0.3); s1 one seed 0.9
+    rec("s0", "single", 1, 0, dino_i=0.2, clip_i=0.5, clip_b=0.25),
+    rec("s0", "single", 1, 1, dino_i=0.4, clip_i=0.7, clip_b=0.35),
+    rec("s1", "single", 1, 0, dino_i=0.9, clip_i=0.8, clip_b=0.30),
+    rec("s2", "single", 1, 0, status="failed"),
+    # multi track, K=2 and K=3
+    rec("m0", "multi", 2, 0, yolo_subj=1.0, yolo_l=0.8, dino_i=0.6, clip_i=0.7, clip_b=0.2, z_correct=1, z_pairs=1),
+    rec("m1", "multi", 3, 0, yolo_subj=0.5, yolo_l=0.4, dino_i=0.5, clip_i=0.6, clip_b=0.3, z_correct=0, z_pairs=3),
+    rec("m2", "multi", 3, 0, yolo_subj=0.0, yolo_l=0.1, dino_i=0.4, clip_i=0.5, clip_b=0.1, z_correct=0, z_pairs=0),
+    rec("m3", "multi", 2, 0, status="skipped"),
+]
+
+
+def test_aggregate_averages_seeds_per_task_first():
+    summary = aggregate(RECORDS)
+    single = find_group(summary, "single", None)
+    # per task first: (0.3 + 0.9) / 2 = 0.6, not the record mean (0.2 + 0.4 + 0.9) / 3 = 0.5
+    assert single.metrics["dino_i"].mean == pytest.approx(0.6)
+    assert single.metrics["dino_i"].n == 2
+    assert single.metrics["dino_i"].std == pytest.approx(np.std([0.3, 0.9], ddof=1))
+    assert (single.n_tasks, single.n_images, single.n_failed) == (2, 3, 1)
+    multi = find_group(summary, "multi", None)
+    assert multi.n_skipped == 1
+    assert multi.metrics["yolo_subj"].mean == pytest.approx(0.5)
+    # Z-Acc pools pairs: (1 + 0) / (1 + 3) = 0.25 (the mean of per-task rates would be 0.5); m2 has no overlap
+    assert multi.metrics["z_acc"].mean == pytest.approx(0.25)
+    assert multi.metrics["z_acc"].n == 2
+    assert multi.z_tasks_without_overlap == 1
+    k3 = find_group(summary, "multi", 3)
+    assert k3.metrics["yolo_l"].mean == pytest.approx(0.25)
+    assert k3.metrics["z_acc"].mean == 0.0
+    assert "yolo_subj" not in single.metrics  # detector metrics are multi-track only
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    rng = np.random.default_rng(1)
+    records = [rec(f"t{i}", "multi", 2, 0, dino_i=float(v)) for i, v in enumerate(rng.uniform(0.3, 0.9, 40))]
+    a = find_group(aggregate(records), "multi", None).metrics["dino_i"]
+    b = find_group(aggregate(records), "multi", None).metrics["dino_i"]
+    assert a == b
+    assert a.ci_low < a.mean < a.ci_high
+    assert a.ci_high - a.ci_low < 0.15
+    one = find_group(aggregate(records[:1]), "multi", None).metrics["dino_i"]
+    assert one.ci_low is None and one.std is None  # no interval from a single task
+
+
+def test_compare_gives_paired_differences():
+    a = [rec(f"t{i}", "multi", 2, 0, dino_i=0.1 * i, z_correct=i % 2, z_pairs=1) for i in range(10)]
+    b = [rec(f"t{i}", "multi", 2, 0, dino_i=0.1 * i + 0.05, z_correct=1, z_pairs=1) for i in range(10)]
+    diffs = {d.metric: d for d in compare(a, b)}
+    # every task gains exactly 0.05: the paired interval collapses onto it
+    assert diffs["dino_i"].diff == pytest.approx(0.05)
+    assert diffs["dino_i"].ci_low == pytest.approx(0.05) and diffs["dino_i"].ci_high == pytest.approx(0.05)
+    # Z-Acc: A 5/10, B 10/10
+    assert diffs["z_acc"].mean_a == pytest.approx(0.5) and diffs["z_acc"].diff == pytest.approx(0.5)
+    assert 0 < diffs["z_acc"].ci_low <= 0.5 <= diffs["z_acc"].ci_high
+
+
+def write_scored_run(path: Path, records, method="paste", scorer_hash="abc"):
+    path.mkdir(parents=True)
+    header = {"format": "msibench-scores", "scorer_hash": scorer_hash, "scorer": {}, "run": {"method": method}}
+    (path / "scores.json").write_text(json.dumps(header))
+    with open(path / "scores.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "scorer": scorer_hash}) + "\n")
+    return path
+
+
+def test_table_numbers_equal_the_aggregated_records(tmp_path):
+    run = write_scored_run(tmp_path / "run_a", RECORDS)
+    other = [{**r, "metrics": {k: v * 0.5 for k, v in r["metrics"].items()}} for r in RECORDS]
+    run_b = write_scored_run(tmp_path / "run_b", other, method="mscustomnet")
+    results = [load_run(run), load_run(f"MS-CustomNet={run_b}")]
+    text = render_table(results, "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["label"] for r in rows] == ["Paste (oracle)", "MS-CustomNet"]
+    for row, records in zip(rows, (RECORDS, other), strict=True):
+        # independent computation: mean over tasks of the per-task mean over ok samples
+        for track, metric in COLUMNS:
+            per_task: dict[str, list[float]] = {}
+            for r in records:
+                if r["track"] == track and r["status"] == "ok":
+                    if metric == "z_acc":
+                        continue
+                    per_task.setdefault(r["task_id"], []).append(r["metrics"][metric])
+            if metric == "z_acc":
+                ok = [r for r in records if r["track"] == "multi" and r["status"] == "ok" and r["metrics"]["z_pairs"]]
+                expected = sum(r["metrics"]["z_correct"] for r in ok) / sum(r["metrics"]["z_pairs"] for r in ok)
+            else:
+                expected = float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else None
+            cell = row[f"{track}_{metric}"]
+            if expected is None:
+                assert cell == ""
+            else:
+                assert float(cell) == pytest.approx(expected, abs=1e-12), (row["label"], track, metric)
+    md = render_table(results, "md", paper=load_paper_table())
+    assert "| Paste (oracle) | 0.600 |" in md  # single DINO-I from the per-task means
+    assert "(0.61)" in md and "(0.94)" in md  # MS-CustomNet's reported multi-subject DINO-I / YOLO-L
+    tex = render_table(results, "tex")
+    assert r"\multicolumn{3}{c}{Single-subject}" in tex and "0.600" in tex
+
+
+def test_paper_table_holds_only_cited_numbers():
+    paper = load_paper_table()
+    assert paper["citation"]["url"] == "https://arxiv.org/html/2603.21136"
+    reported = {
+        (method, track, metric): value
+        for method, entry in paper["methods"].items()
+        for track in ("single", "multi")
+        for metric, value in entry[track].items()
+        if value is not None
+    }
+    assert reported == {("mscustomnet", "multi", "dino_i"): 0.61, ("mscustomnet", "multi", "yolo_l"): 0.94}
+    for (method, track, metric), _ in reported.items():
+        assert f"{track}.{metric}" in paper["methods"][method]["sources"]
+
+
+def test_cli_table_plot_compare_write_files(tmp_path):
+    from msibench.cli import main
+
+    run_a = write_scored_run(tmp_path / "a", RECORDS)
+    run_b = write_scored_run(tmp_path / "b", [{**r, "metrics": dict(r["metrics"])} for r in RECORDS])
+    runner = CliRunner()
+    out = tmp_path / "table.csv"
+    res = runner.invoke(main, ["table", str(run_a), f"B={run_b}", "--format", "csv", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert float(rows[0]["single_dino_i"]) == pytest.approx(0.6) and rows[1]["label"] == "B"
+    res = runner.invoke(
+        main,
+        ["plot", "ablation", "--run", f"baseline={run_a}", "--run", f"+ML={run_b}", "--out", str(tmp_path / "f5")],
+    )
+    assert res.exit_code == 0, res.output
+    for name in ("f5.png", "f5.pdf"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert (tmp_path / "f5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "f5.pdf").read_bytes()[:5] == b"%PDF-"
+    res = runner.invoke(main, ["plot", "by-k", "--run", f"a={run_a}", "--out", str(tmp_path / "byk.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "byk.png").is_file() and (tmp_path / "byk.pdf").is_file()
+    res = runner.invoke(main, ["compare", str(run_a), str(run_b)])
+    assert res.exit_code == 0, res.output
+    assert "DINO-I" in res.output and "+0.0000" in res.output
+    write_scored_run(tmp_path / "c", RECORDS, scorer_hash="other")
+    res = runner.invoke(main, ["compare", str(run_a), str(tmp_path / "c")])
+    assert res.exit_code != 0 and "different scorer versions" in res.output
+    res = runner.invoke(main, ["table", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "score the run first" in res.output

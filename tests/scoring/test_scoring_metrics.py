@@ -1,0 +1,110 @@
+"""Detector metrics on hand-made detections; every expected value is worked out by hand in the comments."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from msibench.coco import CATEGORY_ID
+from msibench.scoring.detect import Detections
+from msibench.scoring.match import box_iou, match_targets
+from msibench.scoring.metrics import overlap_rect, yolo_l, yolo_subj, z_order_pairs
+
+DOG, CUP, CAT = CATEGORY_ID["dog"], CATEGORY_ID["cup"], CATEGORY_ID["cat"]
+
+
+def test_yolo_subj_counts_and_reason():
+    # expected 2 dog + 1 cup; found 1 dog, 1 cup and 3 cats (cats are not part of the task and do not count)
+    res = yolo_subj(Counter({DOG: 2, CUP: 1}), Counter({DOG: 1, CUP: 1, CAT: 3}))
+    # sum min = min(2,1) + min(1,1) = 2; sum max = max(2,1) + max(1,1) = 3
+    assert res.value == pytest.approx(2 / 3)
+    assert not res.exact
+    assert "expected 2 dog, found 1" in res.reason
+    assert "expected 1 cup, found 1" in res.reason
+
+
+def test_yolo_subj_penalizes_extra_instances_and_exact_rate():
+    # expected 1 dog, found 3: min 1 / max 3
+    assert yolo_subj({DOG: 1}, {DOG: 3}).value == pytest.approx(1 / 3)
+    exact = yolo_subj({DOG: 2, CUP: 1}, {DOG: 2, CUP: 1, CAT: 1})
+    assert exact.value == 1.0 and exact.exact
+    assert yolo_subj({DOG: 1}, {}).value == 0.0
+
+
+def strip(x0: float, x1: float) -> list[float]:
+    """A box spanning the full image height: its IoU with another strip is the 1-D interval IoU."""
+    return [x0, 0.0, x1, 1.0]
+
+
+def test_hungarian_matching_beats_greedy_and_drops_zero_iou():
+    targets = [strip(0.0, 0.4), strip(0.3, 0.7), strip(0.8, 0.9)]
+    # D0 = [0.05, 0.45]: IoU with T0 = 0.35 / 0.45 = 7/9, with T1 = 0.15 / 0.65 = 3/13
+    # D1 = [0.00, 0.30]: IoU with T0 = 0.30 / 0.40 = 3/4, with T1 = 0
+    # D2 = a cat exactly on T2: another category, must not match the dog target T2
+    dets = Detections.build(
+        [strip(0.05, 0.45), strip(0.0, 0.3), strip(0.8, 0.9)], [DOG, DOG, CAT], image_size=(100, 100)
+    )
+    assert box_iou(np.array([strip(0.0, 0.4)]), np.array([strip(0.05, 0.45)]))[0, 0] == pytest.approx(7 / 9)
+    matches = match_targets(targets, [DOG, DOG, DOG], dets)
+    # greedy would take T0-D0 (7/9) and leave T1 with D1 (IoU 0): total 7/9. Hungarian: T0-D1 + T1-D0 = 3/4 + 3/13
+    assert [m.detection for m in matches] == [1, 0, None]
+    assert matches[0].iou == pytest.approx(3 / 4)
+    assert matches[1].iou == pytest.approx(3 / 13)
+    assert not matches[2].matched and matches[2].iou == 0.0
+    layout = yolo_l(matches, [DOG, DOG, DOG])
+    assert layout.value == pytest.approx((3 / 4 + 3 / 13 + 0.0) / 3)
+    assert layout.at50 == pytest.approx(1 / 3)  # only T0 (0.75) reaches IoU 0.5
+    assert "dog unmatched" in layout.reason
+
+
+def test_assigned_pair_with_zero_iou_stays_unmatched():
+    # one dog target, one dog detection elsewhere: the assignment exists but has IoU 0
+    dets = Detections.build([strip(0.6, 0.9)], [DOG], image_size=(10, 10))
+    (m,) = match_targets([strip(0.0, 0.3)], [DOG], dets)
+    assert m.detection is None and m.iou == 0.0
+
+
+def box_mask(box, size=(10, 10), minus=()):
+    """Boolean mask of a normalized box on a size (W, H) image, minus other boxes."""
+    w, h = size
+    mask = np.zeros((h, w), dtype=bool)
+    x0, y0, x1, y1 = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+    mask[y0:y1, x0:x1] = True
+    for other in minus:
+        mask &= ~box_mask(other, size)
+    return mask
+
+
+A_BOX, B_BOX, C_BOX = [0.0, 0.0, 0.6, 0.6], [0.4, 0.4, 1.0, 1.0], [0.8, 0.0, 1.0, 0.2]
+
+
+def test_overlap_rect_in_pixels():
+    # A and B share x 4..6, y 4..6 on a 10x10 image; A and C (x 8..10) share nothing
+    assert overlap_rect(A_BOX, B_BOX, (10, 10)) == (4, 4, 6, 6)
+    assert overlap_rect(A_BOX, C_BOX, (10, 10)) is None
+    assert overlap_rect([0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 0.5], (10, 10)) is None  # touching edges only
+
+
+def test_z_order_pairs_hand_cases():
+    boxes, cats = [A_BOX, B_BOX, C_BOX], [DOG, CUP, CAT]
+    zs = [1, 0, 2]  # A in front of B; C is in front of everything but overlaps nobody
+    # A drawn over B: A covers the whole 2x2 overlap (4 px), B's visible mask none of it
+    right = [box_mask(A_BOX), box_mask(B_BOX, minus=[A_BOX]), box_mask(C_BOX)]
+    pairs = z_order_pairs(boxes, zs, cats, right, (10, 10))
+    assert len(pairs) == 1  # only A-B overlap
+    (p,) = pairs
+    assert (p.front, p.back, p.front_pixels, p.back_pixels, p.correct) == (0, 1, 4, 0, True)
+    # B drawn over A instead: 0 vs 4 px -> wrong
+    wrong = [box_mask(A_BOX, minus=[B_BOX]), box_mask(B_BOX), box_mask(C_BOX)]
+    (p,) = z_order_pairs(boxes, zs, cats, wrong, (10, 10))
+    assert (p.front_pixels, p.back_pixels, p.correct) == (0, 4, False)
+    assert "wrong order" in p.reason
+    # a tie (both masks cover the overlap fully) is not "more pixels": wrong
+    tie = [box_mask(A_BOX), box_mask(B_BOX), box_mask(C_BOX)]
+    assert not z_order_pairs(boxes, zs, cats, tie, (10, 10))[0].correct
+    # the back subject not found: the pair counts as wrong, and the reason says who is missing
+    missing = [box_mask(A_BOX), None, box_mask(C_BOX)]
+    (p,) = z_order_pairs(boxes, zs, cats, missing, (10, 10))
+    assert not p.correct and p.back_pixels is None and "cup (z=0) not found" in p.reason

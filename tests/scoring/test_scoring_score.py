@@ -1,0 +1,174 @@
+"""The scorer over a real paste run with injected detectors and a cheap injected identity backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scoring_helpers import image_key, stats_encoder
+
+from msibench.bench.manifest import load_manifest
+from msibench.records import read_records
+from msibench.scoring.detect import CallableDetector, Detections
+from msibench.scoring.score import ScoreConflictError, Scorer, ScorerConfig, load_scores, score_run
+
+
+def layered_masks(task, size, invert=False):
+    """Visible masks when subjects are drawn in z order (reversed with ``invert``)."""
+    w, h = size
+    order = sorted(range(task.k), key=lambda i: task.subjects[i].z, reverse=invert)
+    masks = [np.zeros((h, w), dtype=bool) for _ in range(task.k)]
+    for i in order:  # back to front: each later subject hides the earlier ones
+        x0, y0, x1, y1 = task.subjects[i].box
+        region = np.zeros((h, w), dtype=bool)
+        region[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = True
+        for m in masks:
+            m &= ~region
+        masks[i] = region
+    return masks
+
+
+def oracle_detector(run_dir: Path, invert=False, drop_first=False):
+    """Detects exactly the layout (boxes and classes) of the task each image belongs to."""
+    manifest = load_manifest()
+    by_image = {}
+    for r in read_records(run_dir):
+        if r["status"] != "ok":
+            continue
+        with Image.open(run_dir / r["image"]) as im:
+            by_image[image_key(im)] = manifest.by_id[r["task_id"]]
+
+    def detect(images):
+        out = []
+        for image in images:
+            task = by_image[image_key(image)]
+            subjects = task.subjects[1:] if drop_first else task.subjects
+            masks = layered_masks(task, image.size, invert)[1 if drop_first else 0 :]
+            out.append(
+                Detections.build(
+                    [s.box for s in subjects], [s.category_id for s in subjects], image_size=image.size, masks=masks
+                )
+            )
+        return out
+
+    return CallableDetector(detect, name=f"oracle-invert{invert}-drop{drop_first}", has_masks=True)
+
+
+def scorer_for(run_dir, *, invert=False, drop_first=False, **config):
+    cfg = ScorerConfig(metrics=("yolo_subj", "yolo_l", "z_acc", "dino_i"), **config)
+    return Scorer(cfg, detector=oracle_detector(run_dir, invert, drop_first), dino=stats_encoder())
+
+
+def test_oracle_detections_give_perfect_detector_metrics(run_copy, coco_root):
+    summary = score_run(run_copy, scorer_for(run_copy), coco_root=coco_root, progress=False)
+    assert (summary.scored, summary.failed) == (8, 0)
+    header, records = load_scores(run_copy)
+    assert header["scorer_hash"] == summary.scorer_hash
+    assert header["scorer"]["detector"]["identity"] == "oracle-invertFalse-dropFalse"
+    multi = [r for r in records if r["track"] == "multi"]
+    single = [r for r in records if r["track"] == "single"]
+    assert len(multi) == len(single) == 4
+    for r in multi:
+        m = r["metrics"]
+        assert (m["yolo_subj"], m["yolo_subj_exact"], m["yolo_l"], m["yolo_l50"]) == (1.0, 1.0, 1.0, 1.0)
+        assert m["z_correct"] == m["z_pairs"]
+        assert all(s["crop"] == "matched" and s["iou"] == pytest.approx(1.0) for s in r["subjects"])
+        assert -1.0 <= m["dino_i"] <= 1.0
+    assert sum(r["metrics"]["z_pairs"] for r in multi) > 0
+    for r in single:  # the single track reports identity only
+        assert set(r["metrics"]) == {"dino_i"}
+        assert r["subjects"][0]["crop"] == "matched"
+    assert header["summary"]  # aggregate stored once the pass ends
+
+
+def test_reversed_layers_fail_every_z_pair(run_copy, coco_root):
+    score_run(run_copy, scorer_for(run_copy, invert=True), coco_root=coco_root, progress=False)
+    _, records = load_scores(run_copy)
+    multi = [r for r in records if r["track"] == "multi"]
+    assert sum(r["metrics"]["z_pairs"] for r in multi) > 0
+    assert all(r["metrics"]["z_correct"] == 0 for r in multi)
+    assert all(not p["correct"] and "wrong order" in p["reason"] for r in multi for p in r["pairs"])
+
+
+def test_missing_subject_is_counted_and_explained(run_copy, coco_root):
+    score_run(run_copy, scorer_for(run_copy, drop_first=True), coco_root=coco_root, progress=False)
+    _, records = load_scores(run_copy)
+    manifest = load_manifest()
+    for r in (r for r in records if r["track"] == "multi"):
+        task = manifest.by_id[r["task_id"]]
+        first = task.subjects[0]
+        same = sum(1 for s in task.subjects if s.category_id == first.category_id)
+        assert f"expected {same} {first.category}, found {same - 1}" in r["reason"]
+        assert r["subjects"][0]["matched"] is False and r["subjects"][0]["crop"] == "target"
+        assert r["metrics"]["yolo_l"] == pytest.approx((task.k - 1) / task.k)
+        assert r["metrics"]["yolo_subj"] < 1.0 and r["metrics"]["yolo_subj_exact"] == 0.0
+    for r in (r for r in records if r["track"] == "single"):
+        assert r["subjects"][0]["crop"] == "target" and "not detected" in r["reason"]
+
+
+def test_resume_rescore_and_feature_cache(run_copy, coco_root, tmp_path):
+    first = score_run(run_copy, scorer_for(run_copy), coco_root=coco_root, progress=False)
+    lines = (run_copy / "scores.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    # the reference features are on disk, keyed by encoder identity + reference checksum
+    cached = list((Path(os.environ["MSIBENCH_CACHE"]) / "features").rglob("*.npy"))
+    n_refs = len({s["reference"] for line in lines for s in json.loads(line)["subjects"]})
+    assert len(cached) == n_refs
+
+    again = score_run(run_copy, scorer_for(run_copy), coco_root=coco_root, progress=False)
+    assert (again.scored, again.reused) == (0, 8)
+
+    # a regenerated image (new pixels) is scored again; a torn last line (killed pass) is scored again too
+    rec = json.loads(lines[0])
+    image = Image.open(run_copy / rec["image"]).convert("RGB")
+    image.putpixel((0, 0), (255, 0, 0))
+    image.save(run_copy / rec["image"])
+    torn = json.loads(lines[-1])
+    with open(run_copy / "scores.jsonl", "a") as f:
+        f.write('{"task_id": "torn')
+    text = (run_copy / "scores.jsonl").read_text()
+    (run_copy / "scores.jsonl").write_text(text.replace(lines[-1] + "\n", ""))
+    scorer = scorer_for(run_copy)
+    calls = []
+    encode = scorer.dino.encode
+    scorer.dino.encode = lambda images: calls.append(len(images)) or encode(images)
+    third = score_run(run_copy, scorer, coco_root=coco_root, progress=False)
+    assert (third.reused, third.scored, third.failed) == (6, 2, 0)
+    redone = {rec["task_id"], torn["task_id"]}
+    header, records = load_scores(run_copy)
+    assert {r["task_id"] for r in records} == {json.loads(line)["task_id"] for line in lines}
+    # only the two images' crops went through the backbone: every reference feature came from the disk cache
+    assert sum(calls) == sum(r["k"] for r in records if r["task_id"] in redone)
+
+    # another scorer version is refused, then archived with --rescore
+    other = scorer_for(run_copy, identity_crop="target")
+    with pytest.raises(ScoreConflictError, match="identity_crop"):
+        score_run(run_copy, other, coco_root=coco_root, progress=False)
+    score_run(run_copy, other, coco_root=coco_root, rescore=True, progress=False)
+    assert (run_copy / f"scores-{first.scorer_hash}.jsonl").is_file()
+    header, records = load_scores(run_copy)
+    assert header["scorer_hash"] == other.version_hash() != first.scorer_hash
+    assert all(s["crop"] == "target" for r in records for s in r.get("subjects", []))
+
+
+def test_generation_failures_are_carried_not_scored(run_copy, coco_root):
+    gen = [json.loads(line) for line in (run_copy / "records.jsonl").read_text().splitlines()]
+    gen[0].update(status="failed", image=None, reason="CUDA out of memory")
+    (run_copy / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    summary = score_run(run_copy, scorer_for(run_copy), coco_root=coco_root, progress=False)
+    assert (summary.scored, summary.not_generated) == (7, 1)
+    _, records = load_scores(run_copy)
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) == 1 and "generation failed: CUDA out of memory" in failed[0]["reason"]
+
+
+def test_z_acc_without_masks_is_refused(run_copy):
+    from msibench.scoring.score import ScoreError
+
+    boxes_only = CallableDetector(lambda images: [], name="boxes-only", has_masks=False)
+    with pytest.raises(ScoreError, match="Z-Acc needs instance masks"):
+        Scorer(ScorerConfig(metrics=("z_acc",)), detector=boxes_only).setup()
