@@ -257,8 +257,11 @@ class IPAdapterMethod(Method):
         if encoder.is_absolute() or encoder.is_dir():
             return str(encoder), None
         adapter = Path(o["adapter"]).expanduser()
-        if adapter.is_file():  # a bare weights file: the encoder must sit next to it
-            adapter = adapter.parent
+        if adapter.is_file():
+            raise WeightsUnavailableError(
+                f"ip-adapter: -M adapter={o['adapter']} is a single file; give its image encoder folder too, "
+                f"-M image_encoder=DIR ({ADAPTER_ID} {ADAPTER_IMAGE_ENCODER}, revision {ADAPTER_REVISION})"
+            )
         if adapter.is_dir():
             return str(adapter / o["image_encoder"]), None
         return o["adapter"], o["image_encoder"]

@@ -160,7 +160,7 @@ def test_the_multi_subject_skip_reason_says_how_to_enable_it():
     assert IPAdapterMethod(use_layout=True).can_do(multi) is None
 
 
-def test_missing_weights_name_what_to_download(tmp_path, monkeypatch):
+def test_missing_weights_name_what_to_download(tmp_path, monkeypatch, tiny_adapter_dir):
     empty = tmp_path / "ip-adapter"
     empty.mkdir()
     with pytest.raises(WeightsUnavailableError, match=r"models/ip-adapter_sd15\.bin.*h94/IP-Adapter"):
@@ -172,6 +172,11 @@ def test_missing_weights_name_what_to_download(tmp_path, monkeypatch):
     # Offline (tests set HF_HUB_OFFLINE=1) the hub id cannot be fetched: the error gives the download command.
     with pytest.raises(WeightsUnavailableError, match="huggingface-cli download h94/IP-Adapter"):
         IPAdapterMethod(dtype="float32").setup("cpu")
+    # A bare weights file is accepted, but then the image encoder has to be named as well.
+    bare = IPAdapterMethod(adapter=str(tiny_adapter_dir / "models" / "ip-adapter_sd15.bin"), dtype="float32")
+    assert len(bare.config()["adapter"]["weights_sha256"]) == 64
+    with pytest.raises(WeightsUnavailableError, match="image_encoder=DIR"):
+        bare.setup("cpu")
 
 
 # ----------------------------------------------------------------------------------- official key layout
