@@ -31,7 +31,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+from msibench.methods.base import (
+    Capabilities,
+    GenerationRequest,
+    Method,
+    WeightsUnavailableError,
+    coerce_options,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,10 +64,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: architectural limit, this bound only keeps the declared capability finite.
 MAX_LAYOUT_SUBJECTS = 64
 IMPLEMENTATION_VERSION = 1
-
-
-class WeightsUnavailableError(OSError):
-    """A weight source cannot be found or loaded; the message says what to download and where to point."""
 
 
 def _default_options() -> dict[str, Any]:

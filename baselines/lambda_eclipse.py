@@ -35,7 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+from msibench.methods.base import (
+    Capabilities,
+    GenerationRequest,
+    Method,
+    WeightsUnavailableError,
+    coerce_options,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -81,10 +87,6 @@ _IRREGULAR_PLURALS = {
     "skis": ("skis",),
     "scissors": ("scissors",),
 }
-
-
-class WeightsUnavailableError(OSError):
-    """A weight source (hub id or local folder) cannot be loaded; the message says how to provide it."""
 
 
 def _default_options() -> dict[str, Any]:

@@ -201,6 +201,8 @@ def run_command(
         )
     except (RunConflictError, ManifestError, PrepareError) as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:  # weights that cannot be found or downloaded (WeightsUnavailableError), disk errors
+        raise click.ClickException(f"{type(err).__name__}: {err}") from err
     click.echo(
         f"{summary.run_dir}: {summary.ok} generated, {summary.failed} failed, {summary.skipped} skipped, "
         f"{summary.done_before} already done (of {summary.total} in shard {shard_spec[0]}/{shard_spec[1]})"

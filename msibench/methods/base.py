@@ -65,6 +65,11 @@ class GenerationRequest:
         return self.task.background
 
 
+class WeightsUnavailableError(OSError):
+    """Weights a method needs are neither on disk nor downloadable; the message says what to get and where
+    to point the method (an option and an environment variable)."""
+
+
 class Method(abc.ABC):
     """Base class of every generation method.
 
@@ -156,6 +161,7 @@ __all__ = [
     "GenerationRequest",
     "Method",
     "SubjectInput",
+    "WeightsUnavailableError",
     "coerce_options",
     "fingerprint_hash",
 ]
