@@ -354,8 +354,14 @@ def convert_customnet(
     shapes = {k: tuple(v.shape) for k, v in CustomNetModel.empty(config).state_dict().items()}
     converted = convert_customnet_state_dict(checkpoint, shapes, config)
     target = None if dtype == "keep" else getattr(torch, dtype)
-    # Split q/k/v views share storage with the packed in_proj tensor: safetensors needs separate, contiguous ones.
-    tensors = {k: (v.to(target) if target is not None else v).contiguous().clone() for k, v in converted.items()}
+    tensors = {}
+    for key, value in converted.items():
+        value = (value.to(target) if target is not None else value).contiguous()
+        # The q/k/v views share the packed in_proj storage and safetensors refuses shared storage: copy views only
+        # (the rest stays memory-mapped until written).
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        tensors[key] = value
     source = {
         "checkpoint": Path(ckpt).name,
         "origin": "TencentARC/CustomNet customnet_v1.pt",

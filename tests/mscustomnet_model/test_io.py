@@ -29,6 +29,8 @@ def test_save_and_load_round_trip(tiny_ms, tmp_path):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(b.device.type == "cpu" for b in loaded.buffers())
+    assert not any(p.requires_grad for m in loaded.frozen_modules() for p in m.parameters())
+    assert all(p.requires_grad for group in loaded.parameter_groups().values() for p in group)
     half = load_model(folder, dtype=torch.float16)
     assert half.unet.conv_in.weight.dtype == torch.float16
     assert half.alphas_cumprod().dtype == torch.float32
