@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mscustomnet.model.config import ModelConfig
+from msibench.methods.base import WeightsUnavailableError
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(WeightsUnavailableError, FileNotFoundError):
     """The weights named by a method option / env var are neither a local folder nor reachable on the hub."""
 
 

@@ -95,3 +95,16 @@ def test_generates_through_the_msibench_runner(tiny_weights, tmp_path, coco_root
     for record in records:
         image = Image.open(tmp_path / "run" / record["image"])
         assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_msibench_run_cli_without_weights_is_a_clean_error(tmp_path, coco_root, monkeypatch):
+    from click.testing import CliRunner
+
+    from msibench.cli import main
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    args = ["run", "--method", "mscustomnet", "--limit", "1", "--track", "single", "--device", "cpu",
+            "--run-dir", str(tmp_path / "run"), "--coco-root", str(coco_root), "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert WEIGHTS_ENV in result.output and "Traceback" not in result.output

@@ -15,6 +15,7 @@ from mscustomnet.model.io import (
     save_model,
 )
 from mscustomnet.model.network import CustomNetModel
+from msibench.methods.base import WeightsUnavailableError
 
 
 def test_save_and_load_round_trip(tiny_ms, tmp_path):
@@ -37,7 +38,7 @@ def test_save_and_load_round_trip(tiny_ms, tmp_path):
 
 
 def test_missing_or_foreign_weights_are_named(tmp_path):
-    with pytest.raises(WeightsNotFoundError, match="no MS-CustomNet weights given. set X"):
+    with pytest.raises(WeightsUnavailableError, match="no MS-CustomNet weights given. set X"):
         resolve_weights("", what="MS-CustomNet", hint="set X")
     with pytest.raises(WeightsNotFoundError, match="not a MS-CustomNet folder"):
         resolve_weights(str(tmp_path), what="MS-CustomNet")
