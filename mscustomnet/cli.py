@@ -78,3 +78,13 @@ def build_msi_command(
         f"{summary.scenes_written} written, {summary.scenes_skipped} skipped; filter {summary.filter_seconds:.1f} s"
     )
     click.echo(f"output: {summary.out} (manifest.jsonl, pool/, layouts/, stats.json)")
+
+
+def _register_model_commands() -> None:
+    # The converter lives with the model; its module imports torch only inside the command body.
+    from mscustomnet.model.convert import convert_customnet_command
+
+    main.add_command(convert_customnet_command)
+
+
+_register_model_commands()
