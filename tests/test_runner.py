@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,9 +41,22 @@ def manifest():
     return load_manifest()
 
 
+@pytest.fixture(scope="module")
+def prepared_cache(coco_root, manifest, tmp_path_factory):
+    """References materialized once per module; each test gets its own copy (tests corrupt files)."""
+    cache = tmp_path_factory.mktemp("prepared_cache")
+    old = os.environ.get("MSIBENCH_CACHE")
+    os.environ["MSIBENCH_CACHE"] = str(cache)
+    try:
+        prepare(manifest, coco_root, verify_all=False)
+    finally:
+        os.environ["MSIBENCH_CACHE"] = old or ""
+    return cache
+
+
 @pytest.fixture
-def prepared(coco_root, manifest):
-    prepare(manifest, coco_root, verify_all=False)
+def prepared(manifest, prepared_cache):
+    shutil.copytree(prepared_cache / "references", Path(os.environ["MSIBENCH_CACHE"]) / "references")
     return manifest
 
 
