@@ -103,8 +103,8 @@ def test_boxes_letterboxed_to_square_canvas(built, coco_val):
 def test_single_track_covers_many_categories(built):
     cats = Counter(t["subjects"][0]["category"] for t in built["tasks"] if t["track"] == "single")
     assert len(cats) == built["build"]["stats"]["single"]["categories"] >= 60
-    # Categories are visited round-robin, so no category repeats before all have been used once.
-    assert max(cats.values()) - min(cats.values()) <= 1 or min(cats.values()) >= 1
+    # Categories are visited round-robin: with 100 tasks over more than 50 categories none is used 3 times.
+    assert len(cats) > 50 and max(cats.values()) == 2
 
 
 def test_sources_pin_every_reference_file(built):
