@@ -174,7 +174,7 @@ def run_command(
     from msibench import registry
     from msibench.bench.manifest import ManifestError
     from msibench.bench.prepare import PrepareError
-    from msibench.runner import RunConflictError, default_device, parse_shard, run_method
+    from msibench.runner import MethodSetupError, RunConflictError, default_device, parse_shard, run_method
 
     try:
         method = registry.build(method_name, _parse_options(method_options))
@@ -199,9 +199,10 @@ def run_command(
             progress=not no_progress,
             argv=sys.argv,
         )
-    except (RunConflictError, ManifestError, PrepareError) as err:
+    except (RunConflictError, ManifestError, PrepareError, MethodSetupError) as err:
+        logging.getLogger(__name__).debug("run failed", exc_info=True)
         raise click.ClickException(str(err)) from err
-    except OSError as err:  # weights that cannot be found or downloaded (WeightsUnavailableError), disk errors
+    except OSError as err:  # disk errors and the like
         raise click.ClickException(f"{type(err).__name__}: {err}") from err
     click.echo(
         f"{summary.run_dir}: {summary.ok} generated, {summary.failed} failed, {summary.skipped} skipped, "

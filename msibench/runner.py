@@ -54,6 +54,10 @@ class RunConflictError(RuntimeError):
     """The run folder holds results of another method fingerprint, manifest or base seed."""
 
 
+class MethodSetupError(RuntimeError):
+    """A method could not load its weights or models; nothing was generated, nothing recorded is lost."""
+
+
 @dataclass
 class RunSummary:
     run_dir: Path
@@ -173,7 +177,10 @@ def run_method(
             needed = [t for t, _ in runnable]
             if missing_references(manifest, needed):
                 prepare(manifest, coco_root, tasks=needed, verify_all=False)
-        method.setup(device)
+        try:
+            method.setup(device)
+        except Exception as err:
+            raise MethodSetupError(f"{method.name}: setup on {device} failed: {type(err).__name__}: {err}") from err
     _generate_all(method, runnable, run_path, manifest, base_seed, device, summary, progress)
     logger.info(
         "%s: %d ok, %d failed, %d skipped, %d already done",

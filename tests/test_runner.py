@@ -279,3 +279,21 @@ def test_runner_prepares_missing_references_itself(tmp_path, coco_root, manifest
     )
     assert summary.ok == 3
     assert os.listdir(Path(os.environ["MSIBENCH_CACHE"]) / "references")
+
+
+class _NoWeights(PasteMethod):
+    def setup(self, device):
+        from msibench.methods.base import WeightsUnavailableError
+
+        raise WeightsUnavailableError("weights 'org/model' not found; pass -M weights=DIR")
+
+
+def test_setup_failure_is_reported_and_loses_nothing(tmp_path, prepared):
+    from msibench.runner import MethodSetupError
+
+    run_dir = tmp_path / "r"
+    run_method(PasteMethod(resolution=32), run_dir=run_dir, manifest=prepared, limit=1, progress=False)
+    before = (run_dir / "records.jsonl").read_bytes()
+    with pytest.raises(MethodSetupError, match=r"paste: setup on cpu failed: WeightsUnavailableError: .*-M weights"):
+        run_method(_NoWeights(resolution=32), run_dir=run_dir, manifest=prepared, limit=2, progress=False)
+    assert (run_dir / "records.jsonl").read_bytes() == before
