@@ -79,8 +79,13 @@ class FitTransform:
         return canvas
 
 
-def square_reference(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference crop centred on a white square (aspect kept) and resized to ``size``; its mask likewise (on black)."""
+def square_reference(
+    rgb: np.ndarray, mask: np.ndarray, size: int, object_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference crop centred on a white square (aspect kept) and resized to ``size``; its mask likewise (on black).
+
+    With ``object_size`` the crop's long edge is scaled to ``object_size`` instead of ``size`` and centred on the
+    white ``size`` square (CustomNet's reference: long edge 200 on 256, ``mscustomnet.model.pipeline``)."""
     h, w = mask.shape
     side = max(h, w)
     rgb_sq = np.full((side, side, 3), 255, dtype=np.uint8)
@@ -88,8 +93,18 @@ def square_reference(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.n
     y0, x0 = (side - h) // 2, (side - w) // 2
     rgb_sq[y0 : y0 + h, x0 : x0 + w] = rgb
     mask_sq[y0 : y0 + h, x0 : x0 + w] = mask.astype(np.uint8) * 255
-    rgb_out = Image.fromarray(rgb_sq).resize((size, size), Image.Resampling.BICUBIC)
-    mask_out = Image.fromarray(mask_sq).resize((size, size), Image.Resampling.BILINEAR)
+    inner = size if object_size is None else object_size
+    if not 1 <= inner <= size:
+        raise ValueError(f"object_size must be in 1..{size}, got {object_size}")
+    rgb_out = Image.fromarray(rgb_sq).resize((inner, inner), Image.Resampling.BICUBIC)
+    mask_out = Image.fromarray(mask_sq).resize((inner, inner), Image.Resampling.BILINEAR)
+    if inner < size:
+        offset = (size - inner) // 2
+        rgb_canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        rgb_canvas.paste(rgb_out, (offset, offset))
+        mask_canvas = Image.new("L", (size, size), 0)
+        mask_canvas.paste(mask_out, (offset, offset))
+        rgb_out, mask_out = rgb_canvas, mask_canvas
     return np.asarray(rgb_out), np.asarray(mask_out) >= 128
 
 
@@ -130,7 +145,8 @@ class MSIDataset(Dataset):
     Each sample is a dict:
       image [3, R, R] and layout_map [3, R, R]: float in [0, 1] (layout map black where empty);
       layout_index [R, R] int64: which returned subject is visible at each layout pixel, -1 where empty;
-      references [K, 3, r, r] float in [0, 1] on white, reference_masks [K, 1, r, r] float 0/1;
+      references [K, 3, r, r] float in [0, 1] on white (the object's long edge spans r, or
+      ``reference_object_size`` when given), reference_masks [K, 1, r, r] float 0/1;
       category_ids, ann_ids, reference_ids [K] int64; boxes [K, 4] float32 xyxy in training pixels;
       z_ranks [K] int64: paint order of the returned subjects (0 = back: largest mask area);
       num_subjects (K), prompt (str), image_id (int), epoch (int).
@@ -143,6 +159,7 @@ class MSIDataset(Dataset):
         *,
         resolution: int = RESOLUTION,
         reference_resolution: int | None = None,
+        reference_object_size: int | None = None,
         total_epochs: int = 1,
         k_min: int = K_MIN,
         k_max: int = K_MAX,
@@ -169,6 +186,11 @@ class MSIDataset(Dataset):
         curriculum_k(1, total_epochs, k_min, k_max, gamma)  # validates the curriculum parameters
         self.resolution = resolution
         self.reference_resolution = reference_resolution or resolution
+        if reference_object_size is not None and not 1 <= reference_object_size <= self.reference_resolution:
+            raise ValueError(
+                f"reference_object_size must be in 1..{self.reference_resolution}, got {reference_object_size}"
+            )
+        self.reference_object_size = reference_object_size
         self.total_epochs = total_epochs
         self.k_min, self.k_max, self.gamma = k_min, k_max, gamma
         self.curriculum = curriculum
@@ -231,7 +253,7 @@ class MSIDataset(Dataset):
         for rank, k in enumerate(order):
             z_ranks[k] = rank
 
-        refs = [square_reference(rgb, mask, ref_res) for rgb, mask in crops]
+        refs = [square_reference(rgb, mask, ref_res, self.reference_object_size) for rgb, mask in crops]
         references = torch.zeros(len(refs), 3, ref_res, ref_res)
         reference_masks = torch.zeros(len(refs), 1, ref_res, ref_res)
         for k, (rgb, mask) in enumerate(refs):

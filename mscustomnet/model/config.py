@@ -119,6 +119,9 @@ class ModelConfig:
     # subjects dropped for r < 2u, layout for u <= r < 3u; text replaced by "" with p 0.15, ucg_training txt).
     uncond_rate: float = 0.05
     text_drop: float = 0.15
+    # False: a network trained without M_L (the layout-free ablation of Sec. IV-C): its concat input is always the
+    # VAE latent of a blank white canvas (CustomNet's empty canvas), so the UNet keeps its 8 input channels.
+    use_layout: bool = True
 
     def __post_init__(self) -> None:
         if self.num_categories < 0 or self.category_dim < 0:

@@ -368,7 +368,8 @@ class CustomNetModel(nn.Module):
         ``batch`` keys (tensors on any device; moved here):
 
         - ``image`` [B, 3, H, W] in [-1, 1], or ``latents`` [B, 4, h, w] (already ``latent_scale * sample``);
-        - ``layout`` [B, 3, H, W] in [-1, 1] (M_L), or ``layout_latents`` [B, 4, h, w] (unscaled mode);
+        - ``layout`` [B, 3, H, W] in [-1, 1] (M_L), or ``layout_latents`` [B, 4, h, w] (unscaled mode); ignored
+          when ``config.use_layout`` is False (the blank white canvas is used instead);
         - ``references`` [B, K, 3, h', w'] in [-1, 1], or ``image_embeds`` [B, K, P];
         - ``text``: list of B prompts, or ``text_embeds`` [B, 77, D];
         - ``subject_mask`` [B, K] bool (optional, default all present);
@@ -390,7 +391,11 @@ class CustomNetModel(nn.Module):
             latents = self.encode_latents(_need(batch, "image"), generator=generator)
         latents = latents.to(device, torch.float32)
         layout_latents = batch.get("layout_latents")
-        if layout_latents is None:
+        if not self.config.use_layout:
+            # Trained without M_L: whatever layout the batch carries, the network sees the blank canvas.
+            size = latents.shape[-1] * self.config.vae.scale_factor
+            layout_latents = self.encode_layout(torch.ones(batch_size, 3, size, size, device=device))
+        elif layout_latents is None:
             layout_latents = self.encode_layout(_need(batch, "layout"))
         layout_latents = layout_latents.to(device, torch.float32)
         image_embeds = batch.get("image_embeds")

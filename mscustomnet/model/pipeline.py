@@ -171,6 +171,11 @@ def customnet_canvas(
     return canvas
 
 
+def blank_canvas(batch: int, resolution: int) -> torch.Tensor:
+    """The concat input of a network trained without M_L: white canvases [batch, 3, R, R] in [-1, 1]."""
+    return torch.ones(batch, 3, resolution, resolution)
+
+
 @dataclass(frozen=True)
 class Subject:
     """One subject to generate: the white-background reference (and its mask), its normalised box (x0, y0, x1, y1)
@@ -276,7 +281,10 @@ class MSCustomNetPipeline(_Pipeline):
         if any(len(row) == 0 for row in subjects):
             raise ValueError("every request needs at least one subject")
         tokens, mask, _ = self._encode_subjects(subjects)
-        layouts = torch.stack([to_tensor(layout_map(row, resolution)) for row in subjects])
+        if self.model.config.use_layout:
+            layouts = torch.stack([to_tensor(layout_map(row, resolution)) for row in subjects])
+        else:  # trained without M_L: the blank canvas it always saw
+            layouts = blank_canvas(len(subjects), resolution)
         return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance)
 
 
@@ -318,6 +326,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "MSCustomNetPipeline",
     "Subject",
+    "blank_canvas",
     "customnet_canvas",
     "ddim_sample",
     "ddim_timesteps",
