@@ -81,10 +81,13 @@ def build_msi_command(
 
 
 def _register_model_commands() -> None:
-    # The converter lives with the model; its module imports torch only inside the command body.
+    # The converter lives with the model, the trainer in its package; their modules import torch only inside the
+    # command bodies.
     from mscustomnet.model.convert import convert_customnet_command
+    from mscustomnet.train.command import train_command
 
     main.add_command(convert_customnet_command)
+    main.add_command(train_command)
 
 
 _register_model_commands()

@@ -1,0 +1,38 @@
+"""Fixtures of the trainer tests: a tiny CustomNet folder (built in code) and a small real MSI build from
+coco2017-mini val2017. Tiny training configurations are in train_helpers.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mscustomnet.data.build import BuildConfig, build_msi
+from mscustomnet.model.config import tiny_config
+from mscustomnet.model.io import save_model
+from mscustomnet.model.network import CustomNetModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on 2 shared cores run fastest (and reproducibly) single-threaded.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_customnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A converted-CustomNet-style model folder of the tiny configuration (what model.init names)."""
+    torch.manual_seed(0)
+    return save_model(CustomNetModel(tiny_config(multi_subject=False)), tmp_path_factory.mktemp("tiny_customnet"))
+
+
+@pytest.fixture(scope="session")
+def msi_val(coco_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MSI build of the real val2017 slice, kept small: scenes with >= 8 salient subjects (8 scenes), pools of 2."""
+    out = tmp_path_factory.mktemp("msi_val")
+    build_msi(BuildConfig(coco_root=coco_root, split="val2017", out=out, alpha=8, pool_size=2), progress=False)
+    return out
