@@ -51,14 +51,23 @@ class MSCustomNetMethod(Method):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(max_subjects=5, uses_layout=True, uses_zorder=True)
+        # A model trained without M_L (the ablation baseline) samples on a blank canvas: it uses no layout.
+        uses_layout = self._uses_layout()
+        return Capabilities(max_subjects=5, uses_layout=uses_layout, uses_zorder=uses_layout)
 
-    def _weights_sha256(self) -> str | None:
+    def _model_info(self) -> dict[str, Any] | None:
         from mscustomnet.model.io import read_model_info
 
         weights = self.options["weights"]
-        info = read_model_info(weights) if weights else None
+        return read_model_info(weights) if weights else None
+
+    def _weights_sha256(self) -> str | None:
+        info = self._model_info()
         return info.get("weights_sha256") if info else None
+
+    def _uses_layout(self) -> bool:
+        info = self._model_info()
+        return bool(info.get("config", {}).get("use_layout", True)) if info else True
 
     def config(self) -> dict[str, Any]:
         o = self.options
@@ -74,7 +83,11 @@ class MSCustomNetMethod(Method):
             "sampler": "ddim eta=0, t=range(0,1000,1000//steps)+1",
             "cfg": "one scale over text+subjects+layout; uncond = zero layout latent, no subject, empty prompt",
             "reference": "object cropped to mask, long edge 200 on a 256 white square",
-            "layout": "M_L: references resized to boxes, pasted through masks on black, back to front by z",
+            "layout": (
+                "M_L: references resized to boxes, pasted through masks on black, back to front by z"
+                if self._uses_layout()
+                else "none: the model was trained without M_L and samples on a blank white canvas"
+            ),
             "version": 1,
         }
 

@@ -53,6 +53,19 @@ def test_options_capabilities_and_fingerprint(tiny_weights, monkeypatch):
         MSCustomNetMethod(step=3)
 
 
+def test_a_model_trained_without_layout_declares_no_layout(tiny_ms, tmp_path):
+    import dataclasses
+
+    from mscustomnet.model.network import CustomNetModel
+
+    no_layout = CustomNetModel(dataclasses.replace(tiny_ms.config, use_layout=False))
+    no_layout.load_state_dict(tiny_ms.state_dict())
+    folder = save_model(no_layout, tmp_path / "baseline")
+    method = MSCustomNetMethod(weights=str(folder))
+    assert (method.capabilities.uses_layout, method.capabilities.uses_zorder) == (False, False)
+    assert method.config()["layout"].startswith("none")
+
+
 def test_setup_without_weights_says_how_to_provide_them(monkeypatch, tiny_customnet, tmp_path):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     with pytest.raises(WeightsNotFoundError, match=f"MS-CustomNet.*{WEIGHTS_ENV}"):
