@@ -222,7 +222,8 @@ def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-def _from_pretrained(loader: Any, source: str, what: str, error: type[Exception], **kwargs: Any) -> Any:
+def _from_pretrained(loader: Any, source: str, what: str, error: type[Exception], option: str, **kwargs: Any) -> Any:
+    """``loader(source, **kwargs)``; failures become ``error`` naming the download command and ``option``."""
     local = Path(source).expanduser()
     revision = kwargs.pop("revision", None)
     if not local.exists() and revision:
@@ -230,11 +231,19 @@ def _from_pretrained(loader: Any, source: str, what: str, error: type[Exception]
     try:
         return loader(str(local) if local.exists() else source, **kwargs)
     except (OSError, ValueError) as err:
-        where = f"{source}@{revision}" if revision and not local.exists() else source
-        sub = f" (subfolder {kwargs['subfolder']})" if kwargs.get("subfolder") else ""
+        if local.exists():
+            raise error(
+                f"ip-adapter: cannot load the {what} from the local folder {local}: {err}. Point {option} at a "
+                "folder that holds it in the diffusers/transformers layout."
+            ) from err
+        subfolder = kwargs.get("subfolder")
+        include = f' --include "{subfolder}/*"' if subfolder else ""
+        at = f" --revision {revision}" if revision else ""
         raise error(
-            f"ip-adapter: cannot load the {what} from {where}{sub}: {err}. Download it first "
-            f"(`huggingface-cli download {source}` with that revision) or pass a local folder."
+            f"ip-adapter: cannot load the {what} from the hub repo {source}"
+            f"{f' (subfolder {subfolder})' if subfolder else ''}{f' at revision {revision}' if revision else ''}: "
+            f"{err}. Download it first (`huggingface-cli download {source}{include}{at}`), or point {option} at a "
+            "local copy."
         ) from err
 
 
@@ -259,7 +268,12 @@ def load_pipeline(
     if image_encoder_subfolder:
         encoder_kwargs["subfolder"] = image_encoder_subfolder
     encoder = _from_pretrained(
-        CLIPVisionModelWithProjection.from_pretrained, image_encoder, "image encoder", error, **encoder_kwargs
+        CLIPVisionModelWithProjection.from_pretrained,
+        image_encoder,
+        "image encoder",
+        error,
+        "-M image_encoder=DIR (or -M adapter=DIR, a folder laid out like h94/IP-Adapter)",
+        **encoder_kwargs,
     )
     size = int(encoder.config.image_size)
     # The official code preprocesses with CLIPImageProcessor() defaults: resize the short side, centre crop.
@@ -267,13 +281,20 @@ def load_pipeline(
     components: dict[str, Any] = {"image_encoder": encoder, "feature_extractor": feature_extractor}
     if vae:
         components["vae"] = _from_pretrained(
-            AutoencoderKL.from_pretrained, vae, "VAE", error, revision=vae_revision, **diffusers_dtype_kwarg(dtype)
+            AutoencoderKL.from_pretrained,
+            vae,
+            "VAE",
+            error,
+            "-M vae=DIR (or -M vae= to keep the base model's own VAE)",
+            revision=vae_revision,
+            **diffusers_dtype_kwarg(dtype),
         )
     pipe = _from_pretrained(
         StableDiffusionPipeline.from_pretrained,
         base_model,
         "Stable Diffusion 1.5 base model",
         error,
+        "-M base_model=DIR",
         revision=base_revision,
         safety_checker=None,
         requires_safety_checker=False,

@@ -17,6 +17,7 @@ from msibench.runner import run_method
 # so that the test does not derive its input from the code under test.
 TINY_LAYER_WIDTHS = {1: 32, 3: 32, 5: 32, 7: 64}
 TINY_IMAGE_EMBED_DIM = 16
+TINY_TEXT_DIM = 32  # conftest.TINY_TEXT_DIM: the tiny UNet's cross_attention_dim
 
 
 def _official_layout_state_dict(widths, cross_dim, embed_dim, seed=0, dtype=None):
@@ -137,14 +138,25 @@ def test_options_capabilities_and_fingerprint():
     default = IPAdapterMethod(dtype="float32").config()
     assert (default["scheduler"], default["steps"], default["guidance"], default["scale"]) == ("ddim", 50, 7.5, 0.5)
     assert default["resolution"] == 512 and default["vae"]["source"] == "stabilityai/sd-vae-ft-mse"
-    hashes = {
-        IPAdapterMethod(dtype="float32").fingerprint_hash(),
-        IPAdapterMethod(dtype="float32", scale=0.6).fingerprint_hash(),
-        IPAdapterMethod(dtype="float16").fingerprint_hash(),
-        IPAdapterMethod(dtype="float32", adapter_revision="main").fingerprint_hash(),
-        IPAdapterMethod(dtype="float32", use_layout=True).fingerprint_hash(),
-    }
-    assert len(hashes) == 5
+    # Every option that changes the image changes the fingerprint.
+    variants = [
+        {},
+        {"scale": 0.6},
+        {"dtype": "float16"},
+        {"adapter_revision": "main"},
+        {"use_layout": True},
+        {"steps": 30},
+        {"guidance": 5.0},
+        {"resolution": 256},
+        {"scheduler": "unipc"},
+        {"negative_prompt": ""},
+        {"vae": ""},
+        {"vae_revision": "main"},
+        {"base_revision": "main"},
+        {"base_model": "runwayml/stable-diffusion-v1-5"},
+    ]
+    hashes = {IPAdapterMethod(**{"dtype": "float32", **v}).fingerprint_hash() for v in variants}
+    assert len(hashes) == len(variants)
     with pytest.raises(ValueError, match="unknown option 'scales'"):
         IPAdapterMethod(scales=1)
     with pytest.raises(ValueError, match="scheduler"):
@@ -172,6 +184,12 @@ def test_missing_weights_name_what_to_download(tmp_path, monkeypatch, tiny_adapt
     # Offline (tests set HF_HUB_OFFLINE=1) the hub id cannot be fetched: the error gives the download command.
     with pytest.raises(WeightsUnavailableError, match="huggingface-cli download h94/IP-Adapter"):
         IPAdapterMethod(dtype="float32").setup("cpu")
+    # With the adapter at hand, each missing hub component is named with its download command and its option.
+    with pytest.raises(WeightsUnavailableError, match=r"VAE .*stabilityai/sd-vae-ft-mse --revision 31f26fd.*-M vae="):
+        IPAdapterMethod(adapter=str(tiny_adapter_dir), dtype="float32").setup("cpu")
+    base = r"download stable-diffusion-v1-5/stable-diffusion-v1-5 --revision 451f4fe.*-M base_model=DIR"
+    with pytest.raises(WeightsUnavailableError, match=base):
+        IPAdapterMethod(adapter=str(tiny_adapter_dir), vae="", dtype="float32").setup("cpu")
     # A bare weights file is accepted, but then the image encoder has to be named as well.
     bare = IPAdapterMethod(adapter=str(tiny_adapter_dir / "models" / "ip-adapter_sd15.bin"), dtype="float32")
     assert len(bare.config()["adapter"]["weights_sha256"]) == 64
@@ -269,6 +287,87 @@ def test_layout_masks_cover_exactly_the_boxes():
     assert tuple(masks.shape) == (1, 2, 32, 32)
     assert masks[0, 0, :16, :16].min() == 1 and masks[0, 0].sum() == 16 * 16
     assert masks[0, 1, 16:, 8:].min() == 1 and masks[0, 1].sum() == 16 * 24
+
+
+# ------------------------------------------------------------------------------------- the official maths
+
+
+def _single_request(seed: int = 3):
+    import numpy as np
+    from PIL import Image
+
+    from msibench.methods.base import GenerationRequest, SubjectInput
+
+    task = next(t for t in load_manifest().tasks if t.track == "single")
+    subject = task.subjects[0]
+    # Not square, textured: the centre crop and the resampling both show in the pixels.
+    reference = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    mask = Image.new("L", reference.size, 255)
+    inputs = SubjectInput(subject.category, subject.category_id, subject.box, 0, reference, mask)
+    return GenerationRequest(task=task, sample_index=0, seed=seed, subjects=(inputs,))
+
+
+def test_image_prompt_tokens_are_the_official_ones(tiny_options, tiny_adapter_dir):
+    """What the UNet's image attention receives, written out from tencent-ailab/IP-Adapter@62e4af9
+    (ip_adapter/ip_adapter.py): pixels from CLIPImageProcessor() defaults (short side resized bicubic, centre crop,
+    OpenAI CLIP mean/std), CLIP ``image_embeds``, ImageProjModel = LayerNorm(proj(e).reshape(-1, 4, dim)) with 4
+    tokens; the negative branch is the projection of all-zero embeddings (get_image_embeds)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    method = IPAdapterMethod(**tiny_options, dtype="float32")
+    method.setup("cpu")
+    pipe = method._pipe
+    seen: dict = {}
+
+    def keep_pixels(module, args, kwargs):
+        seen.setdefault("pixels", args[0] if args else kwargs["pixel_values"])
+
+    def keep_tokens(module, args, out):
+        seen.setdefault("tokens", (args[0][0], out[0]))  # first denoising step, adapter 0
+
+    hooks = [
+        pipe.image_encoder.register_forward_pre_hook(keep_pixels, with_kwargs=True),
+        pipe.unet.encoder_hid_proj.register_forward_hook(keep_tokens),
+    ]
+    request = _single_request()
+    try:
+        method.generate([request])
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # CLIPImageProcessor() at the encoder's input size: 40x24 -> 53x32 (bicubic) -> centre 32x32, normalised.
+    resized = request.subjects[0].reference.resize((53, 32), Image.Resampling.BICUBIC).crop((10, 0, 42, 32))
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    expected_pixels = (torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std
+    assert seen["pixels"].shape == (1, 3, 32, 32)
+    # Within one 8-bit level: the processor rounds its resized image differently from PIL's uint8 output.
+    torch.testing.assert_close(seen["pixels"][0], expected_pixels, atol=1.1 / 255 / 0.26, rtol=0)
+
+    state = torch.load(tiny_adapter_dir / "models" / "ip-adapter_sd15.bin", weights_only=True)["image_proj"]
+    dim = TINY_TEXT_DIM
+
+    def image_proj_model(embeds):
+        tokens = F.linear(embeds, state["proj.weight"], state["proj.bias"]).reshape(-1, 4, dim)
+        return F.layer_norm(tokens, (dim,), state["norm.weight"], state["norm.bias"])
+
+    with torch.no_grad():
+        clip_embeds = pipe.image_encoder(seen["pixels"]).image_embeds
+    embeds_in, tokens = seen["tokens"]
+    # Classifier-free guidance batch: [negative, positive], one image each.
+    torch.testing.assert_close(embeds_in, torch.cat([torch.zeros_like(clip_embeds), clip_embeds])[:, None])
+    assert tokens.shape == (2, 1, 4, dim)
+    torch.testing.assert_close(tokens[1, 0], image_proj_model(clip_embeds)[0])
+    torch.testing.assert_close(tokens[0, 0], image_proj_model(torch.zeros_like(clip_embeds))[0])
+
+    # The request's seed drives the noise: same seed, same image; another seed, another image.
+    same, other = (np.asarray(method.generate([_single_request(seed)])[0]) for seed in (3, 4))
+    first = np.asarray(method.generate([request])[0])
+    assert np.array_equal(first, same) and not np.array_equal(first, other)
 
 
 # ------------------------------------------------------------------------------- generation via the runner
