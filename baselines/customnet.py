@@ -36,7 +36,6 @@ torch / diffusers / transformers are imported inside methods only, so that ``msi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -81,11 +80,10 @@ _HINT = (
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    # msibench's one file hash (the reference checksums use it too); imported here to keep listing light.
+    from msibench.bench.build import sha256_file
+
+    return sha256_file(path)
 
 
 def weights_source(source: str) -> tuple[str, Path | None]:

@@ -25,7 +25,6 @@ that ``msibench ls`` stays light.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -123,11 +122,10 @@ def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    # msibench's one file hash (the reference checksums use it too); imported here to keep listing light.
+    from msibench.bench.build import sha256_file
+
+    return sha256_file(path)
 
 
 class IPAdapterMethod(Method):
