@@ -21,8 +21,11 @@ Defaults are the official ones, from Xiaojiu-z/SSR_Encoder@7bb5f684536841d995ebe
 guidance_scale=5, scale=0.65 "recommended 0.5-0.8, default 0.65", negative prompt "bad quality", uncond concept
 "", 512x512, float32, no safety checker), ``infer_mask.py`` (mask_weight=1), README (SD v1-5 in diffusers format,
 image encoder openai/clip-vit-large-patch14). Multi-subject as ``generate_multi``: the subjects' aligned tokens
-concatenated; its per-subject ``scale`` list is not reproduced (its slicing multiplies all subjects' tokens by
-the first entry), one ``scale`` applies to every subject in the attention layers as in single-subject use.
+concatenated. Its guidance differs from ``generate``: it never calls ``set_scale`` (the SSR layers keep scale 1)
+and multiplies the conditional subject tokens by ``scale[0]`` instead (its slicing gives every subject the first
+entry; ``infer_multi.py``: 0.8, negative prompt ""). By default one ``scale`` applies to every subject in the
+attention layers, as in single-subject use; ``-M scale=1 -M token_scale=0.8 -M negative_prompt=`` reproduces
+``infer_multi.py``.
 
 torch / diffusers / transformers are imported inside methods and in ``baselines.ssr_encoder_modules`` only.
 """
@@ -81,6 +84,8 @@ def _default_options() -> dict[str, Any]:
         "steps": 30,
         "guidance": 5.0,
         "scale": 0.65,
+        # Multiplies the conditional subject tokens (generate_multi's scale[0]); 1 = generate / infer_text.py.
+        "token_scale": 1.0,
         "resolution": 512,
         "dtype": "float32",
         "negative_prompt": "bad quality",
@@ -129,6 +134,8 @@ class SSREncoderMethod(Method):
                 raise ValueError(f"{self.name} option {key!r}: must be a positive integer, got {o[key]!r}")
         if int(o["resolution"]) % 8:
             raise ValueError(f"{self.name} option 'resolution': must be a multiple of 8, got {o['resolution']}")
+        if float(o["token_scale"]) < 0:
+            raise ValueError(f"{self.name} option 'token_scale': must be >= 0, got {o['token_scale']}")
         if float(o["mask_weight"]) < 0:
             raise ValueError(f"{self.name} option 'mask_weight': must be >= 0, got {o['mask_weight']}")
         self._config: dict[str, Any] | None = None
@@ -187,6 +194,7 @@ class SSREncoderMethod(Method):
                 "steps": int(o["steps"]),
                 "guidance": float(o["guidance"]),
                 "scale": float(o["scale"]),
+                "token_scale": float(o["token_scale"]),
                 "resolution": int(o["resolution"]),
                 "dtype": self._resolved_dtype(),
                 "negative_prompt": o["negative_prompt"],
@@ -354,7 +362,9 @@ class SSREncoderMethod(Method):
             )
             generator = torch.Generator("cpu").manual_seed(int(request.seed))
             out = pipe(
-                prompt_embeds=torch.cat([prompt_embeds, subject_cond.to(prompt_embeds.dtype)], dim=1),
+                prompt_embeds=torch.cat(
+                    [prompt_embeds, (cfg["token_scale"] * subject_cond).to(prompt_embeds.dtype)], dim=1
+                ),
                 negative_prompt_embeds=torch.cat([negative_embeds, subject_uncond.to(negative_embeds.dtype)], dim=1),
                 height=cfg["resolution"],
                 width=cfg["resolution"],

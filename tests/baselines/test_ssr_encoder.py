@@ -18,6 +18,7 @@ from msibench.runner import run_method
 TINY_LAYER_WIDTHS = {1: 32, 3: 32, 5: 32, 7: 64}
 TINY_IMAGE_DIM = 16  # hidden size of the tiny CLIP vision tower (24 layers, so hidden_states[4::4] has 6 levels)
 TINY_ALIGNER_WIDTH = 16  # 8 heads x 2
+TINY_TEXT_DIM = 32  # conftest.TINY_TEXT_DIM: the tiny text encoder's width
 
 
 def _official_tiny_state_dicts(text_dim: int, seed: int = 0):
@@ -161,18 +162,31 @@ def test_options_and_fingerprint(tiny_parts):
         "revision": "32bd64288804d66eefd0ccbe215aa642df71cc41",
     }
     assert len(cfg["weights"]["aligner_sha256"]) == 64 and "source" not in cfg["weights"]
-    hashes = {
-        SSREncoderMethod(weights=weights).fingerprint_hash(),
-        SSREncoderMethod(weights=weights, scale="0.8").fingerprint_hash(),
-        SSREncoderMethod(weights=weights, use_layout="true").fingerprint_hash(),
-        SSREncoderMethod(weights=weights, use_layout="true", mask_weight=5).fingerprint_hash(),
-        SSREncoderMethod(weights=weights, steps=25).fingerprint_hash(),
-    }
-    assert len(hashes) == 5
+    # Every option that changes the image changes the fingerprint.
+    variants = [
+        {},
+        {"scale": "0.8"},
+        {"token_scale": "0.8"},
+        {"use_layout": "true"},
+        {"use_layout": "true", "mask_weight": 5},
+        {"steps": 25},
+        {"guidance": 7.5},
+        {"resolution": 256},
+        {"scheduler": "ddim"},
+        {"dtype": "float16"},
+        {"negative_prompt": ""},
+        {"uncond_concept": " "},
+        {"base_revision": "main"},
+        {"image_encoder_revision": "main"},
+    ]
+    hashes = {SSREncoderMethod(weights=weights, **v).fingerprint_hash() for v in variants}
+    assert len(hashes) == len(variants)
     with pytest.raises(ValueError, match="unknown option 'weight'"):
         SSREncoderMethod(weight="x")
     with pytest.raises(ValueError, match="dtype"):
         SSREncoderMethod(dtype="fp8")
+    with pytest.raises(ValueError, match="token_scale"):
+        SSREncoderMethod(token_scale=-1)
 
 
 # ----------------------------------------------------------------------------------- official key layout
@@ -316,6 +330,101 @@ def test_processor_adds_the_scaled_subject_attention_to_the_text_attention():
         v = processor.to_v_subject(subject).view(2, 6, 2, 8).transpose(1, 2)
         extra = ((q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 16)
         torch.testing.assert_close(got, plain + 0.7 * attn.to_out[0].weight.matmul(extra.unsqueeze(-1)).squeeze(-1))
+
+
+def _request(task_id: str, seed: int = 3):
+    import numpy as np
+    from PIL import Image
+
+    from msibench.bench.manifest import load_manifest
+    from msibench.methods.base import GenerationRequest, SubjectInput
+
+    task = load_manifest().by_id[task_id]
+    rng = np.random.default_rng(0)
+    subjects = tuple(
+        SubjectInput(
+            s.category,
+            s.category_id,
+            s.box,
+            s.z,
+            Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)),
+            Image.new("L", (40, 24), 255),
+        )
+        for s in task.subjects
+    )
+    return GenerationRequest(task=task, sample_index=0, seed=seed, subjects=subjects)
+
+
+def test_subject_tokens_are_the_official_ones(tiny_options):
+    """The context every SSR layer receives, written out from Xiaojiu-z/SSR_Encoder@7bb5f68 (get_image_embeds,
+    generate, generate_multi): [prompt (77) | subject 1 | subject 2 ...], each subject the aligner over CLIP
+    hidden_states 4, 8, ..., 24 of its image with its category's SD text states as query; the negative half has the
+    negative prompt, and the uncond concept "" over an all-zero pixel tensor for every subject."""
+    import numpy as np
+    import torch
+
+    method = SSREncoderMethod(**tiny_options)
+    method.setup("cpu")
+    parts = method._parts
+    pipe, encoder, aligner = parts["pipe"], parts["image_encoder"], parts["aligner"]
+    seen: dict = {"pixels": []}
+
+    def keep_pixels(module, args, kwargs):
+        seen["pixels"].append(args[0] if args else kwargs["pixel_values"])
+
+    def keep_context(module, args, kwargs):
+        seen.setdefault("context", kwargs["encoder_hidden_states"])
+
+    name = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    hooks = [
+        encoder.register_forward_pre_hook(keep_pixels, with_kwargs=True),
+        pipe.unet.get_submodule(name).register_forward_pre_hook(keep_context, with_kwargs=True),
+    ]
+    request = _request("multi-k2-000")
+    try:
+        image = method.generate([request])[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def text_states(texts):
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return pipe.text_encoder(ids.input_ids)[0]
+
+    def levels(pixels):
+        states = encoder(pixels, output_hidden_states=True).hidden_states
+        assert len(states) == 25  # embeddings + 24 layers, as CLIP ViT-L/14
+        return [states[i] for i in (4, 8, 12, 16, 20, 24)]
+
+    categories = [s.category for s in request.subjects]
+    images, zeros = seen["pixels"]
+    assert images.shape == (2, 3, 32, 32) and not zeros.any() and zeros.shape == images.shape
+    with torch.no_grad():
+        cond = aligner(text_states(categories), levels(images))
+        uncond = aligner(text_states(["", ""]), levels(zeros))
+        prompt = text_states([request.prompt, "bad quality"])
+    context = seen["context"]
+    assert context.shape == (2, 77 + 2 * 6 * 77, TINY_TEXT_DIM)
+    # The pipeline's CFG batch is [negative, positive].
+    torch.testing.assert_close(context[1], torch.cat([prompt[0], cond[0], cond[1]]))
+    torch.testing.assert_close(context[0], torch.cat([prompt[1], uncond[0], uncond[1]]))
+
+    # The request's seed drives the noise: same seed, same image; another seed, another image.
+    same, other = (np.asarray(method.generate([_request("multi-k2-000", seed)])[0]) for seed in (3, 4))
+    assert np.array_equal(np.asarray(image), same) and not np.array_equal(same, other)
+
+    # generate_multi's token scale multiplies the conditional subject tokens only.
+    scaled = SSREncoderMethod(**tiny_options, token_scale=0.8)
+    scaled._parts = parts  # the same loaded models, another option
+    seen.pop("context")
+    hook = pipe.unet.get_submodule(name).register_forward_pre_hook(keep_context, with_kwargs=True)
+    try:
+        scaled.generate([request])
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen["context"][1, 77:], 0.8 * context[1, 77:])
+    torch.testing.assert_close(seen["context"][0], context[0])
+    torch.testing.assert_close(seen["context"][1, :77], context[1, :77])
 
 
 # ------------------------------------------------------------------------------- generation via the runner
