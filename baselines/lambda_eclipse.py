@@ -75,6 +75,10 @@ _CONTENTS = {
     "text_encoder": "a CLIPTextModelWithProjection checkpoint with its CLIPTokenizer files",
 }
 
+#: The prior folder's weight files, in the order ``lambda_eclipse_prior.read_prior_folder`` looks for them (kept here
+#: too so that fingerprinting a local prior needs no torch).
+PRIOR_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
 SHARED_KEYWORD_MODES = ("mean", "last")
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -214,6 +218,7 @@ class LambdaEclipseMethod(Method):
             )
         if not re.fullmatch(r"[A-Za-z0-9]+Scheduler", str(o["scheduler"])):
             raise ValueError(f"{self.name} option 'scheduler': expected a diffusers scheduler class name")
+        self._config: dict[str, Any] | None = None
         self._models: dict[str, Any] | None = None
 
     @property
@@ -223,13 +228,26 @@ class LambdaEclipseMethod(Method):
         return Capabilities(max_subjects=75, uses_layout=False, uses_zorder=False)
 
     def config(self) -> dict[str, Any]:
+        # Computed once: the runner fingerprints every record, and a local prior is hashed.
+        if self._config is None:
+            self._config = self._build_config()
+        return self._config
+
+    def _build_config(self) -> dict[str, Any]:
         o = self.options
         sources: dict[str, Any] = {}
         for key in ("prior", "decoder", "image_encoder", "text_encoder"):
             source, revision, local = self._source(key)
-            sources[key] = source
+            sources[key] = str(Path(source).expanduser().resolve()) if local else source
             # A local folder has no revision: recording one would suggest a pin that does not exist.
             sources[f"{key}_revision"] = None if local else revision
+        prior_folder = Path(str(o["prior"])).expanduser()
+        weights = next((prior_folder / n for n in PRIOR_WEIGHT_FILES if (prior_folder / n).is_file()), None)
+        if prior_folder.is_dir() and weights is not None:
+            from msibench.bench.build import sha256_file
+
+            # The method's own weights, identified by content (a folder path says nothing about what is in it).
+            sources["prior_sha256"] = sha256_file(weights)
         return {
             **sources,
             "scheduler": str(o["scheduler"]),

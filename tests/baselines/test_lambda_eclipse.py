@@ -340,7 +340,10 @@ def test_prior_loader_names_what_does_not_fit(checkpoint_keys_dir: Path):
 def test_saved_prior_round_trips_every_tensor(tiny_dirs: dict[str, str]):
     import torch
 
-    from baselines.lambda_eclipse_prior import load_prior, read_prior_folder
+    from baselines.lambda_eclipse import PRIOR_WEIGHT_FILES
+    from baselines.lambda_eclipse_prior import WEIGHT_FILES, load_prior, read_prior_folder
+
+    assert PRIOR_WEIGHT_FILES == WEIGHT_FILES  # the fingerprint hashes the file the loader reads
 
     _, state_dict, _ = read_prior_folder(tiny_dirs["prior"])
     prior = load_prior(tiny_dirs["prior"])
@@ -349,6 +352,71 @@ def test_saved_prior_round_trips_every_tensor(tiny_dirs: dict[str, str]):
         assert torch.equal(value, state_dict[name]), name
     # Loaded values are the file's: none is left at its initial zeros.
     assert prior.positional_embedding.abs().sum() > 0 and prior.clip_std.abs().sum() > 0
+
+
+def test_prior_forward_is_the_official_token_sequence(tiny_dirs: dict[str, str]):
+    """The prior written out from eclipse-t2i/lambda-eclipse-inference@6a7e00e (lambda_prior_transformer.py,
+    forward): tokens [text states (77) | control | projected text embedding | noise | prd] + positional embedding;
+    additive mask = causal (-10000 above the diagonal) + text padding (-10000 on padded text columns); pre-norm
+    self-attention + gelu MLP blocks; norm_out of the last (prd) token, projected to the CLIP dimension."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from baselines.lambda_eclipse_prior import load_prior
+
+    prior = load_prior(tiny_dirs["prior"])
+    g = torch.Generator().manual_seed(0)
+    batch, dim, n = 2, TINY_DIM, 77 + 4
+    noise, proj = torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
+    text = torch.randn(batch, 77, dim, generator=g)
+    control = torch.randn(1, dim, generator=g)
+    mask = torch.zeros(batch, 77, dtype=torch.long)
+    mask[0, :5], mask[1, :9] = 1, 1
+
+    def reference(text):
+        tokens = torch.cat(
+            [
+                prior.encoder_hidden_states_proj(text),
+                prior.embedding_control(control).expand(batch, 1, -1),
+                prior.embedding_proj(proj)[:, None],
+                prior.proj_in(noise)[:, None],
+                prior.prd_embedding.expand(batch, 1, -1),
+            ],
+            dim=1,
+        )
+        x = tokens + prior.positional_embedding
+        bias = torch.full((n, n), -10000.0).triu(1).repeat(batch, 1, 1)
+        bias[:, :, :77] += (1.0 - mask[:, None, :].float()) * -10000.0
+        heads = TINY_PRIOR["num_attention_heads"]
+        for block in prior.transformer_blocks:
+            h = block.norm1(x)
+            attn = block.attn1
+            q, k, v = (f(h).view(batch, n, heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias[:, None]
+            out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, -1)
+            x = x + attn.to_out[0](out)
+            x = x + block.ff(block.norm3(x))
+        return prior.proj_to_clip_embeddings(
+            F.layer_norm(x, x.shape[-1:], prior.norm_out.weight, prior.norm_out.bias)[:, -1]
+        )
+
+    def forward(text):
+        return prior(
+            noise, proj_embedding=proj, encoder_hidden_states=text, attention_mask=mask, control_embedding=control
+        )
+
+    with torch.no_grad():
+        got = forward(text)
+        assert got.shape == (batch, dim)
+        torch.testing.assert_close(got, reference(text), rtol=1e-4, atol=1e-5)
+        # Padded text positions are invisible to the prediction; real ones are not.
+        padded, real = text.clone(), text.clone()
+        padded[:, 20:] += 5.0
+        real[:, 2] += 5.0
+        torch.testing.assert_close(forward(padded), got, rtol=0, atol=1e-6)
+        assert not torch.allclose(forward(real), got, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -370,7 +438,20 @@ def test_options_capabilities_and_fingerprint(monkeypatch: pytest.MonkeyPatch):
         assert key in cfg
     defaults = LambdaEclipseMethod().config()
     assert (defaults["steps"], defaults["guidance"], defaults["dtype"]) == (50, 7.5, "float16")
-    assert method.fingerprint_hash() != LambdaEclipseMethod().fingerprint_hash()
+    # Every option that changes the image changes the fingerprint.
+    variants = [
+        {},
+        {"steps": 30},
+        {"guidance": 4.0},
+        {"resolution": 768},
+        {"dtype": "float32"},
+        {"scheduler": "DDIMScheduler"},
+        {"shared_keyword": "last"},
+        *({f"{key}_revision": "0123abc"} for key in ("prior", "decoder", "image_encoder", "text_encoder")),
+        *({key: f"someone/{key}"} for key in ("prior", "decoder", "image_encoder", "text_encoder")),
+    ]
+    hashes = {LambdaEclipseMethod(**v).fingerprint_hash() for v in variants}
+    assert len(hashes) == len(variants)
     caps = method.capabilities
     assert caps.max_subjects >= 5 and not caps.uses_layout and not caps.uses_zorder
     with pytest.raises(ValueError, match="unknown option 'step'"):
@@ -455,6 +536,49 @@ def test_subject_embedding_replaces_the_keyword_states(ready_method: LambdaEclip
     assert torch.allclose(hidden[others], plain[others], atol=1e-6)
 
 
+def test_prior_and_decoder_get_the_official_inputs(ready_method: LambdaEclipseMethod, tiny_dirs: dict[str, str]):
+    """pipeline_kandinsky_subject_prior.py (__call__, get_zero_embed) + test_quick.py: the prior gets Gaussian noise
+    of the embedding size, the pooled projected text embedding, the tokenizer's mask and the zero-image embedding as
+    control; the decoder gets the prior's output as image_embeds and the zero-image embedding as the negative."""
+    import torch
+
+    m = ready_method._models
+    calls: list[dict] = []
+
+    def decoder(**kwargs):
+        calls.append(kwargs)
+        return m["decoder"](**kwargs)
+
+    method = LambdaEclipseMethod(**tiny_options(tiny_dirs))
+    method._models = {**m, "decoder": decoder}
+    seen: dict = {}
+
+    def keep(module, args, kwargs, out):
+        seen.update(kwargs, noise=args[0], out=out)
+
+    hook = m["prior"].register_forward_hook(keep, with_kwargs=True)
+    request = _request("single-000", [(200, 30, 30)], seed=11)
+    try:
+        method.generate([request])
+    finally:
+        hook.remove()
+
+    prompt = method._binding(request).prompt
+    tokens = m["tokenizer"](prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        zero = m["image_encoder"](pixel_values=torch.zeros(1, 3, 32, 32)).image_embeds
+        text_embeds = m["text_encoder"](**tokens).text_embeds
+    noise = torch.randn((1, TINY_DIM), generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(seen["noise"], noise)
+    torch.testing.assert_close(seen["proj_embedding"], text_embeds)
+    assert torch.equal(seen["attention_mask"], tokens.attention_mask)
+    torch.testing.assert_close(seen["control_embedding"], zero)
+    (call,) = calls
+    torch.testing.assert_close(call["image_embeds"], seen["out"])
+    torch.testing.assert_close(call["negative_image_embeds"], zero)
+    assert (call["num_inference_steps"], call["guidance_scale"]) == (2, 4.0)
+
+
 def _prior_inputs(method: LambdaEclipseMethod, request: GenerationRequest) -> dict:
     seen: dict = {}
     hook = method._models["prior"].register_forward_hook(
@@ -487,6 +611,7 @@ def test_subjects_sharing_a_keyword(ready_method: LambdaEclipseMethod, tiny_dirs
 
 
 def test_runner_generates_two_real_tasks_deterministically(tiny_dirs: dict[str, str], coco_root: Path, tmp_path):
+    from msibench.bench.build import sha256_file
     from msibench.runner import run_method
 
     runs = []
@@ -511,4 +636,5 @@ def test_runner_generates_two_real_tasks_deterministically(tiny_dirs: dict[str, 
     config = run_info["fingerprint"]["config"]
     assert config["prior"] == tiny_dirs["prior"] and config["steps"] == 2 and config["dtype"] == "float32"
     assert config["prior_revision"] is None  # a local folder has no revision
+    assert config["prior_sha256"] == sha256_file(Path(tiny_dirs["prior"]) / "diffusion_pytorch_model.safetensors")
     assert run_info["capabilities"]["uses_layout"] is False
