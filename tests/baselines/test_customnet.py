@@ -361,9 +361,10 @@ def test_the_box_places_the_object(tiny_weights):
     assert not np.array_equal(np.asarray(left), np.asarray(right))
     with pytest.raises(ValueError, match=rf"task {task.id}.*exactly one subject, got 2"):
         method.generate([_request(task, (0.0, 0.2, 0.5, 0.8), subjects=2)])
-    # A request's image does not depend on the batch it came in.
-    alone = method.generate([_request(task, (0.5, 0.2, 1.0, 0.8))])[0]
+    # A request's image does not depend on the batch it came in, and its seed drives the noise.
+    alone, reseeded = method.generate([_request(task, (0.5, 0.2, 1.0, 0.8)), _request(task, (0.5, 0.2, 1.0, 0.8), 8)])
     assert np.array_equal(np.asarray(alone), np.asarray(right))
+    assert not np.array_equal(np.asarray(reseeded), np.asarray(right))
 
 
 @pytest.mark.slow
