@@ -171,7 +171,7 @@ class IPAdapterMethod(Method):
             adapter: dict[str, Any] = {
                 "source": o["adapter"],
                 "weights": o["adapter_weights"],
-                "image_encoder": o["image_encoder"],
+                "image_encoder": self._image_encoder_record(),
             }
             if _is_local(o["adapter"]):
                 # A local copy is identified by its content, not by where it happens to live.
@@ -251,12 +251,22 @@ class IPAdapterMethod(Method):
         logger.info("ip-adapter: loaded %s (%s) on %s", weights_path, cfg["dtype"], device)
 
     def _image_encoder_location(self) -> tuple[str, str | None]:
-        """(model folder or hub id, subfolder) of the image encoder."""
+        """(model folder or hub id, subfolder) of the image encoder.
+
+        A relative ``image_encoder`` is looked up inside a local adapter folder first (the hub layout,
+        models/image_encoder), then, unless it is the default name, relative to the working directory, else as the
+        adapter's own (local subfolder or hub subfolder): a models/image_encoder folder that happens to sit in the
+        working directory never replaces the adapter's.
+        """
         o = self.options
         encoder = Path(o["image_encoder"]).expanduser()
-        if encoder.is_absolute() or encoder.is_dir():
-            return str(encoder), None
         adapter = Path(o["adapter"]).expanduser()
+        if encoder.is_absolute():
+            return str(encoder), None
+        if adapter.is_dir() and (adapter / encoder).is_dir():
+            return str((adapter / encoder).resolve()), None
+        if encoder.is_dir() and o["image_encoder"] != ADAPTER_IMAGE_ENCODER:
+            return str(encoder.resolve()), None
         if adapter.is_file():
             raise WeightsUnavailableError(
                 f"ip-adapter: -M adapter={o['adapter']} is a single file; give its image encoder folder too, "
@@ -265,6 +275,15 @@ class IPAdapterMethod(Method):
         if adapter.is_dir():
             return str(adapter / o["image_encoder"]), None
         return o["adapter"], o["image_encoder"]
+
+    def _image_encoder_record(self) -> str:
+        """The image encoder for the fingerprint: a resolved local folder, or the hub subfolder (the adapter's
+        revision applies)."""
+        try:
+            source, subfolder = self._image_encoder_location()
+        except WeightsUnavailableError:
+            return self.options["image_encoder"]  # a bare weights file without its encoder: setup says so
+        return subfolder if subfolder is not None else source
 
     # ------------------------------------------------------------------------------------------ generation
 

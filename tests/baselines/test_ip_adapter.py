@@ -197,6 +197,21 @@ def test_missing_weights_name_what_to_download(tmp_path, monkeypatch, tiny_adapt
         bare.setup("cpu")
 
 
+def test_the_image_encoder_is_the_adapters_own(tmp_path, monkeypatch, tiny_adapter_dir):
+    """A models/image_encoder folder in the working directory never replaces the local adapter's or the hub's."""
+    (tmp_path / "models" / "image_encoder").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    local = IPAdapterMethod(adapter=str(tiny_adapter_dir), dtype="float32")
+    own = str((tiny_adapter_dir / "models" / "image_encoder").resolve())
+    assert local._image_encoder_location() == (own, None)
+    assert local.config()["adapter"]["image_encoder"] == own
+    assert IPAdapterMethod(dtype="float32")._image_encoder_location() == ("h94/IP-Adapter", "models/image_encoder")
+    # A folder named on purpose is taken from the working directory.
+    (tmp_path / "vit-h").mkdir()
+    named = IPAdapterMethod(image_encoder="vit-h", dtype="float32")
+    assert named._image_encoder_location() == (str((tmp_path / "vit-h").resolve()), None)
+
+
 # ----------------------------------------------------------------------------------- official key layout
 
 
