@@ -446,7 +446,7 @@ def test_options_capabilities_and_fingerprint(monkeypatch: pytest.MonkeyPatch):
         {"resolution": 768},
         {"dtype": "float32"},
         {"scheduler": "DDIMScheduler"},
-        {"shared_keyword": "last"},
+        {"shared_keyword": "mean"},
         *({f"{key}_revision": "0123abc"} for key in ("prior", "decoder", "image_encoder", "text_encoder")),
         *({key: f"someone/{key}"} for key in ("prior", "decoder", "image_encoder", "text_encoder")),
     ]
