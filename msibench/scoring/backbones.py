@@ -129,7 +129,7 @@ class ImageEncoder:
         name: str,
         preprocess: Preprocess,
         device: str = "cpu",
-        batch_size: int = 32,
+        batch_size: int = 16,
         module: Any = None,
     ) -> None:
         self.forward = forward
@@ -204,7 +204,7 @@ def image_encoder_from_callable(
     name: str,
     preprocess: Preprocess = DINO_PREPROCESS,
     device: str = "cpu",
-    batch_size: int = 32,
+    batch_size: int = 16,
 ) -> ImageEncoder:
     """Wrap an injected backbone: ``fn`` takes a preprocessed batch (N, 3, S, S) and returns (N, D) features."""
     return ImageEncoder(fn, name=name, preprocess=preprocess, device=device, batch_size=batch_size)
@@ -270,7 +270,7 @@ def _random_identity(arch: str, seed: int) -> str:
 
 
 def load_dino(
-    spec: str | os.PathLike | None = None, *, device: str = "cpu", seed: int = 0, batch_size: int = 32
+    spec: str | os.PathLike | None = None, *, device: str = "cpu", seed: int = 0, batch_size: int = 16
 ) -> ImageEncoder:
     """DINO ViT-S/16 as an :class:`ImageEncoder` whose feature is the final (layer-normed) CLS token.
 
@@ -323,16 +323,24 @@ def _timm_encoder(module: Any, name: str, device: str, batch_size: int) -> Image
     module = _prepare_module(module, device)
     if getattr(module, "global_pool", "token") != "token":
         raise BackboneError(f"{name}: expected a ViT with CLS-token pooling, got global_pool={module.global_pool!r}")
-    return ImageEncoder(module, name=name, preprocess=DINO_PREPROCESS, device=device, batch_size=batch_size)
+    return ImageEncoder(
+        module, name=name, preprocess=DINO_PREPROCESS, device=device, batch_size=batch_size, module=module
+    )
 
 
 def _transformers_dino(ref: str, name: str, device: str, batch_size: int, fail) -> ImageEncoder:
     try:
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
+        config = AutoConfig.from_pretrained(ref)
+        # DINO-I is defined on DINO ViT-S/16; refuse other backbones (e.g. a DINOv2 folder) rather than report them
+        # under its name.
+        shape = (config.model_type, getattr(config, "patch_size", None), getattr(config, "hidden_size", None))
+        if shape != ("vit", 16, 384):
+            raise fail(f"model_type/patch_size/hidden_size {shape}, expected ('vit', 16, 384) for DINO ViT-S/16")
         # add_pooling_layer=False: the DINO checkpoints carry no pooler weights; DINO-I uses the CLS token.
         module = AutoModel.from_pretrained(ref, add_pooling_layer=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise fail(err) from err
     revision = getattr(module.config, "_commit_hash", None)
     if revision:
@@ -351,7 +359,7 @@ def _transformers_dino(ref: str, name: str, device: str, batch_size: int, fail) 
 
 
 def load_clip(
-    spec: str | os.PathLike | None = None, *, device: str = "cpu", seed: int = 0, batch_size: int = 32
+    spec: str | os.PathLike | None = None, *, device: str = "cpu", seed: int = 0, batch_size: int = 16
 ) -> ClipBackbone:
     """OpenAI CLIP ViT-B/32 (open_clip ``ViT-B-32`` with QuickGELU) as image and text encoders.
 

@@ -19,9 +19,10 @@ def _fail(err: Exception) -> click.ClickException:
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--detector",
-    default="yolo11x-seg.pt",
-    help="YOLO11 weights (file name looked up offline, path, or a model yaml for random weights); "
-    "or $MSIBENCH_YOLO_WEIGHTS (the file or its folder).",
+    default=None,
+    help="YOLO11 weights: a file name looked up offline (in $MSIBENCH_YOLO_WEIGHTS when it is a folder, "
+    "$MSIBENCH_CACHE/weights, ultralytics' weights_dir), a path, or a model yaml for random weights. "
+    "Default: $MSIBENCH_YOLO_WEIGHTS when it is a file, else yolo11x-seg.pt.",
 )
 @click.option(
     "--segmenter",

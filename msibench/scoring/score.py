@@ -40,7 +40,6 @@ from msibench.bench.manifest import Manifest, ManifestError, Task, default_manif
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import atomic_write_bytes
 from msibench.records import RECORDS_FILE, append_record, locked, read_records, record_key
-from msibench.scoring.backbones import DEFAULT_DETECTOR
 from msibench.scoring.identity import CLIP_B_MODES, CROP_MODES, MASK_GREY, FeatureCache, cosine, crop, grey_out
 from msibench.scoring.match import Match, match_targets
 from msibench.scoring.metrics import overlap_rect, yolo_l, yolo_subj, z_order_pairs
@@ -79,7 +78,8 @@ class ScoreConflictError(ScoreError):
 class ScorerConfig:
     """Everything the user chooses about scoring (backbone identities are added when they are loaded)."""
 
-    detector: str = DEFAULT_DETECTOR
+    # spec for backbones.load_yolo; None: $MSIBENCH_YOLO_WEIGHTS when it names a file, else yolo11x-seg.pt
+    detector: str | None = None
     segmenter: str | None = None  # masks for Z-Acc from another network; None: the detector's own masks
     conf: float = 0.25
     iou: float = 0.7
@@ -538,6 +538,7 @@ def score_run(
         _finish(run_path, scorer_hash)
         return summary
 
+    start = time.perf_counter()  # from here on: reference features (cached or computed) count as scoring time
     if any(m in IDENTITY_METRICS for m in scorer.config.metrics):
         tasks = list({task.id: task for _, task, _, _ in pending}.values())
         with locked(run_path / ".prepare.lock"):
@@ -560,7 +561,6 @@ def score_run(
     if uses_references:
         scorer.warm_references({sha: p for _, task, _, _ in pending for sha, p in references(task)})
 
-    start = time.perf_counter()
     bar = tqdm(total=len(pending), desc=f"score {run_path.name}", unit="img", disable=not progress, leave=False)
     try:
         size = max(1, scorer.config.batch_size)

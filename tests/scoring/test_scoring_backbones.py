@@ -134,3 +134,27 @@ def test_lazy_mask_decodes_prototypes_into_image_pixels():
     assert rows.min() == 16 and rows.max() == 31  # prototype rows 4..7 x 4
     half = masks(1)  # the same mask cropped to its box (left half)
     assert half[:, 32:].sum() == 0 and half[:, :32].sum() == full[:, :32].sum()
+
+
+def test_dino_refuses_a_backbone_that_is_not_vit_s16(dinov2_dir, no_downloads):
+    # the offline DINOv2 folder must never be reported as DINO-I
+    with pytest.raises(BackboneError, match=r"expected \('vit', 16, 384\)"):
+        load_dino(str(dinov2_dir))
+
+
+@pytest.mark.slow
+def test_clip_from_a_local_file_and_offline_default(tmp_path, no_downloads):
+    import open_clip
+
+    torch.manual_seed(5)
+    source = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
+    torch.save(source.state_dict(), tmp_path / "clip.bin")
+    clip = load_clip(str(tmp_path / "clip.bin"))
+    assert "sha256:" in clip.identity
+    image = Image.new("RGB", (120, 90), (10, 200, 30))
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(source.encode_image(CLIP_PREPROCESS([image])), dim=-1).numpy()
+    np.testing.assert_allclose(clip.image.encode([image]), expected, atol=1e-5)
+    with pytest.raises(BackboneError) as err:
+        load_clip()
+    assert "'openai'" in str(err.value) and "MSIBENCH_CLIP_WEIGHTS" in str(err.value)
