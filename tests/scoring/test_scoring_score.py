@@ -172,3 +172,25 @@ def test_z_acc_without_masks_is_refused(run_copy):
     boxes_only = CallableDetector(lambda images: [], name="boxes-only", has_masks=False)
     with pytest.raises(ScoreError, match="Z-Acc needs instance masks"):
         Scorer(ScorerConfig(metrics=("z_acc",)), detector=boxes_only).setup()
+
+
+def test_two_networks_boxes_from_detector_masks_from_segmenter(run_copy, coco_root):
+    boxes = oracle_detector(run_copy)
+    box_only = CallableDetector(
+        lambda images: [Detections.build(d.boxes, d.category_ids, image_size=d.image_size) for d in boxes.fn(images)],
+        name="boxes",
+        has_masks=False,
+    )
+    seg = oracle_detector(run_copy, invert=True)
+    seen = []
+    segmenter = CallableDetector(lambda images: seen.append(len(images)) or seg.fn(images), name="seg", has_masks=True)
+    scorer = Scorer(ScorerConfig(metrics=("yolo_subj", "yolo_l", "z_acc")), detector=box_only, segmenter=segmenter)
+    assert scorer.version()["segmenter"]["identity"] == "seg"
+    score_run(run_copy, scorer, coco_root=coco_root, progress=False)
+    _, records = load_scores(run_copy)
+    multi = [r for r in records if r["track"] == "multi"]
+    assert all(r["metrics"]["yolo_l"] == pytest.approx(1.0) for r in multi)  # boxes from the box detector
+    # masks from the (reversed-layer) segmenter: every evaluated pair wrong
+    assert all(r["metrics"]["z_correct"] == 0 for r in multi) and sum(r["metrics"]["z_pairs"] for r in multi) > 0
+    # the segmenter only ran on multi-subject images with overlapping subjects
+    assert sum(seen) == sum(1 for r in multi if r["metrics"]["z_pairs"] > 0)
