@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# Session- and module-scoped fixtures run before the per-test cache below: give them a private cache too, so a
+# test run never reads or writes the user's ~/.cache/msibench.
+os.environ["MSIBENCH_CACHE"] = tempfile.mkdtemp(prefix="msibench-test-cache-")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("MSIBENCH_SHARED_DIR", REPO_ROOT.parent / "shared"))
