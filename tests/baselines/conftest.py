@@ -110,3 +110,14 @@ class TinySD15:
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> TinySD15:
     """A saved tiny StableDiffusionPipeline folder (SD1.5 block pattern, 32 px), for ``-M base_model=<path>``."""
     return TinySD15(build_tiny_sd15_pipeline(tmp_path_factory.mktemp("tiny-sd15")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread hand-offs cost more than the maths (100x on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,17 +17,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_RESOLUTION = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than the maths on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _no_weights_env(monkeypatch):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)

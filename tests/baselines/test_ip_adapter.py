@@ -80,17 +80,6 @@ def tiny_options(tiny_sd15, tiny_adapter_dir) -> dict:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than the maths (100x on a busy 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _no_weights_env(monkeypatch):
     monkeypatch.delenv("MSIBENCH_IP_ADAPTER_WEIGHTS", raising=False)
