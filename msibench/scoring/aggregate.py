@@ -11,7 +11,11 @@
 - :func:`compare` pairs two runs task by task and gives the mean difference (B - A) with a paired bootstrap
   interval per metric.
 
-Only records with status ``ok`` carry values; failed and skipped images are counted.
+Failures: an image whose *generation* failed (the method raised, ran out of memory, wrote nothing) scores 0 on
+every metric its track reports and, for Z-Acc, counts all of its task's overlapping pairs as wrong, so a method
+that fails on the hard tasks cannot raise its mean by leaving them out. Skipped images (the method declares it
+cannot do the task, e.g. K above its ``max_subjects``) and images the *scorer* failed on (unreadable file, a
+scorer error: not the method's fault) carry no values and are only counted.
 """
 
 from __future__ import annotations
@@ -82,18 +86,55 @@ class Difference:
     ci_high: float | None
 
 
+def is_generation_failure(rec: dict[str, Any]) -> bool:
+    """True for the score record of an image whose generation failed (not one the scorer failed on)."""
+    if rec.get("status") != "failed":
+        return False
+    if "stage" in rec:
+        return rec["stage"] == "generation"
+    return str(rec.get("reason") or "").startswith("generation failed")  # records written before ``stage``
+
+
 def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(track, task_id) -> {"k": K, metric: mean over the task's ok samples, ...}; ratio parts are averaged too."""
+    """(track, task_id) -> {"k": K, metric: mean over the task's samples, ...}; ratio parts are averaged too.
+
+    Samples whose generation failed count 0 on every metric that the track's ok records carry (see the module
+    docstring); their Z-Acc pairs are the task's overlapping pairs, all wrong."""
+    records = list(records)
     sums: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     ks: dict[tuple[str, str], int] = {}
+    track_metrics: dict[str, set[str]] = defaultdict(set)
+    task_pairs: dict[tuple[str, str], float] = {}
     for rec in records:
         if rec.get("status") != "ok":
             continue
         key = (str(rec["track"]), str(rec["task_id"]))
         ks[key] = int(rec["k"])
         for metric, value in (rec.get("metrics") or {}).items():
+            track_metrics[key[0]].add(metric)
             if value is not None:
                 sums[key][metric].append(float(value))
+        if "z_pairs" in (rec.get("metrics") or {}):
+            # overlapping target pairs depend on the task only, so any scored sample gives them
+            task_pairs[key] = float(rec["metrics"]["z_pairs"])
+    for rec in records:
+        if not is_generation_failure(rec):
+            continue
+        key = (str(rec["track"]), str(rec["task_id"]))
+        ks[key] = int(rec["k"])
+        pairs = task_pairs.get(key, rec.get("overlap_pairs"))
+        for metric in track_metrics[key[0]]:
+            if metric == "z_pairs":
+                if pairs is not None:
+                    sums[key][metric].append(float(pairs))
+            elif metric == "z_correct":
+                if pairs is not None:
+                    sums[key][metric].append(0.0)
+            elif metric == "z_acc":
+                if pairs:
+                    sums[key][metric].append(0.0)
+            else:
+                sums[key][metric].append(0.0)
     out = {}
     for key, k in ks.items():
         row: dict[str, Any] = {"k": k}

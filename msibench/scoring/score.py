@@ -609,7 +609,7 @@ def _score_isolating_failures(scorer: Scorer, items: list[ScoreItem], scorer_has
             summary.failed += 1
             summary.failures.append(f"{item.task.id}#{item.record.get('sample_index')}: {err}")
             rec = _base_record(item, scorer_hash)
-            rec.update(status="failed", reason=f"scoring: {type(err).__name__}: {err}", metrics={})
+            rec.update(status="failed", reason=f"scoring: {type(err).__name__}: {err}", metrics={}, stage="scoring")
             yield rec
             return
         logger.warning("scoring a batch of %d failed (%s); retrying one by one", len(items), err)
@@ -640,12 +640,27 @@ def _not_generated(gen: dict[str, Any], task: Task, scorer_hash: str) -> dict[st
         "scorer": scorer_hash,
         "metrics": {},
         "reason": f"generation {gen.get('status')}: {gen.get('reason')}",
+        # aggregate counts a failed generation as 0 (and its task's overlapping pairs as wrong), not a gap
+        "stage": "generation",
+        "overlap_pairs": _overlap_pairs(task) if task.track == "multi" else None,
     }
+
+
+def _overlap_pairs(task: Task) -> int:
+    """Pairs of subjects whose target boxes overlap with positive area (the Z-Acc pairs of a missing image)."""
+    subs = task.subjects
+    return sum(
+        1
+        for i in range(len(subs))
+        for j in range(i + 1, len(subs))
+        if min(subs[i].box[2], subs[j].box[2]) > max(subs[i].box[0], subs[j].box[0])
+        and min(subs[i].box[3], subs[j].box[3]) > max(subs[i].box[1], subs[j].box[1])
+    )
 
 
 def _fail(scores_path, gen, task, scorer_hash, sha, reason: str, summary: ScoreSummary) -> None:
     rec = _not_generated(gen, task, scorer_hash)
-    rec.update(status="failed", image=gen.get("image"), image_sha256=sha, reason=reason)
+    rec.update(status="failed", image=gen.get("image"), image_sha256=sha, reason=reason, stage="scoring")
     append_record(scores_path, rec)
     summary.failed += 1
     summary.failures.append(f"{task.id}#{gen['sample_index']}: {reason}")

@@ -168,3 +168,26 @@ def test_cli_table_plot_compare_write_files(tmp_path):
     assert res.exit_code != 0 and "different scorer versions" in res.output
     res = runner.invoke(main, ["table", str(tmp_path / "missing")])
     assert res.exit_code != 0 and "score the run first" in res.output
+
+
+def test_failed_generation_counts_zero_but_a_scoring_failure_is_left_out():
+    ok = [
+        rec("m0", "multi", 2, 0, yolo_subj=1.0, yolo_l=0.8, dino_i=0.6, clip_b=0.2, z_correct=1, z_pairs=1),
+        rec("m1", "multi", 2, 0, yolo_subj=1.0, yolo_l=0.6, dino_i=0.8, clip_b=0.4, z_correct=2, z_pairs=2),
+    ]
+    gen_failed = {**rec("m2", "multi", 2, 0, status="failed"), "stage": "generation", "overlap_pairs": 1}
+    # an old record without ``stage`` is recognized by its reason; its task's pairs come from a scored sample
+    old_gen_failed = {**rec("m1", "multi", 2, 1, status="failed"), "reason": "generation failed: CUDA OOM"}
+    score_failed = {**rec("m3", "multi", 2, 0, status="failed"), "stage": "scoring"}
+    multi = find_group(aggregate([*ok, gen_failed, old_gen_failed, score_failed]), "multi", None)
+    # m1 = mean(0.8, 0) = 0.4; m2 = 0; m3 left out: (0.6 + 0.4 + 0) / 3
+    assert multi.metrics["dino_i"].mean == pytest.approx(1.0 / 3)
+    assert multi.metrics["dino_i"].n == 3
+    assert multi.metrics["yolo_subj"].mean == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    # pairs: m0 1/1, m1 (2+0)/2 correct over (2+2)/2 pairs, m2 0/1 -> (1 + 1 + 0) / (1 + 2 + 1)
+    assert multi.metrics["z_acc"].mean == pytest.approx(0.5)
+    assert (multi.n_tasks, multi.n_images, multi.n_failed) == (3, 2, 3)
+    # the paired comparison sees the failure too: B failed m0 where A scored it
+    b = [{**rec("m0", "multi", 2, 0, status="failed"), "stage": "generation", "overlap_pairs": 1}, ok[1]]
+    diff = {d.metric: d for d in compare(ok, b)}
+    assert diff["dino_i"].n == 2 and diff["dino_i"].diff == pytest.approx(-0.3)

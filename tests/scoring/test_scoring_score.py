@@ -164,6 +164,11 @@ def test_generation_failures_are_carried_not_scored(run_copy, coco_root):
     _, records = load_scores(run_copy)
     failed = [r for r in records if r["status"] == "failed"]
     assert len(failed) == 1 and "generation failed: CUDA out of memory" in failed[0]["reason"]
+    assert failed[0]["stage"] == "generation"
+    # the failed image counts 0, it is not left out of its task's mean
+    header, _ = load_scores(run_copy)
+    groups = {(g["track"], g["k"]): g for g in header["summary"]}
+    assert groups[(failed[0]["track"], None)]["n_failed"] == 1
 
 
 def test_z_acc_without_masks_is_refused(run_copy):
