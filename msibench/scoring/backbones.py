@@ -240,6 +240,23 @@ def file_sha256(path: str | Path) -> str:
     return _SHA_CACHE[key]
 
 
+# Files of a transformers model folder that change its features (weights and config); READMEs etc. do not.
+_FOLDER_CONTENT = ("*.safetensors", "*.bin", "*.json")
+
+
+def folder_sha256(path: str | Path) -> str:
+    """One sha256 over the names and contents of a model folder's weight and config files: the folder's identity
+    (its content, not its location, so the same weights give the same scorer hash and cache key anywhere)."""
+    root = Path(path)
+    files = sorted({f for pattern in _FOLDER_CONTENT for f in root.glob(pattern) if f.is_file()})
+    if not files:
+        raise FileNotFoundError(f"{root}: no weight or config files ({', '.join(_FOLDER_CONTENT)})")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
 def _looks_like_path(spec: str) -> bool:
     """A spec meant as a file system path (as opposed to a hub id such as ``facebook/dino-vits16``)."""
     return spec.startswith(("/", "./", "../", "~")) or (os.sep in spec and Path(spec).suffix != "")
@@ -301,7 +318,11 @@ def load_dino(
             raise fail(err) from err
         return _timm_encoder(module, f"timm:{arch}", device, batch_size)
     if path.is_dir():
-        return _transformers_dino(str(path), f"hf-dir:{path.resolve()}", device, batch_size, fail)
+        try:
+            digest = folder_sha256(path)
+        except OSError as err:
+            raise fail(err) from err
+        return _transformers_dino(str(path), f"hf-dir:sha256:{digest}", device, batch_size, fail)
     if path.is_file():
         try:
             module = _timm_create(DINO_TIMM_ARCH, pretrained=True, pretrained_cfg_overlay={"file": str(path)})

@@ -158,3 +158,22 @@ def test_clip_from_a_local_file_and_offline_default(tmp_path, no_downloads):
     with pytest.raises(BackboneError) as err:
         load_clip()
     assert "'openai'" in str(err.value) and "MSIBENCH_CLIP_WEIGHTS" in str(err.value)
+
+
+def test_dino_folder_identity_is_its_content_not_its_location(tmp_path, no_downloads):
+    # a tiny ViT with DINO ViT-S/16's shape (patch 16, width 384), saved twice at two paths, then changed
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=384, num_hidden_layers=1, num_attention_heads=6, intermediate_size=32, image_size=32, patch_size=16
+    )
+    torch.manual_seed(0)
+    model = ViTModel(config, add_pooling_layer=False)
+    for name in ("a", "b"):
+        model.save_pretrained(tmp_path / name)
+    a, b = load_dino(str(tmp_path / "a")), load_dino(str(tmp_path / "b"))
+    assert a.identity == b.identity and str(tmp_path) not in a.identity
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "b")
+    assert load_dino(str(tmp_path / "b")).identity != a.identity
