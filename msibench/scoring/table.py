@@ -216,6 +216,13 @@ def _notes(runs: Sequence[RunResult], paper: dict[str, Any] | None) -> list[str]
     if len(hashes) > 1:
         notes.append(f"Warning: runs were scored by different scorer versions: {', '.join(sorted(map(str, hashes)))}.")
     for run in runs:
+        for track in ("single", "multi"):
+            counts = find_group(run.summary, track, None)
+            if counts is not None and (counts.n_failed or counts.n_skipped):
+                notes.append(
+                    f"{run.label} ({track}): {counts.n_failed} failed images (a failed generation counts 0, a "
+                    f"scoring failure is left out), {counts.n_skipped} skipped (left out)."
+                )
         group = find_group(run.summary, "multi", None)
         if group is not None and "z_acc" in group.metrics:
             notes.append(

@@ -118,6 +118,7 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
     md = render_table(results, "md", paper=load_paper_table())
     assert "| Paste (oracle) | 0.600 |" in md  # single DINO-I from the per-task means
     assert "(0.61)" in md and "(0.94)" in md  # MS-CustomNet's reported multi-subject DINO-I / YOLO-L
+    assert "Paste (oracle) (single): 1 failed images" in md and "(multi): 0 failed images" in md  # s2, m3
     tex = render_table(results, "tex")
     assert r"\multicolumn{3}{c}{Single-subject}" in tex and "0.600" in tex
 
