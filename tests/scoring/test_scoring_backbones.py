@@ -136,6 +136,18 @@ def test_lazy_mask_decodes_prototypes_into_image_pixels():
     assert half[:, 32:].sum() == 0 and half[:, :32].sum() == full[:, :32].sum()
 
 
+def test_lazy_mask_undoes_the_letterbox_of_a_non_square_image():
+    # a 200 x 100 image in a 64-px input: content 64 x 32, 16 grey rows above and below (4 prototype rows each);
+    # the prototype is positive on prototype rows 4..7 = input rows 16..31 = the image's top half (rows 0..49)
+    protos = -torch.ones(1, 16, 16)
+    protos[0, 4:8, :] = 1.0
+    _, geom = letterbox(Image.new("RGB", (200, 100)), 64)
+    masks = _LazyMasks(protos, torch.ones(1, 1), np.array([[0.0, 0.0, 200.0, 100.0]]), geom)
+    mask = masks(0)
+    assert mask.shape == (100, 200)
+    assert mask[:50].all() and not mask[50:].any()
+
+
 def test_dino_refuses_a_backbone_that_is_not_vit_s16(dinov2_dir, no_downloads):
     # the offline DINOv2 folder must never be reported as DINO-I
     with pytest.raises(BackboneError, match=r"expected \('vit', 16, 384\)"):
