@@ -233,18 +233,8 @@ def _bootstrap(data: tuple[np.ndarray, ...], statistic, confidence, n_resamples,
         return point, point
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BCa warns on near-degenerate samples; we fall back below
-        res = stats.bootstrap(
-            data,
-            statistic,
-            paired=len(data) > 1,
-            vectorized=True,
-            confidence_level=confidence,
-            n_resamples=n_resamples,
-            method="BCa",
-            random_state=np.random.default_rng(seed),
-        )
-        lo, hi = res.confidence_interval
-        if not (np.isfinite(lo) and np.isfinite(hi)):
+        # BCa first; a near-degenerate sample can leave it without finite ends, then the percentile interval.
+        for method in ("BCa", "percentile"):
             res = stats.bootstrap(
                 data,
                 statistic,
@@ -252,10 +242,12 @@ def _bootstrap(data: tuple[np.ndarray, ...], statistic, confidence, n_resamples,
                 vectorized=True,
                 confidence_level=confidence,
                 n_resamples=n_resamples,
-                method="percentile",
+                method=method,
                 random_state=np.random.default_rng(seed),
             )
             lo, hi = res.confidence_interval
+            if np.isfinite(lo) and np.isfinite(hi):
+                break
     return float(lo), float(hi)
 
 
