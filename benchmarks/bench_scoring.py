@@ -172,7 +172,9 @@ def main() -> None:
     from msibench.runner import run_method
     from msibench.scoring.backbones import load_clip, load_dino, load_yolo
     from msibench.scoring.detect import YoloDetector
-    from msibench.scoring.score import Scorer, ScorerConfig, load_scores, score_run
+    from msibench.scoring.score import score_run
+    from msibench.scoring.scorer import Scorer, ScorerConfig
+    from msibench.scoring.store import load_scores
 
     torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, device {args.device}, workdir {workdir}")

@@ -89,7 +89,8 @@ def score_command(
     from msibench.bench.prepare import PrepareError
     from msibench.runner import default_device
     from msibench.scoring.backbones import BackboneError
-    from msibench.scoring.score import ScoreError, Scorer, ScorerConfig, score_run
+    from msibench.scoring.score import score_run
+    from msibench.scoring.scorer import ScoreError, Scorer, ScorerConfig
 
     if threads:
         import torch
@@ -141,7 +142,7 @@ def score_command(
 
 
 def _load_runs(specs):
-    from msibench.scoring.score import ScoreError
+    from msibench.scoring.scorer import ScoreError
     from msibench.scoring.table import load_run
 
     try:
@@ -217,7 +218,8 @@ def plot_by_k_command(runs, metrics, out) -> None:
 def compare_command(run_a, run_b, allow_mixed_scorers) -> None:
     """Paired differences B - A per metric, with paired 95% bootstrap CIs over shared tasks."""
     from msibench.scoring.aggregate import METRICS, compare
-    from msibench.scoring.score import ScoreError, load_scores
+    from msibench.scoring.scorer import ScoreError
+    from msibench.scoring.store import load_scores
     from msibench.scoring.table import parse_run_spec
 
     try:

@@ -81,7 +81,7 @@ def parse_run_spec(spec: str) -> tuple[str | None, Path]:
 
 def load_run(spec: str | Path, label: str | None = None) -> RunResult:
     """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated."""
-    from msibench.scoring.score import load_scores
+    from msibench.scoring.store import load_scores
 
     spec_label, path = parse_run_spec(str(spec))
     header, records = load_scores(path)

@@ -18,7 +18,9 @@ from msibench.bench.manifest import load_manifest
 from msibench.bench.prepare import reference_paths
 from msibench.scoring.backbones import image_encoder_from_callable
 from msibench.scoring.identity import FeatureCache, cosine, crop, reference_features
-from msibench.scoring.score import Scorer, ScorerConfig, load_scores, score_run
+from msibench.scoring.score import score_run
+from msibench.scoring.scorer import Scorer, ScorerConfig
+from msibench.scoring.store import load_scores
 
 
 @pytest.fixture(scope="module")

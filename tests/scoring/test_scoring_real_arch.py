@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from msibench.scoring.score import Scorer, ScorerConfig, load_scores, score_run
+from msibench.scoring.score import score_run
+from msibench.scoring.scorer import Scorer, ScorerConfig
+from msibench.scoring.store import load_scores
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from scoring_helpers import image_key, stats_encoder
 from msibench.bench.manifest import load_manifest
 from msibench.records import read_records
 from msibench.scoring.detect import CallableDetector, Detections
-from msibench.scoring.score import ScoreConflictError, Scorer, ScorerConfig, load_scores, score_run
+from msibench.scoring.score import score_run
+from msibench.scoring.scorer import ScoreConflictError, Scorer, ScorerConfig
+from msibench.scoring.store import load_scores
 
 
 def layered_masks(task, size, invert=False):
@@ -172,7 +174,7 @@ def test_generation_failures_are_carried_not_scored(run_copy, coco_root):
 
 
 def test_z_acc_without_masks_is_refused(run_copy):
-    from msibench.scoring.score import ScoreError
+    from msibench.scoring.scorer import ScoreError
 
     boxes_only = CallableDetector(lambda images: [], name="boxes-only", has_masks=False)
     with pytest.raises(ScoreError, match="Z-Acc needs instance masks"):

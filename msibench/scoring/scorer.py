@@ -1,0 +1,448 @@
+"""The scorer: turns generated images of MSIBench tasks into per-image score records (the metric).
+
+It knows nothing about run folders or files; :mod:`msibench.scoring.score` drives it over a run and
+:mod:`msibench.scoring.store` keeps ``scores.jsonl`` / ``scores.json``.
+
+- The scorer version is everything that changes a score: the detector weights (file name + sha256), confidence,
+  NMS IoU, image size, max detections, letterbox version, the identity backbones with their preprocessing, the
+  crop mode, the CLIP-B mode and the metric code version. Its short hash tags every score record.
+
+Speed: one batched pass of the segmentation detector serves detection, matching and masks (YOLO11x-seg carries a
+full COCO-80 detection head, and the detector costs far more than everything else), crops of a whole batch go
+through each identity backbone in one call, reference features come from the on-disk cache, and the background
+texts are encoded once per run. ``--detector yolo11x.pt --segmenter yolo11x-seg.pt`` gives the two-network
+variant (boxes from the box model, masks from the segmenter, which then runs only on images with overlaps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from msibench.bench.manifest import Task
+from msibench.scoring.identity import CLIP_B_MODES, CROP_MODES, MASK_GREY, FeatureCache, cosine, crop, grey_out
+from msibench.scoring.match import Match, match_targets
+from msibench.scoring.metrics import overlap_rect, yolo_l, yolo_subj, z_order_pairs
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from msibench.scoring.backbones import ClipBackbone, ImageEncoder
+    from msibench.scoring.detect import Detections, Detector
+
+logger = logging.getLogger(__name__)
+
+# Bump when a metric's definition or the record layout changes.
+SCORER_CODE_VERSION = "1"
+
+METRIC_GROUPS = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b")
+DETECTOR_METRICS = ("yolo_subj", "yolo_l", "z_acc")
+IDENTITY_METRICS = ("dino_i", "clip_i")
+# The single-subject track reports identity and background only (as in the paper's Table I).
+TRACK_METRICS = {"single": ("dino_i", "clip_i", "clip_b"), "multi": METRIC_GROUPS}
+
+
+class ScoreError(RuntimeError):
+    """A run cannot be scored; the message names the file and what to do."""
+
+
+class ScoreConflictError(ScoreError):
+    """The run folder holds scores of another scorer version."""
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Everything the user chooses about scoring (backbone identities are added when they are loaded)."""
+
+    # spec for backbones.load_yolo; None: $MSIBENCH_YOLO_WEIGHTS when it names a file, else yolo11x-seg.pt
+    detector: str | None = None
+    segmenter: str | None = None  # masks for Z-Acc from another network; None: the detector's own masks
+    conf: float = 0.25
+    iou: float = 0.7
+    imgsz: int = 640
+    max_det: int = 300
+    dino: str | None = None  # spec for backbones.load_dino; None: $MSIBENCH_DINO_WEIGHTS or facebook/dino-vits16
+    clip: str | None = None  # spec for backbones.load_clip; None: $MSIBENCH_CLIP_WEIGHTS or openai
+    identity_crop: str = "matched"
+    clip_b_mode: str = "full"
+    metrics: tuple[str, ...] = METRIC_GROUPS
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.identity_crop not in CROP_MODES:
+            raise ValueError(f"identity_crop must be one of {CROP_MODES}, got {self.identity_crop!r}")
+        if self.clip_b_mode not in CLIP_B_MODES:
+            raise ValueError(f"clip_b_mode must be one of {CLIP_B_MODES}, got {self.clip_b_mode!r}")
+        unknown = [m for m in self.metrics if m not in METRIC_GROUPS]
+        if unknown or not self.metrics:
+            raise ValueError(f"metrics must be a non-empty subset of {METRIC_GROUPS}, got {list(self.metrics)}")
+        object.__setattr__(self, "metrics", tuple(m for m in METRIC_GROUPS if m in self.metrics))
+
+    @property
+    def needs_detector(self) -> bool:
+        return any(m in self.metrics for m in DETECTOR_METRICS) or (
+            self.identity_crop == "matched" and any(m in self.metrics for m in IDENTITY_METRICS)
+        )
+
+
+@dataclass
+class ScoreItem:
+    """One generated image to score, with its task and the checksums of its subjects' references."""
+
+    task: Task
+    record: dict[str, Any]
+    image: Image.Image
+    image_sha256: str
+    references: list[tuple[str, Path]]  # (sha256, path) per subject, in subject order
+
+
+class Scorer:
+    """Stateless per image: turns a batch of :class:`ScoreItem` into score records.
+
+    Backbones come from ``config`` specs through :mod:`msibench.scoring.backbones`, unless injected: a
+    ``detector``/``segmenter`` (see :class:`~msibench.scoring.detect.Detector`), a ``dino``
+    :class:`~msibench.scoring.backbones.ImageEncoder` and a ``clip``
+    :class:`~msibench.scoring.backbones.ClipBackbone`.
+    """
+
+    def __init__(
+        self,
+        config: ScorerConfig | None = None,
+        *,
+        detector: Detector | None = None,
+        segmenter: Detector | None = None,
+        dino: ImageEncoder | None = None,
+        clip: ClipBackbone | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        feature_cache: FeatureCache | None | bool = True,
+    ) -> None:
+        self.config = config or ScorerConfig()
+        self.device = device
+        self.seed = seed
+        self.detector = detector
+        self.segmenter = segmenter
+        self.dino = dino
+        self.clip = clip
+        if feature_cache is True:
+            feature_cache = FeatureCache()
+        self.feature_cache: FeatureCache | None = feature_cache or None
+        self._ready = False
+        self._ref_feats: dict[str, dict[str, np.ndarray]] = {}
+        self._text_feats: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Load every backbone the configured metrics need and that was not injected."""
+        if self._ready:
+            return
+        from msibench.scoring import backbones
+        from msibench.scoring.detect import YoloDetector
+
+        cfg = self.config
+
+        def yolo(spec: str) -> YoloDetector:
+            model = backbones.load_yolo(spec, device=self.device, seed=self.seed)
+            return YoloDetector(
+                model, conf=cfg.conf, iou=cfg.iou, imgsz=cfg.imgsz, max_det=cfg.max_det, batch_size=cfg.batch_size
+            )
+
+        if cfg.needs_detector and self.detector is None:
+            self.detector = yolo(cfg.detector)
+        if "z_acc" in cfg.metrics and self.segmenter is None and cfg.segmenter:
+            self.segmenter = yolo(cfg.segmenter)
+        if "z_acc" in cfg.metrics and not self._mask_source_has_masks():
+            raise ScoreError(
+                f"Z-Acc needs instance masks but detector {self.detector.identity} has none: use a -seg detector "
+                "(--detector yolo11x-seg.pt), add --segmenter yolo11x-seg.pt, or leave z_acc out of --metrics"
+            )
+        if "dino_i" in cfg.metrics and self.dino is None:
+            self.dino = backbones.load_dino(cfg.dino, device=self.device, seed=self.seed)
+        if ("clip_i" in cfg.metrics or "clip_b" in cfg.metrics) and self.clip is None:
+            self.clip = backbones.load_clip(cfg.clip, device=self.device, seed=self.seed)
+        self._ready = True
+
+    def _mask_source(self) -> Detector | None:
+        return self.segmenter if self.segmenter is not None else self.detector
+
+    def _mask_source_has_masks(self) -> bool:
+        source = self._mask_source()
+        return source is not None and bool(source.has_masks)
+
+    def version(self) -> dict[str, Any]:
+        """Everything that changes a score (see the module docstring)."""
+        self.setup()
+        cfg = self.config
+        metrics = list(cfg.metrics)
+        out: dict[str, Any] = {
+            "code": SCORER_CODE_VERSION,
+            "metrics": metrics,
+            "detector": self.detector.config() if self.detector is not None else None,
+            "segmenter": (
+                (self.segmenter.config() if self.segmenter is not None else "detector") if "z_acc" in metrics else None
+            ),
+            "matching": "per category, Hungarian (scipy linear_sum_assignment) on IoU; IoU 0 = unmatched",
+            "dino": self.dino.identity if self.dino is not None else None,
+            "clip": self.clip.identity if self.clip is not None else None,
+            "identity_crop": cfg.identity_crop if any(m in metrics for m in IDENTITY_METRICS) else None,
+            "clip_b_mode": cfg.clip_b_mode if "clip_b" in metrics else None,
+        }
+        if out["clip_b_mode"] == "masked":
+            out["clip_b_mask_grey"] = list(MASK_GREY)
+        return out
+
+    def version_hash(self) -> str:
+        blob = json.dumps(self.version(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    # ------------------------------------------------------------------------------------- references
+
+    def warm_references(self, references: dict[str, Path]) -> None:
+        """Make reference features of ``references`` (sha256 -> path) available, from the cache or in batches."""
+        from msibench.scoring.identity import reference_features
+
+        for encoder in self._identity_encoders():
+            have = self._ref_feats.setdefault(encoder.identity, {})
+            missing = {sha: path for sha, path in references.items() if sha not in have}
+            if missing:
+                have.update(reference_features(encoder, _LazyImages(missing), self.feature_cache))
+
+    def _identity_encoders(self) -> list[ImageEncoder]:
+        out = []
+        if "dino_i" in self.config.metrics and self.dino is not None:
+            out.append(self.dino)
+        if "clip_i" in self.config.metrics and self.clip is not None:
+            out.append(self.clip.image)
+        return out
+
+    def _texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        missing = sorted({t for t in texts if t not in self._text_feats})
+        if missing:
+            for text, feat in zip(missing, self.clip.text.encode(missing), strict=True):
+                self._text_feats[text] = feat
+        return self._text_feats
+
+    # ---------------------------------------------------------------------------------------- scoring
+
+    def score_batch(self, items: list[ScoreItem], scorer_hash: str | None = None) -> list[dict[str, Any]]:
+        """Score records for ``items`` (same order)."""
+        self.setup()
+        cfg = self.config
+        scorer_hash = scorer_hash or self.version_hash()
+        start = time.perf_counter()
+        metrics = cfg.metrics
+        track_metrics = [[m for m in TRACK_METRICS[it.task.track] if m in metrics] for it in items]
+        needs_boxes = [
+            any(m in DETECTOR_METRICS for m in tm)
+            or (cfg.identity_crop == "matched" and any(m in IDENTITY_METRICS for m in tm))
+            for tm in track_metrics
+        ]
+        dets: list[Detections | None] = [None] * len(items)
+        box_idx = [i for i, need in enumerate(needs_boxes) if need]
+        if box_idx:
+            for i, det in zip(box_idx, self.detector([items[i].image for i in box_idx]), strict=True):
+                dets[i] = det
+        matches: list[list[Match] | None] = [
+            match_targets([s.box for s in it.task.subjects], [s.category_id for s in it.task.subjects], det)
+            if det is not None
+            else None
+            for it, det in zip(items, dets, strict=True)
+        ]
+        mask_dets, mask_matches = self._mask_detections(items, track_metrics, dets, matches)
+
+        crops_per_item = [self._crops(it, m, d) for it, m, d in zip(items, matches, dets, strict=True)]
+        flat_crops = [c for crops in crops_per_item for c, _ in crops]
+        dino_feats = self.dino.encode(flat_crops) if "dino_i" in metrics and flat_crops else None
+        clip_b_images = []
+        if "clip_b" in metrics:
+            for it in items:
+                image = it.image.convert("RGB")
+                if cfg.clip_b_mode == "masked":
+                    image = grey_out(image, [s.box for s in it.task.subjects])
+                clip_b_images.append(image)
+        clip_inputs = (flat_crops if "clip_i" in metrics else []) + clip_b_images
+        clip_feats = self.clip.image.encode(clip_inputs) if clip_inputs else None
+        texts = self._texts([it.task.background for it in items]) if "clip_b" in metrics else {}
+        if any(m in IDENTITY_METRICS for m in metrics):
+            self.warm_references({sha: path for it in items for sha, path in it.references})
+
+        records = []
+        offset = 0
+        n_crops = len(flat_crops)
+        for i, it in enumerate(items):
+            crops = crops_per_item[i]
+            rec = base_record(it, scorer_hash)
+            values: dict[str, Any] = {}
+            subjects = []
+            reasons = []
+            for j, subject in enumerate(it.task.subjects):
+                entry: dict[str, Any] = {
+                    "category": subject.category,
+                    "category_id": subject.category_id,
+                    "z": subject.z,
+                    "box": [round(v, 6) for v in subject.box],
+                }
+                if matches[i] is not None:
+                    m = matches[i][j]
+                    entry["matched"] = m.matched
+                    entry["iou"] = round(m.iou, 6)
+                    entry["detection"] = (
+                        {
+                            "box": [round(float(v), 6) for v in dets[i].boxes[m.detection]],
+                            "score": round(float(dets[i].scores[m.detection]), 6),
+                        }
+                        if m.matched
+                        else None
+                    )
+                if crops:
+                    entry["crop"] = crops[j][1]
+                    entry["reference"] = it.references[j][0][:16]
+                subjects.append(entry)
+            tm = track_metrics[i]
+            if "yolo_subj" in tm:
+                expected = Counter(s.category_id for s in it.task.subjects)
+                res = yolo_subj(expected, dets[i].counts())
+                values["yolo_subj"] = res.value
+                values["yolo_subj_exact"] = 1.0 if res.exact else 0.0
+                rec["counts"] = {name: [res.expected[name], res.detected[name]] for name in res.expected}
+                reasons.append(res.reason)
+            if "yolo_l" in tm:
+                lay = yolo_l(matches[i], [s.category_id for s in it.task.subjects])
+                values["yolo_l"] = lay.value
+                values["yolo_l50"] = lay.at50
+                rec["layout_reason"] = lay.reason
+            if "z_acc" in tm:
+                pairs = self._z_pairs(it, mask_dets[i], mask_matches[i])
+                correct = sum(p.correct for p in pairs)
+                values["z_correct"] = correct
+                values["z_pairs"] = len(pairs)
+                values["z_acc"] = correct / len(pairs) if pairs else None
+                rec["pairs"] = [asdict(p) for p in pairs]
+                if not pairs:
+                    reasons.append("no overlapping subjects: Z-Acc not evaluated")
+                else:
+                    reasons.append(f"z-order {correct}/{len(pairs)} pairs correct")
+            # Crops of the whole batch are laid out item after item, in both feature arrays.
+            for metric, feats in (("dino_i", dino_feats), ("clip_i", clip_feats)):
+                if metric not in tm or feats is None:
+                    continue
+                ref_feats = self._ref_feats[(self.dino if metric == "dino_i" else self.clip.image).identity]
+                per_subject = []
+                for j in range(len(crops)):
+                    value = cosine(feats[offset + j], ref_feats[it.references[j][0]])
+                    subjects[j][metric] = value
+                    per_subject.append(value)
+                values[metric] = float(np.mean(per_subject))
+            if "clip_b" in tm:
+                image_feat = clip_feats[(n_crops if "clip_i" in metrics else 0) + i]
+                values["clip_b"] = cosine(image_feat, texts[it.task.background])
+            if crops and it.task.track == "single" and matches[i] is not None:
+                s, m = subjects[0], matches[i][0]
+                found = f"matched (IoU {m.iou:.2f})" if m.matched else "not detected"
+                reasons.append(f"{s['category']} {found}; crop from {s['crop']}")
+            offset += len(crops)
+            rec["metrics"] = values
+            rec["subjects"] = subjects
+            rec["reason"] = "; ".join(reasons) if reasons else None
+            records.append(rec)
+        seconds = (time.perf_counter() - start) / max(1, len(items))
+        for rec in records:
+            rec["seconds"] = round(seconds, 4)
+        return records
+
+    def _mask_detections(self, items, track_metrics, dets, matches):
+        """Detections (and matches) whose masks judge Z-Acc: the detector's own, or the segmenter's, which then
+        runs only on images with at least one overlapping pair."""
+        n = len(items)
+        if "z_acc" not in self.config.metrics:
+            return [None] * n, [None] * n
+        if self.segmenter is None:
+            return dets, matches
+        mask_dets: list[Detections | None] = [None] * n
+        mask_matches: list[list[Match] | None] = [None] * n
+        need = [
+            i for i, it in enumerate(items) if "z_acc" in track_metrics[i] and _has_overlap(it.task, it.image.size)
+        ]
+        if need:
+            for i, det in zip(need, self.segmenter([items[i].image for i in need]), strict=True):
+                mask_dets[i] = det
+                subs = items[i].task.subjects
+                mask_matches[i] = match_targets([s.box for s in subs], [s.category_id for s in subs], det)
+        return mask_dets, mask_matches
+
+    def _z_pairs(self, item: ScoreItem, det: Detections | None, matches: list[Match] | None):
+        subs = item.task.subjects
+        masks: list[np.ndarray | None] = []
+        for j in range(len(subs)):
+            m = matches[j] if matches is not None else None
+            masks.append(det.mask(m.detection) if det is not None and m is not None and m.matched else None)
+        return z_order_pairs(
+            [s.box for s in subs], [s.z for s in subs], [s.category_id for s in subs], masks, item.image.size
+        )
+
+    def _crops(
+        self, item: ScoreItem, matches: list[Match] | None, det: Detections | None
+    ) -> list[tuple[Image.Image, str]]:
+        """(crop, where it came from) per subject, or [] when no identity metric applies."""
+        if not any(m in self.config.metrics for m in IDENTITY_METRICS):
+            return []
+        mode = self.config.identity_crop
+        out = []
+        for j, subject in enumerate(item.task.subjects):
+            if mode == "full":
+                out.append((crop(item.image, None), "full"))
+            elif mode == "matched" and matches is not None and det is not None and matches[j].matched:
+                out.append((crop(item.image, det.boxes[matches[j].detection]), "matched"))
+            else:
+                out.append((crop(item.image, subject.box), "target"))
+        return out
+
+
+class _LazyImages(dict):
+    """sha256 -> reference image, opened only when a feature must be computed."""
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        super().__init__(paths)
+
+    def items(self):
+        from PIL import Image
+
+        for sha, path in super().items():
+            with Image.open(path) as im:
+                im.load()
+                yield sha, im.convert("RGB")
+
+
+def _has_overlap(task: Task, size: tuple[int, int]) -> bool:
+    subs = task.subjects
+    return any(
+        overlap_rect(subs[i].box, subs[j].box, size) is not None
+        for i in range(len(subs))
+        for j in range(i + 1, len(subs))
+    )
+
+
+def base_record(item: ScoreItem, scorer_hash: str) -> dict[str, Any]:
+    gen = item.record
+    return {
+        "task_id": item.task.id,
+        "sample_index": int(gen["sample_index"]),
+        "track": item.task.track,
+        "k": item.task.k,
+        "seed": gen.get("seed"),
+        "method": gen.get("method"),
+        "fingerprint": gen.get("fingerprint"),
+        "image": gen.get("image"),
+        "image_sha256": item.image_sha256,
+        "status": "ok",
+        "scorer": scorer_hash,
+    }
