@@ -47,7 +47,7 @@ DINO_TIMM_ARCH = "vit_small_patch16_224.dino"
 # OpenAI CLIP ViT-B/32 through open_clip; the OpenAI weights were trained with QuickGELU.
 CLIP_ARCH = "ViT-B-32"
 DEFAULT_CLIP = "openai"
-# One YOLO11x-seg pass gives boxes, classes and masks (see score.py for why detection uses the -seg model).
+# One YOLO11x-seg pass gives boxes, classes and masks (see scorer.py for why detection uses the -seg model).
 DEFAULT_DETECTOR = "yolo11x-seg.pt"
 YOLO_ASSETS_URL = "https://github.com/ultralytics/assets/releases"
 
