@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from baselines.sd15 import BASE_MODEL_ID, BASE_MODEL_REVISION, check_options, resolved_dtype, source_record
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The community mirror of runwayml/stable-diffusion-v1-5 (removed from the hub); same commit history.
-BASE_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 VAE_ID = "stabilityai/sd-vae-ft-mse"
 VAE_REVISION = "31f26fdeee1355a5c34592e401dd41e45d25a493"
 ADAPTER_ID = "h94/IP-Adapter"
@@ -58,7 +56,6 @@ ADAPTER_IMAGE_ENCODER = "models/image_encoder"
 ADAPTER_ENV = "MSIBENCH_IP_ADAPTER_WEIGHTS"
 
 SCHEDULERS = ("ddim", "pndm", "unipc", "dpmsolver++", "euler")
-DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: With layout masks every subject adds one masked image attention per cross-attention layer; there is no
 #: architectural limit, this bound only keeps the declared capability finite.
 MAX_LAYOUT_SUBJECTS = 64
@@ -136,15 +133,7 @@ class IPAdapterMethod(Method):
     def __init__(self, **options: Any) -> None:
         self.options = coerce_options(_default_options(), options, self.name)
         o = self.options
-        if o["scheduler"] not in SCHEDULERS:
-            raise ValueError(f"{self.name} option 'scheduler': {o['scheduler']!r} is not one of {SCHEDULERS}")
-        if o["dtype"] not in DTYPES:
-            raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
-        for key in ("steps", "resolution"):
-            if int(o[key]) < 1:
-                raise ValueError(f"{self.name} option {key!r}: must be a positive integer, got {o[key]!r}")
-        if int(o["resolution"]) % 8:
-            raise ValueError(f"{self.name} option 'resolution': must be a multiple of 8, got {o['resolution']}")
+        check_options(o, self.name, SCHEDULERS)
         if float(o["scale"]) < 0:
             raise ValueError(f"{self.name} option 'scale': must be >= 0, got {o['scale']}")
         self._config: dict[str, Any] | None = None
@@ -180,41 +169,21 @@ class IPAdapterMethod(Method):
                 adapter["weights_sha256"] = _sha256(weights)
             else:
                 adapter["revision"] = o["adapter_revision"]
-            base = {"source": o["base_model"]}
-            if _is_local(o["base_model"]):
-                base["source"] = str(Path(o["base_model"]).expanduser().resolve())
-            else:
-                base["revision"] = o["base_revision"]
-            vae: dict[str, Any] | None = None
-            if o["vae"]:
-                vae = {"source": o["vae"]}
-                if _is_local(o["vae"]):
-                    vae["source"] = str(Path(o["vae"]).expanduser().resolve())
-                else:
-                    vae["revision"] = o["vae_revision"]
             self._config = {
-                "base_model": base,
-                "vae": vae,
+                "base_model": source_record(o["base_model"], o["base_revision"]),
+                "vae": source_record(o["vae"], o["vae_revision"]) if o["vae"] else None,
                 "adapter": adapter,
                 "scheduler": o["scheduler"],
                 "steps": int(o["steps"]),
                 "guidance": float(o["guidance"]),
                 "scale": float(o["scale"]),
                 "resolution": int(o["resolution"]),
-                "dtype": self._resolved_dtype(),
+                "dtype": resolved_dtype(o["dtype"]),
                 "negative_prompt": o["negative_prompt"],
                 "use_layout": bool(o["use_layout"]),
                 "version": IMPLEMENTATION_VERSION,
             }
         return self._config
-
-    def _resolved_dtype(self) -> str:
-        if self.options["dtype"] != "auto":
-            return self.options["dtype"]
-        # The official code runs the adapter in float16 on CUDA; float16 is slow or unsupported on CPUs.
-        import torch
-
-        return "float16" if torch.cuda.is_available() else "float32"
 
     # ------------------------------------------------------------------------------------------ loading
 

@@ -194,6 +194,8 @@ def attach_ip_adapter(pipe: Any, state_dict: dict[str, dict[str, torch.Tensor]],
 def make_scheduler(name: str, base_config: Any) -> Any:
     import diffusers
 
+    from baselines.sd15 import scheduler_from_config
+
     if name == "ddim":
         # ip_adapter_t2i_demo.ipynb's noise_scheduler (the betas are SD1.5's own).
         return diffusers.DDIMScheduler(
@@ -205,46 +207,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
             set_alpha_to_one=False,
             steps_offset=1,
         )
-    if name == "dpmsolver++":
-        return diffusers.DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
-    classes = {
-        "pndm": diffusers.PNDMScheduler,
-        "unipc": diffusers.UniPCMultistepScheduler,
-        "euler": diffusers.EulerDiscreteScheduler,
-    }
-    return classes[name].from_config(base_config)
-
-
-def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``{"dtype": ...}`` where diffusers takes it (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
-
-
-def _from_pretrained(loader: Any, source: str, what: str, error: type[Exception], option: str, **kwargs: Any) -> Any:
-    """``loader(source, **kwargs)``; failures become ``error`` naming the download command and ``option``."""
-    local = Path(source).expanduser()
-    revision = kwargs.pop("revision", None)
-    if not local.exists() and revision:
-        kwargs["revision"] = revision
-    try:
-        return loader(str(local) if local.exists() else source, **kwargs)
-    except (OSError, ValueError) as err:
-        if local.exists():
-            raise error(
-                f"ip-adapter: cannot load the {what} from the local folder {local}: {err}. Point {option} at a "
-                "folder that holds it in the diffusers/transformers layout."
-            ) from err
-        subfolder = kwargs.get("subfolder")
-        include = f' --include "{subfolder}/*"' if subfolder else ""
-        at = f" --revision {revision}" if revision else ""
-        raise error(
-            f"ip-adapter: cannot load the {what} from the hub repo {source}"
-            f"{f' (subfolder {subfolder})' if subfolder else ''}{f' at revision {revision}' if revision else ''}: "
-            f"{err}. Download it first (`huggingface-cli download {source}{include}{at}`), or point {option} at a "
-            "local copy."
-        ) from err
+    return scheduler_from_config(name, base_config)
 
 
 def load_pipeline(
@@ -261,46 +224,38 @@ def load_pipeline(
     error: type[Exception],
 ) -> Any:
     """Stable Diffusion 1.5 with the IP-Adapter image encoder registered (no safety checker, as the official demos)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionModelWithProjection
+
+    from baselines.sd15 import clip_image_processor, diffusers_dtype_kwarg, from_pretrained, load_sd15_pipeline
 
     encoder_kwargs: dict[str, Any] = {"dtype": dtype, "revision": image_encoder_revision}
     if image_encoder_subfolder:
         encoder_kwargs["subfolder"] = image_encoder_subfolder
-    encoder = _from_pretrained(
+    encoder = from_pretrained(
         CLIPVisionModelWithProjection.from_pretrained,
         image_encoder,
         "image encoder",
         error,
         "-M image_encoder=DIR (or -M adapter=DIR, a folder laid out like h94/IP-Adapter)",
+        "ip-adapter",
         **encoder_kwargs,
     )
-    size = int(encoder.config.image_size)
     # The official code preprocesses with CLIPImageProcessor() defaults: resize the short side, centre crop.
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    feature_extractor = clip_image_processor(int(encoder.config.image_size))
     components: dict[str, Any] = {"image_encoder": encoder, "feature_extractor": feature_extractor}
     if vae:
-        components["vae"] = _from_pretrained(
+        components["vae"] = from_pretrained(
             AutoencoderKL.from_pretrained,
             vae,
             "VAE",
             error,
             "-M vae=DIR (or -M vae= to keep the base model's own VAE)",
+            "ip-adapter",
             revision=vae_revision,
             **diffusers_dtype_kwarg(dtype),
         )
-    pipe = _from_pretrained(
-        StableDiffusionPipeline.from_pretrained,
-        base_model,
-        "Stable Diffusion 1.5 base model",
-        error,
-        "-M base_model=DIR",
-        revision=base_revision,
-        safety_checker=None,
-        requires_safety_checker=False,
-        **diffusers_dtype_kwarg(dtype),
-        **components,
-    )
+    pipe = load_sd15_pipeline(base_model, base_revision, dtype, error, "ip-adapter", **components)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     return pipe
 

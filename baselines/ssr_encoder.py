@@ -38,6 +38,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from baselines.sd15 import (
+    BASE_MODEL_ID,
+    BASE_MODEL_REVISION,
+    check_options,
+    local_path,
+    resolved_dtype,
+    source_record,
+)
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -51,9 +59,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The community mirror of runwayml/stable-diffusion-v1-5 (removed from the hub); same commit history.
-BASE_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 IMAGE_ENCODER_ID = "openai/clip-vit-large-patch14"
 IMAGE_ENCODER_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
 WEIGHTS_URL = "https://drive.google.com/drive/folders/1pMwzGRA8QzHjEH5Hc4zDwdsSDwjwQKMW"
@@ -63,7 +68,6 @@ LAYERS_FILE = "pytorch_model_1.bin"
 WEIGHTS_ENV = "MSIBENCH_SSR_WEIGHTS"
 
 SCHEDULERS = ("unipc", "ddim", "pndm", "dpmsolver++", "euler")
-DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: Every subject adds 6 x 77 context tokens; there is no architectural limit, this keeps the capability finite.
 MAX_SUBJECTS = 64
 IMPLEMENTATION_VERSION = 1
@@ -110,13 +114,6 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _local(source: str) -> Path | None:
-    if not source:
-        return None
-    path = Path(source).expanduser()
-    return path.resolve() if path.exists() else None
-
-
 class SSREncoderMethod(Method):
     name: ClassVar[str] = "ssr-encoder"
     # One request per call: each request has its own number of subjects (context length).
@@ -125,15 +122,7 @@ class SSREncoderMethod(Method):
     def __init__(self, **options: Any) -> None:
         self.options = coerce_options(_default_options(), options, self.name)
         o = self.options
-        if o["scheduler"] not in SCHEDULERS:
-            raise ValueError(f"{self.name} option 'scheduler': {o['scheduler']!r} is not one of {SCHEDULERS}")
-        if o["dtype"] not in DTYPES:
-            raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
-        for key in ("steps", "resolution"):
-            if int(o[key]) < 1:
-                raise ValueError(f"{self.name} option {key!r}: must be a positive integer, got {o[key]!r}")
-        if int(o["resolution"]) % 8:
-            raise ValueError(f"{self.name} option 'resolution': must be a multiple of 8, got {o['resolution']}")
+        check_options(o, self.name, SCHEDULERS)
         if float(o["token_scale"]) < 0:
             raise ValueError(f"{self.name} option 'token_scale': must be >= 0, got {o['token_scale']}")
         if float(o["mask_weight"]) < 0:
@@ -153,7 +142,7 @@ class SSREncoderMethod(Method):
         source = o["weights"]
         if not source:
             raise WeightsUnavailableError(_missing_weights_message("no weights given"))
-        local = _local(source)
+        local = local_path(source)
         if local is not None:
             if not local.is_dir():
                 raise WeightsUnavailableError(_missing_weights_message(f"{local} is not a folder"))
@@ -180,15 +169,15 @@ class SSREncoderMethod(Method):
         if self._config is None:
             o = self.options
             weights: dict[str, Any] = {"aligner": o["aligner_file"], "layers": o["layers_file"]}
-            if _local(o["weights"]) is not None or not o["weights"]:
+            if local_path(o["weights"]) is not None or not o["weights"]:
                 # Local copies are identified by content, not by where they happen to live.
                 aligner, layers = self.weight_files()
                 weights.update(aligner_sha256=_sha256(aligner), layers_sha256=_sha256(layers))
             else:
                 weights.update(source=o["weights"], revision=o["weights_revision"])
             self._config = {
-                "base_model": self._source("base_model", "base_revision"),
-                "image_encoder": self._source("image_encoder", "image_encoder_revision"),
+                "base_model": source_record(o["base_model"], o["base_revision"]),
+                "image_encoder": source_record(o["image_encoder"], o["image_encoder_revision"]),
                 "weights": weights,
                 "scheduler": o["scheduler"],
                 "steps": int(o["steps"]),
@@ -196,7 +185,7 @@ class SSREncoderMethod(Method):
                 "scale": float(o["scale"]),
                 "token_scale": float(o["token_scale"]),
                 "resolution": int(o["resolution"]),
-                "dtype": self._resolved_dtype(),
+                "dtype": resolved_dtype(o["dtype"]),
                 "negative_prompt": o["negative_prompt"],
                 "uncond_concept": o["uncond_concept"],
                 "use_layout": bool(o["use_layout"]),
@@ -205,25 +194,13 @@ class SSREncoderMethod(Method):
             }
         return self._config
 
-    def _source(self, key: str, revision_key: str) -> dict[str, str]:
-        local = _local(self.options[key])
-        if local is not None:
-            return {"source": str(local)}
-        return {"source": self.options[key], "revision": self.options[revision_key]}
-
-    def _resolved_dtype(self) -> str:
-        if self.options["dtype"] != "auto":
-            return self.options["dtype"]
-        import torch
-
-        return "float16" if torch.cuda.is_available() else "float32"
-
     # ------------------------------------------------------------------------------------------ loading
 
     def setup(self, device: str) -> None:
         import torch
 
         from baselines import ssr_encoder_modules as modules
+        from baselines.sd15 import clip_image_processor
 
         cfg = self.config()
         o = self.options
@@ -251,67 +228,30 @@ class SSREncoderMethod(Method):
             "pipe": pipe.to(device, dtype),
             "image_encoder": image_encoder.to(device, dtype).eval(),
             "aligner": aligner.to(device, dtype).eval(),
-            "image_processor": self._image_processor(int(image_encoder.config.image_size)),
+            "image_processor": clip_image_processor(int(image_encoder.config.image_size)),
             "grid": int(image_encoder.config.image_size) // int(image_encoder.config.patch_size),
         }
         logger.info("ssr-encoder: loaded %s + %s (%s) on %s", aligner_path, layers_path, cfg["dtype"], device)
 
-    @staticmethod
-    def _image_processor(size: int) -> Any:
-        from transformers import CLIPImageProcessor
-
-        # The official code uses CLIPImageProcessor() defaults: short side to 224, centre crop 224.
-        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
     def _load_models(self, dtype: Any) -> tuple[Any, Any]:
-        import diffusers
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import deprecation_utils
         from transformers import CLIPVisionModel
 
+        from baselines.sd15 import from_pretrained, load_sd15_pipeline, scheduler_from_config
+
         o = self.options
-        # diffusers deprecates torch_dtype for dtype; older releases only know torch_dtype.
-        dtype_kwarg = {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
-        pipe = self._from_pretrained(
-            StableDiffusionPipeline.from_pretrained,
-            "base_model",
-            "base_revision",
-            "Stable Diffusion 1.5 base model",
-            safety_checker=None,
-            requires_safety_checker=False,
-            **dtype_kwarg,
-        )
-        scheduler_classes = {
-            "unipc": diffusers.UniPCMultistepScheduler,
-            "ddim": diffusers.DDIMScheduler,
-            "pndm": diffusers.PNDMScheduler,
-            "dpmsolver++": diffusers.DPMSolverMultistepScheduler,
-            "euler": diffusers.EulerDiscreteScheduler,
-        }
-        pipe.scheduler = scheduler_classes[o["scheduler"]].from_config(pipe.scheduler.config)
-        image_encoder = self._from_pretrained(
+        pipe = load_sd15_pipeline(o["base_model"], o["base_revision"], dtype, WeightsUnavailableError, self.name)
+        pipe.scheduler = scheduler_from_config(o["scheduler"], pipe.scheduler.config)
+        image_encoder = from_pretrained(
             CLIPVisionModel.from_pretrained,
-            "image_encoder",
-            "image_encoder_revision",
+            o["image_encoder"],
             "CLIP image encoder",
+            WeightsUnavailableError,
+            "-M image_encoder=DIR",
+            self.name,
+            revision=o["image_encoder_revision"],
             dtype=dtype,
         )
         return pipe, image_encoder
-
-    def _from_pretrained(self, loader: Any, key: str, revision_key: str, what: str, **kwargs: Any) -> Any:
-        source = self.options[key]
-        local = _local(source)
-        if local is None:
-            kwargs["revision"] = self.options[revision_key]
-        try:
-            return loader(str(local) if local is not None else source, **kwargs)
-        except (OSError, ValueError) as err:
-            where = str(local) if local is not None else f"{source}@{self.options[revision_key]}"
-            raise WeightsUnavailableError(
-                f"ssr-encoder: cannot load the {what} from {where}: {err}. Download it first (`huggingface-cli "
-                f"download {source} --revision {self.options[revision_key]}`) or pass a local folder with "
-                f"-M {key}=DIR."
-            ) from err
 
     # ------------------------------------------------------------------------------------------ generation
 
