@@ -10,8 +10,9 @@ request into CustomNet's inputs:
   (``mscustomnet.model.pipeline.customnet_canvas``: the reference square resized so the object itself spans the
   box, as ``data/dataset.py`` builds it in training);
 - the viewpoint is the front view, polar = azimuth = 0 (``-M polar=``/``-M azimuth=`` change it);
-- DDIM with eta 0 and one guidance scale over all conditions against a zero concat latent, a zero subject token
-  and the empty prompt (``mscustomnet.model.pipeline.ddim_sample``).
+- DDIM with eta 0 on CustomNet's own timestep schedule (49 model evaluations, 961 ... 1, for 50 steps;
+  ``-M schedule=all-steps`` visits the whole grid 981 ... 1) and one guidance scale over all conditions against a
+  zero concat latent, a zero subject token and the empty prompt (``mscustomnet.model.pipeline.ddim_sample``).
 
 One subject per image: multi-subject tasks are skipped by the runner (the paper's "–" cells). The z-order is not
 used (there is only one object).
@@ -41,6 +42,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mscustomnet.model.schedule import check_sampler_options, sampler_description
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -70,7 +72,7 @@ WEIGHTS_ENV = "MSIBENCH_CUSTOMNET_WEIGHTS"
 #: Local names that are checkpoint files, never hub ids (hub repo names may contain dots, not these endings).
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 DTYPES = ("float32", "float16", "bfloat16")
-IMPLEMENTATION_VERSION = 1
+IMPLEMENTATION_VERSION = 2
 
 _HINT = (
     f"Download {WEIGHTS_FILE} from the hub repo {WEIGHTS_ID} (`huggingface-cli download {WEIGHTS_ID} {WEIGHTS_FILE}`) "
@@ -145,6 +147,8 @@ class CustomNetMethod(Method):
         "weights_file": WEIGHTS_FILE,
         "revision": WEIGHTS_REVISION,
         "steps": 50,
+        # "official": customnet/ddim.py's schedule (49 timesteps 961 ... 1 for 50 steps); "all-steps": the whole grid.
+        "schedule": "official",
         "guidance": 3.0,
         "resolution": 256,
         "dtype": "float32",
@@ -159,8 +163,7 @@ class CustomNetMethod(Method):
             o["weights"] = os.environ.get(WEIGHTS_ENV, "") or WEIGHTS_ID
         if o["dtype"] not in DTYPES:
             raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
-        if not 1 <= int(o["steps"]) <= 1000:
-            raise ValueError(f"{self.name} option 'steps': must be in 1..1000, got {o['steps']!r}")
+        check_sampler_options(o, self.name)
         if int(o["resolution"]) < 8:
             raise ValueError(f"{self.name} option 'resolution': must be at least 8, got {o['resolution']!r}")
         self._config: dict[str, Any] | None = None
@@ -211,7 +214,7 @@ class CustomNetMethod(Method):
                 "resolution": int(o["resolution"]),
                 "dtype": o["dtype"],
                 "viewpoint": {"polar": float(o["polar"]), "azimuth": float(o["azimuth"])},
-                "sampler": "ddim eta=0, t=range(0,1000,1000//steps)+1",
+                "sampler": sampler_description(o["schedule"]),
                 "cfg": "one scale over text+subject+location; uncond = zero concat latent, zero subject token, ''",
                 "reference": "object cropped to mask, long edge 200 on a 256 white square",
                 "placement": "reference square resized so the object spans the layout box, on a white canvas",
@@ -290,6 +293,7 @@ class CustomNetMethod(Method):
             steps=int(o["steps"]),
             guidance=float(o["guidance"]),
             resolution=int(o["resolution"]),
+            schedule=o["schedule"],
         )
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mscustomnet.model.schedule import check_sampler_options, sampler_description
 from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ class MSCustomNetMethod(Method):
         "weights": "",
         "revision": "",
         "steps": 50,
+        # CustomNet's DDIM schedule (customnet/ddim.py): 49 timesteps 961 ... 1 for 50 steps; or "all-steps".
+        "schedule": "official",
         "guidance": 3.0,
         "resolution": 256,
         "dtype": "float32",
@@ -43,8 +46,7 @@ class MSCustomNetMethod(Method):
             self.options["weights"] = os.environ.get(WEIGHTS_ENV, "")
         if self.options["dtype"] not in self.DTYPES:
             raise ValueError(f"{self.name} option 'dtype': {self.options['dtype']!r} is not one of {self.DTYPES}")
-        if int(self.options["steps"]) < 1:
-            raise ValueError(f"{self.name} option 'steps': must be >= 1")
+        check_sampler_options(self.options, self.name)
         if int(self.options["resolution"]) < 8:
             raise ValueError(f"{self.name} option 'resolution': must be at least 8")
         self._pipeline = None
@@ -80,7 +82,7 @@ class MSCustomNetMethod(Method):
             "guidance": float(o["guidance"]),
             "resolution": int(o["resolution"]),
             "dtype": o["dtype"],
-            "sampler": "ddim eta=0, t=range(0,1000,1000//steps)+1",
+            "sampler": sampler_description(o["schedule"]),
             "cfg": "one scale over text+subjects+layout; uncond = zero layout latent, no subject, empty prompt",
             "reference": "object cropped to mask, long edge 200 on a 256 white square",
             "layout": (
@@ -88,7 +90,7 @@ class MSCustomNetMethod(Method):
                 if self._uses_layout()
                 else "none: the model was trained without M_L and samples on a blank white canvas"
             ),
-            "version": 1,
+            "version": 2,
         }
 
     def setup(self, device: str) -> None:
@@ -145,6 +147,7 @@ class MSCustomNetMethod(Method):
             steps=int(o["steps"]),
             guidance=float(o["guidance"]),
             resolution=int(o["resolution"]),
+            schedule=o["schedule"],
         )
 
 

@@ -2,8 +2,11 @@
 
 Facts from TencentARC/CustomNet@23a378f:
 
-- ``customnet/ddim.py`` + ``ldm/modules/diffusionmodules/util.py`` ``make_ddim_timesteps('uniform')``: the model
-  is evaluated at t = range(0, 1000, 1000 // S) + 1 (reversed), eta 0; the last step goes to alphas_cumprod[0].
+- ``ldm/modules/diffusionmodules/util.py:46-60`` ``make_ddim_timesteps('uniform')`` builds the grid
+  range(0, 1000, 1000 // S) + 1, but ``customnet/ddim.py:134,149`` (``ddim_sampling(..., t_start=-1)``,
+  ``timesteps = timesteps[:t_start]``) drops its last, noisiest point: for S = 50 the model is evaluated at the
+  49 timesteps 961, 941, ..., 1, the pure starting noise standing in for x_961 (``ddim.py:138-139``); each step
+  goes to the alpha of the next grid point (``util.py:65-66``), the last to alphas_cumprod[0]; eta 0.
 - ``main/app.py`` ``run_generation``: 50 DDIM steps; ``cfg_type 0`` with ``"all": 3.0`` is one guidance scale over
   all conditions, e = e_uncond + 3.0 * (e_cond - e_uncond); the unconditional input is a zero concat latent, a
   zero image token and the text "" (``neg_prompt``); images are 256 x 256 (latent 4 x 32 x 32).
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mscustomnet.model.network import CustomNetModel, viewpoint_vector
+from mscustomnet.model.schedule import DEFAULT_SCHEDULE, SCHEDULES, ddim_timesteps
 
 REFERENCE_SIZE = 256
 REFERENCE_OBJECT_SIZE = 200
@@ -56,14 +60,6 @@ class Conditioning:
         )
 
 
-def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Model timesteps visited by CustomNet's DDIM sampler, first (noisiest) to last."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
-    stride = num_train_timesteps // steps
-    return [min(t + 1, num_train_timesteps - 1) for t in range(0, num_train_timesteps, stride)][::-1]
-
-
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Starting latents [len(seeds), *shape], one CPU generator per seed: a sample never depends on its batch."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -76,15 +72,18 @@ def ddim_sample(
     noise: torch.Tensor,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
+    schedule: str = DEFAULT_SCHEDULE,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from ``noise`` to clean latents, with one guidance scale over all conditions."""
+    """Deterministic DDIM (eta 0) from ``noise`` to clean latents, with one guidance scale over all conditions.
+
+    ``noise`` is taken as x at the first timestep of :func:`ddim_timesteps` (961 for 50 official steps)."""
     device = model.device
     alphas = model.alphas_cumprod(device)
     x = noise.to(device, torch.float32)
     if guidance != 1.0:
         uncond = cond.unconditional(model.encode_text([""]))
         both = Conditioning(*(torch.cat([u, c]) for u, c in zip(_fields(uncond), _fields(cond), strict=True)))
-    timesteps = ddim_timesteps(steps, model.config.num_train_timesteps)
+    timesteps = ddim_timesteps(steps, model.config.num_train_timesteps, schedule)
     for i, t in enumerate(timesteps):
         a_t = alphas[t]
         a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
@@ -247,6 +246,7 @@ class _Pipeline:
         seeds: Sequence[int],
         steps: int,
         guidance: float,
+        schedule: str,
     ) -> list[Image.Image]:
         model = self.model
         if not len(prompts) == len(seeds) == layouts.shape[0]:
@@ -259,7 +259,7 @@ class _Pipeline:
         )
         size = layouts.shape[-1] // model.config.vae.scale_factor
         noise = initial_noise(seeds, (model.config.vae.latent_channels, size, size))
-        latents = ddim_sample(model, cond, noise, steps=steps, guidance=guidance)
+        latents = ddim_sample(model, cond, noise, steps=steps, guidance=guidance, schedule=schedule)
         return to_pil(model.decode_latents(latents))
 
 
@@ -275,6 +275,7 @@ class MSCustomNetPipeline(_Pipeline):
         steps: int = DEFAULT_STEPS,
         guidance: float = DEFAULT_GUIDANCE,
         resolution: int | None = None,
+        schedule: str = DEFAULT_SCHEDULE,
     ) -> list[Image.Image]:
         resolution = resolution or self.model.config.resolution
         _check_resolution(self.model, resolution)
@@ -285,7 +286,7 @@ class MSCustomNetPipeline(_Pipeline):
             layouts = torch.stack([to_tensor(layout_map(row, resolution)) for row in subjects])
         else:  # trained without M_L: the blank canvas it always saw
             layouts = blank_canvas(len(subjects), resolution)
-        return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance)
+        return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance, schedule)
 
 
 class CustomNetPipeline(_Pipeline):
@@ -300,6 +301,7 @@ class CustomNetPipeline(_Pipeline):
         steps: int = DEFAULT_STEPS,
         guidance: float = DEFAULT_GUIDANCE,
         resolution: int | None = None,
+        schedule: str = DEFAULT_SCHEDULE,
     ) -> list[Image.Image]:
         if self.model.config.multi_subject:
             raise ValueError("CustomNetPipeline needs a CustomNet (single-subject) model")
@@ -310,7 +312,7 @@ class CustomNetPipeline(_Pipeline):
         layouts = torch.stack(
             [customnet_canvas(prepare_reference(s.reference, s.mask), s.box, resolution) for s in subjects]
         )
-        return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance)
+        return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance, schedule)
 
 
 def _check_resolution(model: CustomNetModel, resolution: int) -> None:
@@ -323,8 +325,10 @@ __all__ = [
     "Conditioning",
     "CustomNetPipeline",
     "DEFAULT_GUIDANCE",
+    "DEFAULT_SCHEDULE",
     "DEFAULT_STEPS",
     "MSCustomNetPipeline",
+    "SCHEDULES",
     "Subject",
     "blank_canvas",
     "customnet_canvas",

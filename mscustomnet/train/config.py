@@ -220,7 +220,8 @@ class SamplesSection:
     def __post_init__(self) -> None:
         _check(self.every is None or self.every >= 1, "samples.every", "must be >= 1 or null (never)")
         _check(self.count >= 1, "samples.count", f"must be >= 1, got {self.count}")
-        _check(1 <= self.steps <= 1000, "samples.steps", f"must be in 1..1000, got {self.steps}")
+        # CustomNet's DDIM schedule drops the last grid point: one step would evaluate no timestep.
+        _check(2 <= self.steps <= 1000, "samples.steps", f"must be in 2..1000, got {self.steps}")
 
 
 @dataclass(frozen=True)

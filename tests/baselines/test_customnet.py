@@ -125,6 +125,8 @@ def test_official_defaults_options_and_fingerprint(tiny_weights, monkeypatch):
     # TencentARC/CustomNet@23a378f main/app.py: S=50, "all": 3.0, 256 px, float32 model, sliders at 0.
     assert (cfg["steps"], cfg["guidance"], cfg["resolution"], cfg["dtype"]) == (50, 3.0, 256, "float32")
     assert cfg["viewpoint"] == {"polar": 0.0, "azimuth": 0.0}
+    # customnet/ddim.py:134,149: t_start=-1 drops the noisiest grid point (49 timesteps for S=50).
+    assert "t_start=-1" in cfg["sampler"] and "[:-1]" in cfg["sampler"]
     sha = json.loads((tiny_weights / "config.json").read_text())["weights_sha256"]
     assert cfg["weights"] == {"format": "mscustomnet-model", "model": "customnet-tiny", "weights_sha256": sha}
 
@@ -140,6 +142,7 @@ def test_official_defaults_options_and_fingerprint(tiny_weights, monkeypatch):
         {"dtype": "float16"},
         {"polar": "15"},
         {"azimuth": "-30"},
+        {"schedule": "all-steps"},
     ]
     hashes = {CustomNetMethod(weights=str(tiny_weights), **v).fingerprint_hash() for v in variants}
     hub = [{}, {"revision": "0123abc"}, {"weights_file": "customnet_v1.pth"}]
@@ -152,6 +155,10 @@ def test_official_defaults_options_and_fingerprint(tiny_weights, monkeypatch):
         CustomNetMethod(dtype="float8")
     with pytest.raises(ValueError, match="steps"):
         CustomNetMethod(steps=0)
+    with pytest.raises(ValueError, match="option 'steps': the official CustomNet DDIM schedule visits no timestep"):
+        CustomNetMethod(steps=1)
+    with pytest.raises(ValueError, match="option 'schedule'"):
+        CustomNetMethod(schedule="ddpm")
 
 
 def test_ms_customnet_weights_are_refused(tmp_path):
@@ -378,7 +385,7 @@ def test_full_size_official_layout_generates_a_256px_image(tmp_path, official_ke
     torch.save(checkpoint, path)
 
     task = next(t for t in load_manifest().tasks if t.track == "single")
-    method = CustomNetMethod(weights=str(path), steps=1)
+    method = CustomNetMethod(weights=str(path), steps=2)
     method.setup("cpu")
     (image,) = method.generate([_request(task, (0.2, 0.3, 0.7, 0.8))])
     assert image.size == (256, 256) and image.mode == "RGB"

@@ -47,6 +47,14 @@ def test_options_capabilities_and_fingerprint(tiny_weights, monkeypatch):
     )
     monkeypatch.setenv(WEIGHTS_ENV, str(tiny_weights))
     assert MSCustomNetMethod().config()["weights"] == str(tiny_weights)
+    # CustomNet's own DDIM schedule by default (customnet/ddim.py:149, t_start=-1), the full grid on request.
+    assert "t_start=-1" in cfg["sampler"]
+    assert (
+        build("mscustomnet", {"weights": str(tiny_weights), "schedule": "all-steps"}).fingerprint_hash()
+        != build("mscustomnet", {"weights": str(tiny_weights)}).fingerprint_hash()
+    )
+    with pytest.raises(ValueError, match="option 'steps'"):
+        MSCustomNetMethod(steps=1)
     with pytest.raises(ValueError, match="dtype"):
         MSCustomNetMethod(dtype="float8")
     with pytest.raises(ValueError, match="unknown option 'step'"):

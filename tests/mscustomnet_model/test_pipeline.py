@@ -30,13 +30,46 @@ def _full_mask(size=(40, 30)) -> Image.Image:
     return Image.new("L", size, 255)
 
 
-def test_ddim_timesteps_are_customnets():
-    steps = ddim_timesteps(50)
-    assert steps[0] == 981 and steps[-1] == 1 and len(steps) == 50
-    assert all(a - b == 20 for a, b in zip(steps, steps[1:], strict=False))
-    assert ddim_timesteps(1) == [1]
+# TencentARC/CustomNet@23a378f, customnet/ddim.py:134,149 (ddim_sampling(t_start=-1): timesteps[:t_start]) over
+# ldm/modules/diffusionmodules/util.py:48-57 (range(0, 1000, 1000 // 50) + 1), flipped (ddim.py:152): what the
+# official app's sampler.sample(S=50) evaluates the model at, written out.
+OFFICIAL_TIMESTEPS_50 = [
+    961, 941, 921, 901, 881, 861, 841, 821, 801, 781, 761, 741, 721, 701, 681, 661, 641, 621, 601, 581, 561, 541, 521,
+    501, 481, 461, 441, 421, 401, 381, 361, 341, 321, 301, 281, 261, 241, 221, 201, 181, 161, 141, 121, 101, 81, 61,
+    41, 21, 1,
+]  # fmt: skip
+
+
+def test_ddim_timesteps_are_the_official_customnet_ones():
+    assert ddim_timesteps(50) == OFFICIAL_TIMESTEPS_50
+    assert ddim_timesteps(10) == [801, 701, 601, 501, 401, 301, 201, 101, 1]  # (range(0,1000,100)+1)[:-1]
+    assert ddim_timesteps(3) == [667, 334, 1]  # range(0, 1000, 333) has 4 points: 3 are evaluated
+    with pytest.raises(ValueError, match="visits no timestep for steps=1"):
+        ddim_timesteps(1)
     with pytest.raises(ValueError):
         ddim_timesteps(0)
+    # The full grid (how this repository sampled before), kept as an option.
+    full = ddim_timesteps(50, schedule="all-steps")
+    assert full[0] == 981 and full[-1] == 1 and len(full) == 50
+    assert ddim_timesteps(1, schedule="all-steps") == [1]
+    with pytest.raises(ValueError, match="schedule"):
+        ddim_timesteps(50, schedule="karras")
+
+
+def test_ddim_sample_evaluates_the_official_timesteps_from_pure_noise(tiny_ms, monkeypatch):
+    seen = []
+
+    def record(x, t, *args):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(tiny_ms, "predict_noise", record)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    out = ddim_sample(tiny_ms, _cond(tiny_ms), noise, steps=50, guidance=1.0)
+    assert seen == OFFICIAL_TIMESTEPS_50
+    # With eps = 0 every DDIM step rescales by sqrt(a_prev / a_t): the noise is x_961, the end is at alphas[0].
+    alphas = tiny_ms.alphas_cumprod("cpu")
+    torch.testing.assert_close(out, noise * (alphas[0] / alphas[961]).sqrt())
 
 
 def _cond(model, b=1):
@@ -61,7 +94,7 @@ def test_ddim_with_an_oracle_denoiser_lands_on_the_data(tiny_ms, monkeypatch):
     out = ddim_sample(tiny_ms, _cond(tiny_ms), noise, steps=10, guidance=1.0)
     # CustomNet's last DDIM step goes to alphas_cumprod[0] (not 1): the result is x0 seen at t=0.
     first = ddim_timesteps(10)[0]
-    assert first == 901
+    assert first == 801
     eps = (noise - alphas[first].sqrt() * x0) / (1 - alphas[first]).sqrt()  # DDIM keeps the oracle's eps fixed
     expected = alphas[0].sqrt() * x0 + (1 - alphas[0]).sqrt() * eps
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
