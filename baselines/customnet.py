@@ -4,11 +4,15 @@ The network is MS-CustomNet's in its single-subject configuration (``mscustomnet
 SD VAE, OpenAI CLIP ViT-L/14 towers, ``cc_projection``); this file only chooses the weights and turns a benchmark
 request into CustomNet's inputs:
 
-- the subject's white-background cut-out is CustomNet's reference (cropped to its mask, long edge 200 on a
-  256 white square, ``mscustomnet.model.pipeline.prepare_reference``);
-- the object is placed at the task's layout box on a white canvas, the concat input
-  (``mscustomnet.model.pipeline.customnet_canvas``: the reference square resized so the object itself spans the
-  box, as ``data/dataset.py`` builds it in training);
+- the subject's white-background cut-out is CustomNet's reference, prepared as the official app does
+  (``main/app.py`` + ``ldm/util.py`` ``load_and_preprocess``): cropped to its mask, ``thumbnail`` to at most
+  200 px (shrunk, never enlarged: 65 of the 100 single-track references of MSIBench v1 are under 200 px) and
+  centred on a 256 white square (``-M reference_fit=upscale`` scales every object to exactly 200 px);
+- the concat input places that whole square into the task's layout box as the app places it into the user's box
+  (``main/app.py`` ``prepare_data``: bilinear resize to the integer box, aspect not kept, white canvas;
+  ``mscustomnet.model.pipeline.app_canvas``); ``-M placement=dataset`` places it as CustomNet's training data
+  does instead (``data/dataset.py``: the square enlarged so that the object itself spans the box,
+  ``customnet_canvas``);
 - the viewpoint is the front view, polar = azimuth = 0 (``-M polar=``/``-M azimuth=`` change it);
 - DDIM with eta 0 on CustomNet's own timestep schedule (49 model evaluations, 961 ... 1, for 50 steps;
   ``-M schedule=all-steps`` visits the whole grid 981 ... 1) and one guidance scale over all conditions against a
@@ -26,9 +30,10 @@ Weights (``-M weights=...``, default ``$MSIBENCH_CUSTOMNET_WEIGHTS``, else the h
 
 Defaults are the official ones, from TencentARC/CustomNet@23a378fc8cfcec72181cc4fd625c708f9485e490:
 ``main/app.py`` (``run_generation``: ``sampler.sample(S=50, ...)``, ``cfg_type=0`` with ``"all": 3.0``,
-``neg_prompt = ""``, latent shape [4, 32, 32] i.e. 256 x 256 images, the input image resized to 256; ``main``:
+``neg_prompt = ""``, latent shape [4, 32, 32] i.e. 256 x 256 images, output truncated to uint8; ``main``:
 ``torch.load("pretrain/customnet_v1.pt")`` into a float32 model, no half precision; the polar and azimuth sliders
-default to 0.0), ``customnet/ddim.py`` (``sample(..., eta=0.)``), ``data/dataset.py`` (placement in the box).
+default to 0.0; ``prepare_data``: the reference square into the box), ``customnet/ddim.py`` (``sample(...,
+eta=0.)``, ``t_start=-1``), ``ldm/util.py`` (``load_and_preprocess``).
 The README links the file as ``customnet_v1.pth`` on huggingface.co/TencentARC/CustomNet while ``main/app.py``
 loads ``customnet_v1.pt``; ``-M weights_file=`` takes whichever name the hub holds.
 
@@ -154,6 +159,9 @@ class CustomNetMethod(Method):
         "dtype": "float32",
         "polar": 0.0,
         "azimuth": 0.0,
+        # The official app's reference (PIL thumbnail: only shrinks) and placement (the square into the box).
+        "reference_fit": "thumbnail",
+        "placement": "app",
     }
 
     def __init__(self, **options: Any) -> None:
@@ -164,6 +172,9 @@ class CustomNetMethod(Method):
         if o["dtype"] not in DTYPES:
             raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
         check_sampler_options(o, self.name)
+        for key, allowed in (("reference_fit", ("thumbnail", "upscale")), ("placement", ("app", "dataset"))):
+            if o[key] not in allowed:
+                raise ValueError(f"{self.name} option {key!r}: {o[key]!r} is not one of {allowed}")
         if int(o["resolution"]) < 8:
             raise ValueError(f"{self.name} option 'resolution': must be at least 8, got {o['resolution']!r}")
         self._config: dict[str, Any] | None = None
@@ -216,8 +227,19 @@ class CustomNetMethod(Method):
                 "viewpoint": {"polar": float(o["polar"]), "azimuth": float(o["azimuth"])},
                 "sampler": sampler_description(o["schedule"]),
                 "cfg": "one scale over text+subject+location; uncond = zero concat latent, zero subject token, ''",
-                "reference": "object cropped to mask, long edge 200 on a 256 white square",
-                "placement": "reference square resized so the object spans the layout box, on a white canvas",
+                "reference": (
+                    "object cropped to mask, PIL thumbnail (200, 200) Lanczos (never enlarged), centred on a 256 "
+                    "white square"
+                    if o["reference_fit"] == "thumbnail"
+                    else "object cropped to mask, long edge scaled to 200 (Lanczos), centred on a 256 white square"
+                ),
+                "placement": (
+                    "main/app.py: the whole square resized bilinearly (no antialias) to the box rounded to pixels, "
+                    "on a white canvas"
+                    if o["placement"] == "app"
+                    else "data/dataset.py: square resized so the object spans the layout box, on a white canvas"
+                ),
+                "output": "clamp((x+1)/2,0,1)*255 truncated to uint8",
                 "version": IMPLEMENTATION_VERSION,
             }
         return self._config
@@ -294,6 +316,8 @@ class CustomNetMethod(Method):
             guidance=float(o["guidance"]),
             resolution=int(o["resolution"]),
             schedule=o["schedule"],
+            reference_fit=o["reference_fit"],
+            placement=o["placement"],
         )
 
 

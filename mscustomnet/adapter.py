@@ -84,7 +84,8 @@ class MSCustomNetMethod(Method):
             "dtype": o["dtype"],
             "sampler": sampler_description(o["schedule"]),
             "cfg": "one scale over text+subjects+layout; uncond = zero layout latent, no subject, empty prompt",
-            "reference": "object cropped to mask, long edge 200 on a 256 white square",
+            "reference": "object cropped to mask, long edge scaled to 200 (Lanczos) on a 256 white square",
+            "output": "clamp((x+1)/2,0,1)*255 truncated to uint8",
             "layout": (
                 "M_L: references resized to boxes, pasted through masks on black, back to front by z"
                 if self._uses_layout()

@@ -10,11 +10,17 @@ Facts from TencentARC/CustomNet@23a378f:
 - ``main/app.py`` ``run_generation``: 50 DDIM steps; ``cfg_type 0`` with ``"all": 3.0`` is one guidance scale over
   all conditions, e = e_uncond + 3.0 * (e_cond - e_uncond); the unconditional input is a zero concat latent, a
   zero image token and the text "" (``neg_prompt``); images are 256 x 256 (latent 4 x 32 x 32).
-- ``ldm/util.py`` ``load_and_preprocess``: the reference is the object on white, cropped to its mask box,
-  shrunk so its long edge is 200 px and centred on a 256 x 256 white square (``add_margin``); that square is both
-  the CLIP input and what is pasted on the canvas.
-- ``data/dataset.py``: the pasted square has side ``max(w, h) * 256 / 200`` around the object box (so the object
-  itself spans the box), bilinear resize, clipped at the canvas border; the canvas is white.
+- ``ldm/util.py:63-86`` ``load_and_preprocess``: the reference is the object on white, cropped to its mask box,
+  ``thumbnail([200, 200], LANCZOS)`` (shrunk so its long edge is at most 200 px, never enlarged) and centred on a
+  256 x 256 white square (``add_margin``, ``util.py:40-44``); that square is both the CLIP input and what is
+  pasted on the canvas.
+- ``main/app.py:100-119`` ``prepare_data``: the whole 256 square, white margin included, is resized bilinearly
+  (``F.interpolate(..., mode="bilinear")``: align_corners False, no antialias) to the user's integer box
+  (x0, y0, x1, y1) on the 256 canvas, aspect not kept, and written into an all-white canvas.
+- ``data/dataset.py`` (training): the pasted square has side ``max(w, h) * 256 / 200`` around the object box
+  (so the object itself spans the box), bilinear resize, clipped at the canvas border; the canvas is white.
+- ``main/app.py:172-173``: the decoded image is clamp((x + 1) / 2, 0, 1) * 255 cast with ``astype(np.uint8)``,
+  i.e. truncated, not rounded.
 
 MS-CustomNet: the K subject tokens and the layout map M_L (``mscustomnet.data.layout``: references resized to their
 boxes and pasted through their masks on a black canvas, back to front in z order) replace the single token and
@@ -23,6 +29,7 @@ the white canvas; the same sampler and guidance are used.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +45,10 @@ REFERENCE_SIZE = 256
 REFERENCE_OBJECT_SIZE = 200
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 3.0
+#: How a reference is fitted into its 200 px: the official thumbnail (only shrinks) or scaled to exactly 200.
+REFERENCE_FITS = ("thumbnail", "upscale")
+#: Where CustomNet's reference square goes: as the official app (into the box) or as its training data.
+PLACEMENTS = ("app", "dataset")
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,10 @@ def _eps(model: CustomNetModel, x: torch.Tensor, t: int, c: Conditioning) -> tor
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] images [B, 3, H, W] -> RGB PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[-1, 1] images [B, 3, H, W] -> RGB PIL images, as CustomNet's app: clamp((x + 1) / 2, 0, 1) * 255 truncated
+    to uint8 (``main/app.py:172-173``, ``astype(np.uint8)``)."""
+    unit = torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu().numpy()
+    arr = (255.0 * unit).transpose(0, 2, 3, 1).astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
 
 
@@ -125,13 +138,17 @@ def prepare_reference(
     mask: Image.Image | None = None,
     size: int = REFERENCE_SIZE,
     object_size: int = REFERENCE_OBJECT_SIZE,
+    fit: str = "thumbnail",
 ) -> Image.Image:
-    """CustomNet's reference square: the object on white, cropped to its mask box, scaled so its long edge is
-    ``object_size`` and centred on a ``size`` white square.
+    """CustomNet's reference square: the object on white, cropped to its mask box, fitted into ``object_size`` and
+    centred on a ``size`` white square.
 
-    Unlike ``load_and_preprocess`` (``thumbnail``, which only shrinks), small objects are scaled up as well: COCO
-    references are often far below 200 px and would otherwise reach CLIP as a speck.
+    ``fit="thumbnail"`` is the official ``load_and_preprocess`` (``ldm/util.py:82``, PIL ``thumbnail`` with Lanczos:
+    only shrinks, so an object smaller than ``object_size`` keeps its size). ``fit="upscale"`` scales every object
+    so that its long edge is exactly ``object_size`` (small COCO references then reach CLIP larger than a speck).
     """
+    if fit not in REFERENCE_FITS:
+        raise ValueError(f"reference fit {fit!r} is not one of {REFERENCE_FITS}")
     rgb = np.array(reference.convert("RGB"))
     if mask is not None:
         inside = np.asarray(mask.convert("L")) > 127
@@ -141,20 +158,44 @@ def prepare_reference(
         ys, xs = np.nonzero(inside)
         if len(ys):
             rgb = rgb[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    h, w = rgb.shape[:2]
-    scale = object_size / max(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    obj = Image.fromarray(rgb).resize(new, Image.Resampling.LANCZOS)
+    obj = Image.fromarray(rgb)
+    if fit == "thumbnail":
+        obj.thumbnail((object_size, object_size), Image.Resampling.LANCZOS)
+    else:
+        h, w = rgb.shape[:2]
+        scale = object_size / max(h, w)
+        obj = obj.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
     square = Image.new("RGB", (size, size), (255, 255, 255))
-    square.paste(obj, ((size - new[0]) // 2, (size - new[1]) // 2))
+    square.paste(obj, ((size - obj.size[0]) // 2, (size - obj.size[1]) // 2))
     return square
+
+
+def app_box(box: Sequence[float], resolution: int) -> tuple[int, int, int, int]:
+    """A normalised box as the integer pixel box (x0, y0, x1, y1) of CustomNet's app sliders on the canvas:
+    each edge at the nearest pixel (halves up), at least one pixel wide and high, inside the canvas."""
+    x0, y0, x1, y1 = (min(max(math.floor(float(v) * resolution + 0.5), 0), resolution) for v in box)
+    x0, y0 = min(x0, resolution - 1), min(y0, resolution - 1)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def app_canvas(reference_square: Image.Image, box: Sequence[float], resolution: int) -> torch.Tensor:
+    """CustomNet's concat input [3, R, R] in [-1, 1] as the official app builds it (``main/app.py:100-119``): the
+    whole reference square resized bilinearly (align_corners False, no antialias) to the integer box, aspect not
+    kept, on a white canvas."""
+    x0, y0, x1, y1 = app_box(box, resolution)
+    square = to_tensor(reference_square)[None]
+    placed = F.interpolate(square, size=(y1 - y0, x1 - x0), mode="bilinear")[0]
+    canvas = torch.ones(3, resolution, resolution)
+    canvas[:, y0:y1, x0:x1] = placed
+    return canvas
 
 
 def customnet_canvas(
     reference_square: Image.Image, box: Sequence[float], resolution: int, object_size: int = REFERENCE_OBJECT_SIZE
 ) -> torch.Tensor:
-    """CustomNet's concat input [3, R, R] in [-1, 1]: the reference square resized to side max(w, h) * 256/200
-    around the normalised object ``box`` and pasted (clipped) on a white canvas."""
+    """CustomNet's concat input [3, R, R] in [-1, 1] as its training data builds it (``data/dataset.py``): the
+    reference square resized to side max(w, h) * 256/200 around the normalised object ``box`` and pasted (clipped)
+    on a white canvas, so that the object itself spans the box."""
     x0, y0, x1, y1 = (float(v) * resolution for v in box)
     w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
     side = max(1, round(max(w, h) * reference_square.size[0] / object_size))
@@ -209,11 +250,12 @@ class _Pipeline:
         self.model = model
 
     def _encode_subjects(
-        self, subjects: Sequence[Sequence[Subject]]
+        self, subjects: Sequence[Sequence[Subject]], squares: Sequence[Image.Image]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Subject tokens from the reference ``squares`` (one per subject, row by row)."""
         model = self.model
         k = max(len(s) for s in subjects)
-        squares = [to_tensor(prepare_reference(s.reference, s.mask)) for row in subjects for s in row]
+        squares = [to_tensor(square) for square in squares]
         embeds = model.encode_images(torch.stack(squares))
         dim = embeds.shape[-1]
         batch = len(subjects)
@@ -281,7 +323,9 @@ class MSCustomNetPipeline(_Pipeline):
         _check_resolution(self.model, resolution)
         if any(len(row) == 0 for row in subjects):
             raise ValueError("every request needs at least one subject")
-        tokens, mask, _ = self._encode_subjects(subjects)
+        # MS-CustomNet's own choice: every reference scaled to the 200 px CLIP sees, small COCO objects included.
+        squares = [prepare_reference(s.reference, s.mask, fit="upscale") for row in subjects for s in row]
+        tokens, mask, _ = self._encode_subjects(subjects, squares)
         if self.model.config.use_layout:
             layouts = torch.stack([to_tensor(layout_map(row, resolution)) for row in subjects])
         else:  # trained without M_L: the blank canvas it always saw
@@ -290,7 +334,10 @@ class MSCustomNetPipeline(_Pipeline):
 
 
 class CustomNetPipeline(_Pipeline):
-    """Single-subject CustomNet: the reference square pasted at its box on a white canvas, viewpoint input."""
+    """Single-subject CustomNet: the reference square placed at its box on a white canvas, viewpoint input.
+
+    Defaults are the official app's: ``reference_fit="thumbnail"`` (never enlarged), ``placement="app"`` (the
+    square resized into the box); ``placement="dataset"`` places it as CustomNet's training data does."""
 
     @torch.no_grad()
     def __call__(
@@ -302,16 +349,21 @@ class CustomNetPipeline(_Pipeline):
         guidance: float = DEFAULT_GUIDANCE,
         resolution: int | None = None,
         schedule: str = DEFAULT_SCHEDULE,
+        reference_fit: str = "thumbnail",
+        placement: str = "app",
     ) -> list[Image.Image]:
         if self.model.config.multi_subject:
             raise ValueError("CustomNetPipeline needs a CustomNet (single-subject) model")
         resolution = resolution or self.model.config.resolution
         _check_resolution(self.model, resolution)
-        rows = [[s] for s in subjects]
-        tokens, mask, _ = self._encode_subjects(rows)
-        layouts = torch.stack(
-            [customnet_canvas(prepare_reference(s.reference, s.mask), s.box, resolution) for s in subjects]
-        )
+        if reference_fit not in REFERENCE_FITS:
+            raise ValueError(f"reference fit {reference_fit!r} is not one of {REFERENCE_FITS}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r} is not one of {PLACEMENTS}")
+        squares = [prepare_reference(s.reference, s.mask, fit=reference_fit) for s in subjects]
+        tokens, mask, _ = self._encode_subjects([[s] for s in subjects], squares)
+        place = app_canvas if placement == "app" else customnet_canvas
+        layouts = torch.stack([place(square, s.box, resolution) for square, s in zip(squares, subjects, strict=True)])
         return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance, schedule)
 
 
@@ -322,6 +374,8 @@ def _check_resolution(model: CustomNetModel, resolution: int) -> None:
 
 
 __all__ = [
+    "PLACEMENTS",
+    "REFERENCE_FITS",
     "Conditioning",
     "CustomNetPipeline",
     "DEFAULT_GUIDANCE",
@@ -330,6 +384,8 @@ __all__ = [
     "MSCustomNetPipeline",
     "SCHEDULES",
     "Subject",
+    "app_box",
+    "app_canvas",
     "blank_canvas",
     "customnet_canvas",
     "ddim_sample",

@@ -127,6 +127,9 @@ def test_official_defaults_options_and_fingerprint(tiny_weights, monkeypatch):
     assert cfg["viewpoint"] == {"polar": 0.0, "azimuth": 0.0}
     # customnet/ddim.py:134,149: t_start=-1 drops the noisiest grid point (49 timesteps for S=50).
     assert "t_start=-1" in cfg["sampler"] and "[:-1]" in cfg["sampler"]
+    # main/app.py + ldm/util.py:82: the reference is only shrunk (thumbnail), the square goes into the box.
+    assert "thumbnail" in cfg["reference"] and cfg["placement"].startswith("main/app.py")
+    assert "truncated" in cfg["output"]
     sha = json.loads((tiny_weights / "config.json").read_text())["weights_sha256"]
     assert cfg["weights"] == {"format": "mscustomnet-model", "model": "customnet-tiny", "weights_sha256": sha}
 
@@ -143,6 +146,8 @@ def test_official_defaults_options_and_fingerprint(tiny_weights, monkeypatch):
         {"polar": "15"},
         {"azimuth": "-30"},
         {"schedule": "all-steps"},
+        {"reference_fit": "upscale"},
+        {"placement": "dataset"},
     ]
     hashes = {CustomNetMethod(weights=str(tiny_weights), **v).fingerprint_hash() for v in variants}
     hub = [{}, {"revision": "0123abc"}, {"weights_file": "customnet_v1.pth"}]
@@ -159,6 +164,8 @@ def test_official_defaults_options_and_fingerprint(tiny_weights, monkeypatch):
         CustomNetMethod(steps=1)
     with pytest.raises(ValueError, match="option 'schedule'"):
         CustomNetMethod(schedule="ddpm")
+    with pytest.raises(ValueError, match="option 'placement'"):
+        CustomNetMethod(placement="centre")
 
 
 def test_ms_customnet_weights_are_refused(tmp_path):

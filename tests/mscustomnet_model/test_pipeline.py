@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mscustomnet.model.pipeline import (
@@ -12,12 +13,15 @@ from mscustomnet.model.pipeline import (
     CustomNetPipeline,
     MSCustomNetPipeline,
     Subject,
+    app_box,
+    app_canvas,
     customnet_canvas,
     ddim_sample,
     ddim_timesteps,
     initial_noise,
     layout_map,
     prepare_reference,
+    to_pil,
     to_tensor,
 )
 
@@ -134,7 +138,7 @@ def test_reference_square_and_customnet_canvas():
     ref = _solid((0, 200, 0), (80, 40))
     mask = Image.new("L", (80, 40), 0)
     mask.paste(255, (10, 5, 50, 25))  # a 40 x 20 object
-    square = prepare_reference(ref, mask)
+    square = prepare_reference(ref, mask, fit="upscale")
     arr = np.asarray(square)
     assert square.size == (256, 256)
     green = (arr[..., 1] > 150) & (arr[..., 0] < 100)
@@ -187,3 +191,64 @@ def test_to_tensor_range():
     t = to_tensor(Image.new("RGB", (3, 2), (255, 0, 128)))
     assert t.shape == (3, 2, 3)
     assert t[0].max() == 1.0 and t[1].min() == -1.0
+
+
+def _object_extent(arr):
+    ys, xs = np.nonzero((arr != 255).any(axis=-1))
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_reference_square_is_the_official_thumbnail_never_enlarged():
+    """ldm/util.py:69-86 (load_and_preprocess): white outside the mask, crop to the mask's bounding rect,
+    thumbnail([200, 200], LANCZOS), add_margin (util.py:40-44) at ((256 - w) // 2, (256 - h) // 2)."""
+    ref = _solid((0, 200, 0), (80, 40))
+    mask = Image.new("L", (80, 40), 0)
+    mask.paste(255, (10, 5, 51, 26))  # a 41 x 21 object: smaller than 200, kept at its size
+    arr = np.asarray(prepare_reference(ref, mask))
+    assert _object_extent(arr) == (107, 117, 148, 138)  # (256-41)//2 = 107, (256-21)//2 = 117
+    assert tuple(arr[120, 120]) == (0, 200, 0)
+    # A 400 x 100 object shrinks to thumbnail's 200 x 50, centred at ((256-200)//2, (256-50)//2) = (28, 103).
+    big = np.asarray(prepare_reference(_solid((200, 0, 0), (400, 100)), None))
+    assert _object_extent(big) == (28, 103, 228, 153)
+    with pytest.raises(ValueError, match="fit"):
+        prepare_reference(ref, mask, fit="stretch")
+
+
+def test_app_canvas_puts_the_whole_square_into_the_integer_box():
+    """main/app.py:111-119 (prepare_data): F.interpolate(square, (y1 - y0, x1 - x0), mode="bilinear") written into
+    an all-ones canvas at [y0:y1, x0:x1]; the box is the app's integer slider box."""
+    assert app_box((0.25, 0.25, 0.75, 0.5), 64) == (16, 16, 48, 32)
+    assert app_box((0.0, 0.0, 1.0, 1.0), 256) == (0, 0, 256, 256)
+    assert app_box((0.5, 0.5, 0.5, 0.5), 10) == (5, 5, 6, 6)  # never empty
+    assert app_box((0.3, 0.1, 0.7, 0.9), 256) == (77, 26, 179, 230)  # 76.8, 25.6, 179.2, 230.4 to the nearest pixel
+    half = np.full((256, 256, 3), 255, np.uint8)
+    half[:, :128] = (0, 0, 255)  # left half blue, right half white
+    square = Image.fromarray(half)
+    canvas = app_canvas(square, (0.25, 0.25, 0.75, 0.5), 64)
+    expected = torch.ones(3, 64, 64)
+    expected[:, 16:32, 16:48] = F.interpolate(to_tensor(square)[None], size=(16, 32), mode="bilinear")[0]
+    assert torch.equal(canvas, expected)
+    # Aspect not kept: the 256 square fills the 32 x 16 box; blue covers its left half, columns 16..31.
+    assert torch.all(canvas[2, 16:32, 16:32] == 1.0) and torch.all(canvas[0, 16:32, 16:32] == -1.0)
+    assert torch.all(canvas[:, 16:32, 32:48] == 1.0) and torch.all(canvas[:, :16] == 1.0)
+
+
+def test_to_pil_truncates_like_the_official_astype_uint8():
+    """main/app.py:172-173: clamp((x + 1) / 2, 0, 1), times 255, astype(np.uint8): 127.9 -> 127, 254.99 -> 254."""
+    values = torch.tensor([-1.5, -1.0, 2 * 127.9 / 255 - 1, 2 * 254.99 / 255 - 1, 1.0, 3.0])
+    image = values.view(1, 1, 1, -1).expand(1, 3, 1, 6)
+    assert np.asarray(to_pil(image)[0])[0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
+
+
+def test_customnet_pipeline_conditions_on_the_official_app_inputs_by_default(tiny_customnet, monkeypatch):
+    seen = []
+    encode = tiny_customnet.encode_layout
+    monkeypatch.setattr(tiny_customnet, "encode_layout", lambda x: (seen.append(x), encode(x))[1])
+    ref, mask = _solid((200, 10, 10), (40, 30)), _full_mask((40, 30))
+    s = Subject(ref, (0.1, 0.2, 0.6, 0.5), mask)
+    pipe = CustomNetPipeline(tiny_customnet)
+    pipe(["a ball"], [s], seeds=[0], steps=2, resolution=64)
+    square = prepare_reference(ref, mask)  # thumbnail: the 40 x 30 object is not enlarged
+    assert torch.equal(seen[-1][0], app_canvas(square, s.box, 64))
+    pipe(["a ball"], [s], seeds=[0], steps=2, resolution=64, reference_fit="upscale", placement="dataset")
+    assert torch.equal(seen[-1][0], customnet_canvas(prepare_reference(ref, mask, fit="upscale"), s.box, 64))
