@@ -30,7 +30,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from baselines.sd15 import BASE_MODEL_ID, BASE_MODEL_REVISION, check_options, resolved_dtype, source_record
+from baselines.sd15 import (
+    BASE_MODEL_ID,
+    BASE_MODEL_REVISION,
+    CLIP_PREPROCESSING,
+    check_options,
+    resolved_dtype,
+    source_record,
+)
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -59,7 +66,7 @@ SCHEDULERS = ("ddim", "pndm", "unipc", "dpmsolver++", "euler")
 #: With layout masks every subject adds one masked image attention per cross-attention layer; there is no
 #: architectural limit, this bound only keeps the declared capability finite.
 MAX_LAYOUT_SUBJECTS = 64
-IMPLEMENTATION_VERSION = 1
+IMPLEMENTATION_VERSION = 2
 
 
 def _default_options() -> dict[str, Any]:
@@ -181,6 +188,7 @@ class IPAdapterMethod(Method):
                 "dtype": resolved_dtype(o["dtype"]),
                 "negative_prompt": o["negative_prompt"],
                 "use_layout": bool(o["use_layout"]),
+                "image_preprocessing": CLIP_PREPROCESSING,
                 "version": IMPLEMENTATION_VERSION,
             }
         return self._config

@@ -5,7 +5,8 @@ Pipeline, as in eclipse-t2i/lambda-eclipse-inference@6a7e00e41f44b8f02e9b4f26322
 
 1. The prompt is tokenized by the CLIP ViT-bigG/14 tokenizer and encoded by ``CLIPTextModelWithProjection``
    (``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``): pooled ``text_embeds`` and the 77 ``last_hidden_state`` rows.
-2. Each subject's white-background cut-out goes through the Kandinsky 2.2 prior's ``CLIPImageProcessor`` and
+2. Each subject's white-background cut-out goes through the Kandinsky 2.2 prior's ``CLIPImageProcessor`` (its
+   configuration, run on transformers 4's PIL path whatever transformers is installed: ``baselines.clip_pixels``) and
    ``CLIPVisionModelWithProjection`` (``kandinsky-community/kandinsky-2-2-prior``, subfolders ``image_processor``
    and ``image_encoder``); its ``image_embeds`` replace the hidden-state rows of the subject keyword's tokens.
 3. The λ-ECLIPSE prior (``baselines.lambda_eclipse_prior``) maps (noise, text embedding, edited hidden states,
@@ -259,7 +260,8 @@ class LambdaEclipseMethod(Method):
             "shared_keyword": str(o["shared_keyword"]),
             "negative_image_embeds": "zero-image",
             "control_embedding": "zero-image",
-            "version": 1,
+            "image_preprocessing": "PIL path of transformers 4 CLIPImageProcessor (folder's image_processor config)",
+            "version": 2,
         }
 
     # ------------------------------------------------------------------------------------------- loading
@@ -376,9 +378,14 @@ class LambdaEclipseMethod(Method):
     def _load_image_encoder(self, dtype):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+        from baselines.clip_pixels import PILCLIPImageProcessor
+
         kwargs = self._pretrained_kwargs("image_encoder")
         try:
-            processor = CLIPImageProcessor.from_pretrained(**kwargs, subfolder="image_processor")
+            # The folder's own configuration, preprocessed on transformers 4's PIL path as the official run did.
+            processor = PILCLIPImageProcessor.like(
+                CLIPImageProcessor.from_pretrained(**kwargs, subfolder="image_processor")
+            )
             model, info = CLIPVisionModelWithProjection.from_pretrained(
                 **kwargs, subfolder="image_encoder", **_transformers_dtype(dtype), output_loading_info=True
             )

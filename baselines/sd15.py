@@ -139,15 +139,22 @@ def scheduler_from_config(name: str, base_config: Any) -> Any:
 
 
 def clip_image_processor(size: int) -> Any:
-    """``CLIPImageProcessor()`` defaults at ``size``: short side resized bicubic, centre crop, OpenAI mean/std."""
-    from transformers import CLIPImageProcessor
+    """``CLIPImageProcessor()`` defaults at ``size`` (short side resized bicubic, centre crop, OpenAI mean/std) on
+    transformers 4's PIL path, as the official code ran it, whatever transformers is installed
+    (``baselines.clip_pixels``)."""
+    from baselines.clip_pixels import pil_clip_processor
 
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return pil_clip_processor(size)
+
+
+#: The fingerprint's words for :func:`clip_image_processor`.
+CLIP_PREPROCESSING = "PIL path of transformers 4 CLIPImageProcessor: short side bicubic, int() long side, centre crop"
 
 
 __all__ = [
     "BASE_MODEL_ID",
     "BASE_MODEL_REVISION",
+    "CLIP_PREPROCESSING",
     "DTYPES",
     "check_options",
     "clip_image_processor",

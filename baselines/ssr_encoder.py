@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from baselines.sd15 import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
+    CLIP_PREPROCESSING,
     check_options,
     local_path,
     resolved_dtype,
@@ -70,7 +71,7 @@ WEIGHTS_ENV = "MSIBENCH_SSR_WEIGHTS"
 SCHEDULERS = ("unipc", "ddim", "pndm", "dpmsolver++", "euler")
 #: Every subject adds 6 x 77 context tokens; there is no architectural limit, this keeps the capability finite.
 MAX_SUBJECTS = 64
-IMPLEMENTATION_VERSION = 1
+IMPLEMENTATION_VERSION = 2
 
 
 def _default_options() -> dict[str, Any]:
@@ -190,6 +191,7 @@ class SSREncoderMethod(Method):
                 "uncond_concept": o["uncond_concept"],
                 "use_layout": bool(o["use_layout"]),
                 "mask_weight": float(o["mask_weight"]) if o["use_layout"] else None,
+                "image_preprocessing": CLIP_PREPROCESSING,
                 "version": IMPLEMENTATION_VERSION,
             }
         return self._config
