@@ -122,8 +122,8 @@ def load_sd15_pipeline(
     )
 
 
-def scheduler_from_config(name: str, base_config: Any) -> Any:
-    """A diffusers scheduler of the given family built from the base model's scheduler config."""
+def scheduler_from_config(name: str, base_config: Any, **overrides: Any) -> Any:
+    """A diffusers scheduler of the given family built from the base model's scheduler config (and ``overrides``)."""
     import diffusers
 
     classes = {
@@ -134,8 +134,8 @@ def scheduler_from_config(name: str, base_config: Any) -> Any:
         "euler": diffusers.EulerDiscreteScheduler,
     }
     if name == "dpmsolver++":
-        return classes[name].from_config(base_config, algorithm_type="dpmsolver++")
-    return classes[name].from_config(base_config)
+        overrides = {"algorithm_type": "dpmsolver++", **overrides}
+    return classes[name].from_config(base_config, **overrides)
 
 
 def clip_image_processor(size: int) -> Any:

@@ -9,23 +9,34 @@ and loading the official checkpoint by key mapping).
   no notion of position in the output).
 - ``-M use_layout=true``: the layout box becomes the subject's mask query. The subject's cut-out is placed in its
   box on a white square canvas (aspect kept, centred: msibench's ``paste`` composition), that canvas is the
-  image the encoder sees, and the box (rasterised on the ViT patch grid) is the mask query, with the official
-  score bias. The subject's position thus enters the encoded features; it is still no spatial control of the
+  image the encoder sees, and the box is the mask query as the official code makes it from a mask image
+  (``ssr_encoder.py`` ``get_image_embeds_mask``: ``ToTensor``, ``> 0.5``; ``attention_processor.py``
+  ``get_attention_scores_mask``: ``transforms.Resize([16, 16])`` of the tensor, i.e. bilinear, then the score
+  bias). The box is rasterised at the canvas resolution and resized bilinearly WITHOUT antialiasing, as
+  torchvision <= 0.16 did for tensors (its ``antialias="warn"`` default; the official environment of late 2023,
+  pytorch-lightning 2.1 / accelerate 0.23, ran torch 2.1 with torchvision 0.16); torchvision >= 0.17 would
+  antialias. The subject's position thus enters the encoded features; it is still no spatial control of the
   generated image.
 
 The weights (``pytorch_model.bin``: aligner, ``pytorch_model_1.bin``: attention layers) are released on Google
 Drive, not on the hub: download them and pass the folder with ``-M weights=DIR`` or ``MSIBENCH_SSR_WEIGHTS``.
 
-Defaults are the official ones, from Xiaojiu-z/SSR_Encoder@7bb5f684536841d995ebef58b1946e39b82f9300:
-``infer_text.py`` (UniPCMultistepScheduler from the SD1.5 scheduler config, num_inference_steps=30,
-guidance_scale=5, scale=0.65 "recommended 0.5-0.8, default 0.65", negative prompt "bad quality", uncond concept
-"", 512x512, float32, no safety checker), ``infer_mask.py`` (mask_weight=1), README (SD v1-5 in diffusers format,
-image encoder openai/clip-vit-large-patch14). Multi-subject as ``generate_multi``: the subjects' aligned tokens
-concatenated. Its guidance differs from ``generate``: it never calls ``set_scale`` (the SSR layers keep scale 1)
-and multiplies the conditional subject tokens by ``scale[0]`` instead (its slicing gives every subject the first
-entry; ``infer_multi.py``: 0.8, negative prompt ""). By default one ``scale`` applies to every subject in the
-attention layers, as in single-subject use; ``-M scale=1 -M token_scale=0.8 -M negative_prompt=`` reproduces
-``infer_multi.py``.
+Defaults are the official ones, from Xiaojiu-z/SSR_Encoder@7bb5f684536841d995ebef58b1946e39b82f9300, per
+number of subjects (``-M recipe=official``), as the official scripts call ``generate`` for one image and
+``generate_multi`` for several:
+
+- one subject (the single track): ``infer_text.py`` (UniPCMultistepScheduler from the SD1.5 scheduler config,
+  num_inference_steps=30, guidance_scale=5, ``set_scale(0.65)`` "recommended 0.5-0.8, default 0.65", negative
+  prompt "bad quality", uncond concept "", 512x512, float32, no safety checker);
+- two or more (the multi track): ``infer_multi.py`` + ``generate_multi`` (same sampler, steps, guidance and size;
+  negative prompt ""; ``set_scale`` is never called, so the SSR layers keep scale 1, and the conditional subject
+  tokens are multiplied by ``scale[0]`` = 0.8, its slicing giving every subject the first entry).
+
+``-M recipe=text`` uses ``infer_text.py``'s settings for any number of subjects, ``-M recipe=multi``
+``infer_multi.py``'s; ``-M scale=``, ``-M token_scale=``, ``-M negative_prompt=`` override them on both. Also
+``infer_mask.py`` (mask_weight=1), README (SD v1-5 in diffusers format, image encoder openai/clip-vit-large-patch14).
+The UniPC scheduler ends at sigma_min (``final_sigmas_type="sigma_min"``), as diffusers 0.23.1, the copy vendored in
+the official repository, did; current diffusers end at sigma 0 by default.
 
 torch / diffusers / transformers are imported inside methods and in ``baselines.ssr_encoder_modules`` only.
 """
@@ -72,6 +83,14 @@ SCHEDULERS = ("unipc", "ddim", "pndm", "dpmsolver++", "euler")
 #: Every subject adds 6 x 77 context tokens; there is no architectural limit, this keeps the capability finite.
 MAX_SUBJECTS = 64
 IMPLEMENTATION_VERSION = 2
+#: Per number of subjects, the official scripts' guidance: (attention scale, subject-token scale, negative prompt).
+RECIPES = {
+    "text": {"scale": 0.65, "token_scale": 1.0, "negative_prompt": "bad quality"},  # infer_text.py
+    "multi": {"scale": 1.0, "token_scale": 0.8, "negative_prompt": ""},  # infer_multi.py + generate_multi
+}
+RECIPE_CHOICES = ("official", "text", "multi")
+#: diffusers 0.23.1's UniPC (vendored in the official repository) ends at sigma_min; current releases at 0.
+UNIPC_OFFICIAL = {"final_sigmas_type": "sigma_min"}
 
 
 def _default_options() -> dict[str, Any]:
@@ -88,12 +107,15 @@ def _default_options() -> dict[str, Any]:
         "scheduler": "unipc",
         "steps": 30,
         "guidance": 5.0,
-        "scale": 0.65,
-        # Multiplies the conditional subject tokens (generate_multi's scale[0]); 1 = generate / infer_text.py.
-        "token_scale": 1.0,
+        # "official": infer_text.py's guidance for one subject, infer_multi.py's for two or more (RECIPES).
+        "recipe": "official",
+        # None = from the recipe. scale: the SSR attention layers' scale; token_scale multiplies the conditional
+        # subject tokens (generate_multi's scale[0]).
+        "scale": None,
+        "token_scale": None,
         "resolution": 512,
         "dtype": "float32",
-        "negative_prompt": "bad quality",
+        "negative_prompt": None,
         "uncond_concept": "",
         "use_layout": False,
         "mask_weight": 1.0,
@@ -124,8 +146,16 @@ class SSREncoderMethod(Method):
         self.options = coerce_options(_default_options(), options, self.name)
         o = self.options
         check_options(o, self.name, SCHEDULERS)
-        if float(o["token_scale"]) < 0:
-            raise ValueError(f"{self.name} option 'token_scale': must be >= 0, got {o['token_scale']}")
+        if o["recipe"] not in RECIPE_CHOICES:
+            raise ValueError(f"{self.name} option 'recipe': {o['recipe']!r} is not one of {RECIPE_CHOICES}")
+        for key in ("scale", "token_scale"):
+            if o[key] is not None:
+                try:
+                    o[key] = float(o[key])
+                except ValueError as err:
+                    raise ValueError(f"{self.name} option {key!r}: cannot read {o[key]!r} as a number") from err
+                if o[key] < 0:
+                    raise ValueError(f"{self.name} option {key!r}: must be >= 0, got {o[key]}")
         if float(o["mask_weight"]) < 0:
             raise ValueError(f"{self.name} option 'mask_weight': must be >= 0, got {o['mask_weight']}")
         self._config: dict[str, Any] | None = None
@@ -181,20 +211,36 @@ class SSREncoderMethod(Method):
                 "image_encoder": source_record(o["image_encoder"], o["image_encoder_revision"]),
                 "weights": weights,
                 "scheduler": o["scheduler"],
+                "scheduler_config": UNIPC_OFFICIAL if o["scheduler"] == "unipc" else {},
                 "steps": int(o["steps"]),
                 "guidance": float(o["guidance"]),
-                "scale": float(o["scale"]),
-                "token_scale": float(o["token_scale"]),
+                "recipe": o["recipe"],
+                "one_subject": self.guidance_for(1),
+                "several_subjects": self.guidance_for(2),
                 "resolution": int(o["resolution"]),
                 "dtype": resolved_dtype(o["dtype"]),
-                "negative_prompt": o["negative_prompt"],
                 "uncond_concept": o["uncond_concept"],
                 "use_layout": bool(o["use_layout"]),
                 "mask_weight": float(o["mask_weight"]) if o["use_layout"] else None,
+                "mask_query": (
+                    "box rasterised at the canvas resolution, > 0.5, bilinear without antialias to the patch grid"
+                    if o["use_layout"]
+                    else None
+                ),
                 "image_preprocessing": CLIP_PREPROCESSING,
                 "version": IMPLEMENTATION_VERSION,
             }
         return self._config
+
+    def guidance_for(self, subjects: int) -> dict[str, Any]:
+        """Attention scale, subject-token scale and negative prompt used for a request with ``subjects`` subjects."""
+        o = self.options
+        recipe = o["recipe"] if o["recipe"] != "official" else ("text" if subjects == 1 else "multi")
+        chosen = dict(RECIPES[recipe])
+        for key in chosen:
+            if o[key] is not None:
+                chosen[key] = float(o[key]) if key != "negative_prompt" else str(o[key])
+        return chosen
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -222,14 +268,13 @@ class SSREncoderMethod(Method):
                 f"{aligner_path}: the aligner expects {len(aligner.to_v)} levels of {aligner.to_k.in_features}-d "
                 f"image features; the image encoder {o['image_encoder']} gives {levels} of {image_dim}-d"
             )
-        for processor in processors.values():
-            processor.scale = float(o["scale"])
         pipe.unet.set_attn_processor({**pipe.unet.attn_processors, **processors})
         pipe.set_progress_bar_config(disable=True)
         self._parts = {
             "pipe": pipe.to(device, dtype),
             "image_encoder": image_encoder.to(device, dtype).eval(),
             "aligner": aligner.to(device, dtype).eval(),
+            "processors": list(processors.values()),
             "image_processor": clip_image_processor(int(image_encoder.config.image_size)),
             "grid": int(image_encoder.config.image_size) // int(image_encoder.config.patch_size),
         }
@@ -242,7 +287,8 @@ class SSREncoderMethod(Method):
 
         o = self.options
         pipe = load_sd15_pipeline(o["base_model"], o["base_revision"], dtype, WeightsUnavailableError, self.name)
-        pipe.scheduler = scheduler_from_config(o["scheduler"], pipe.scheduler.config)
+        overrides = UNIPC_OFFICIAL if o["scheduler"] == "unipc" else {}
+        pipe.scheduler = scheduler_from_config(o["scheduler"], pipe.scheduler.config, **overrides)
         image_encoder = from_pretrained(
             CLIPVisionModel.from_pretrained,
             o["image_encoder"],
@@ -270,12 +316,11 @@ class SSREncoderMethod(Method):
         cfg = self.config()
         if not cfg["use_layout"]:
             return [s.reference.convert("RGB") for s in request.subjects], None
-        processor = self._parts["image_processor"]
-        canvas_size = int(processor.crop_size["height"])
         paste = PasteMethod(resolution=cfg["resolution"], background=[255, 255, 255])
         canvases = [paste.generate([dataclasses.replace(request, subjects=(s,))])[0] for s in request.subjects]
-        coverage = modules.patch_coverage([s.box for s in request.subjects], canvas_size, self._parts["grid"])
-        return canvases, modules.mask_query_bias(coverage, cfg["mask_weight"])
+        masks = modules.box_masks([s.box for s in request.subjects], cfg["resolution"])
+        grid_mask = modules.mask_on_patch_grid(masks, self._parts["grid"])
+        return canvases, modules.mask_query_bias(grid_mask, cfg["mask_weight"])
 
     def _generate_one(self, request: GenerationRequest) -> Image.Image:
         import torch
@@ -287,6 +332,9 @@ class SSREncoderMethod(Method):
         pipe = parts["pipe"]
         if not request.subjects:
             raise ValueError(f"ssr-encoder: task {request.task.id} has no subject")
+        guidance = self.guidance_for(len(request.subjects))
+        for processor in parts["processors"]:
+            processor.scale = guidance["scale"]
         with torch.inference_mode():
             images, bias = self._subject_images(request)
             subject_cond, subject_uncond = modules.encode_subjects(
@@ -300,12 +348,12 @@ class SSREncoderMethod(Method):
                 bias,
             )
             prompt_embeds, negative_embeds = pipe.encode_prompt(
-                request.prompt, pipe._execution_device, 1, True, negative_prompt=cfg["negative_prompt"]
+                request.prompt, pipe._execution_device, 1, True, negative_prompt=guidance["negative_prompt"]
             )
             generator = torch.Generator("cpu").manual_seed(int(request.seed))
             out = pipe(
                 prompt_embeds=torch.cat(
-                    [prompt_embeds, (cfg["token_scale"] * subject_cond).to(prompt_embeds.dtype)], dim=1
+                    [prompt_embeds, (guidance["token_scale"] * subject_cond).to(prompt_embeds.dtype)], dim=1
                 ),
                 negative_prompt_embeds=torch.cat([negative_embeds, subject_uncond.to(negative_embeds.dtype)], dim=1),
                 height=cfg["resolution"],

@@ -11,9 +11,9 @@ Facts from Xiaojiu-z/SSR_Encoder@7bb5f684536841d995ebef58b1946e39b82f9300 (``ssr
   resulting attention weights are shared by all six levels, each with its own ``to_v[i]`` (1024 -> 512) and
   ``to_out[i]`` (512 -> 768), no biases, no residual. The six 77-token outputs are concatenated on the sequence
   axis (462 tokens) and layer-normed (``Aligner.norm``).
-- Mask query (``get_attention_scores_mask``): a binary mask over the reference image, resized to the patch grid
-  (m in [0, 1] per patch), becomes M = [1 (class token), w * m] and the additive score bias M - (1 - M) * w,
-  w = ``mask_weight``; it acts on every level through the shared attention weights.
+- Mask query (``get_attention_scores_mask``): a mask over the reference image, thresholded at 0.5 and resized
+  bilinearly to the patch grid (m in [0, 1] per patch), becomes M = [1 (class token), w * m] and the additive score
+  bias M - (1 - M) * w, w = ``mask_weight``; it acts on every level through the shared attention weights.
 - Subject cross-attention (``SSRAttnProcessor2_0``): in every UNet cross-attention the first 77 context tokens are
   the prompt, the rest the aligned subject tokens; the output adds ``scale`` times an attention of the same
   queries over ``to_k_SSR`` / ``to_v_SSR`` (768 -> block width, no bias) of the subject tokens, before ``to_out``.
@@ -289,15 +289,24 @@ def select_levels(hidden_states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, 
     return tuple(hidden_states[FIRST_LEVEL::LEVEL_STEP])
 
 
-def patch_coverage(boxes: Sequence[tuple[float, float, float, float]], image_size: int, grid: int) -> torch.Tensor:
-    """Fraction of each patch of a ``grid`` x ``grid`` ViT covered by each box of the square input: [N, grid**2]."""
-    masks = torch.zeros(len(boxes), 1, image_size, image_size)
+def box_masks(boxes: Sequence[tuple[float, float, float, float]], size: int) -> torch.Tensor:
+    """Binary masks [N, 1, size, size] of normalised boxes on the ``size`` square canvas the encoder sees (edges at
+    the nearest pixel, at least one pixel)."""
+    masks = torch.zeros(len(boxes), 1, size, size)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
-        left, top = round(x0 * image_size), round(y0 * image_size)
-        right, bottom = max(round(x1 * image_size), left + 1), max(round(y1 * image_size), top + 1)
+        left, top = round(x0 * size), round(y0 * size)
+        right, bottom = max(round(x1 * size), left + 1), max(round(y1 * size), top + 1)
         masks[i, 0, top:bottom, left:right] = 1.0
-    # The official code resizes the binary mask to the patch grid; area averaging gives each patch its coverage.
-    return F.interpolate(masks, size=(grid, grid), mode="area").flatten(1)
+    return masks
+
+
+def mask_on_patch_grid(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """Mask values per patch [N, grid**2] from mask images [N, C, H, W] in [0, 1], the official way:
+    ``get_image_embeds_mask`` thresholds at 0.5 (``ssr_encoder.py``), ``get_attention_scores_mask`` resizes with
+    ``transforms.Resize([h, w])`` and keeps the first channel (``attention_processor.py``): bilinear, align_corners
+    False, no antialias (torchvision <= 0.16 on tensors)."""
+    binary = torch.where(masks[:, :1] > 0.5, 1.0, 0.0)
+    return F.interpolate(binary, size=(grid, grid), mode="bilinear", align_corners=False, antialias=False).flatten(1)
 
 
 def mask_query_bias(coverage: torch.Tensor, weight: float) -> torch.Tensor:
@@ -338,12 +347,13 @@ __all__ = [
     "SSRAttnProcessor",
     "SSRLayoutError",
     "aligner_key_map",
+    "box_masks",
     "build_ssr_modules",
     "encode_subjects",
     "layers_key_map",
+    "mask_on_patch_grid",
     "mask_query_bias",
     "official_processor_order",
-    "patch_coverage",
     "read_state_dict",
     "select_levels",
 ]

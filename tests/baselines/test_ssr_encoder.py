@@ -139,13 +139,20 @@ def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
 def test_options_and_fingerprint(tiny_parts):
     weights = str(tiny_parts["weights"])
     cfg = SSREncoderMethod(weights=weights).config()
-    assert (cfg["scheduler"], cfg["steps"], cfg["guidance"], cfg["scale"]) == ("unipc", 30, 5.0, 0.65)
-    assert (cfg["resolution"], cfg["dtype"], cfg["negative_prompt"], cfg["use_layout"]) == (
-        512,
-        "float32",
-        "bad quality",
-        False,
-    )
+    assert (cfg["scheduler"], cfg["steps"], cfg["guidance"]) == ("unipc", 30, 5.0)
+    assert (cfg["resolution"], cfg["dtype"], cfg["use_layout"]) == (512, "float32", False)
+    # diffusers 0.23.1 (vendored in Xiaojiu-z/SSR_Encoder@7bb5f68, diffusers/__init__.py) ends UniPC at sigma_min.
+    assert cfg["scheduler_config"] == {"final_sigmas_type": "sigma_min"}
+    # One subject: infer_text.py:30-32,35-46 (scale = 0.65, negative_prompt = "bad quality", generate sets the scale).
+    assert cfg["one_subject"] == {"scale": 0.65, "token_scale": 1.0, "negative_prompt": "bad quality"}
+    # Several: infer_multi.py (negative_prompt="", scales=[0.8, ...]) through generate_multi (ssr_encoder.py:343-378:
+    # no set_scale, so the layers keep 1; every subject's tokens times scale[0]).
+    assert cfg["several_subjects"] == {"scale": 1.0, "token_scale": 0.8, "negative_prompt": ""}
+    text = SSREncoderMethod(weights=weights, recipe="text").config()
+    assert text["one_subject"] == text["several_subjects"] == cfg["one_subject"]
+    override = SSREncoderMethod(weights=weights, scale="0.5", negative_prompt="").config()
+    assert override["one_subject"] == {"scale": 0.5, "token_scale": 1.0, "negative_prompt": ""}
+    assert override["several_subjects"] == {"scale": 0.5, "token_scale": 0.8, "negative_prompt": ""}
     assert cfg["image_encoder"] == {
         "source": "openai/clip-vit-large-patch14",
         "revision": "32bd64288804d66eefd0ccbe215aa642df71cc41",
@@ -155,7 +162,9 @@ def test_options_and_fingerprint(tiny_parts):
     variants = [
         {},
         {"scale": "0.8"},
-        {"token_scale": "0.8"},
+        {"token_scale": "0.9"},
+        {"recipe": "text"},
+        {"recipe": "multi"},
         {"use_layout": "true"},
         {"use_layout": "true", "mask_weight": 5},
         {"steps": 25},
@@ -163,7 +172,7 @@ def test_options_and_fingerprint(tiny_parts):
         {"resolution": 256},
         {"scheduler": "ddim"},
         {"dtype": "float16"},
-        {"negative_prompt": ""},
+        {"negative_prompt": "ugly"},
         {"uncond_concept": " "},
         {"base_revision": "main"},
         {"image_encoder_revision": "main"},
@@ -176,6 +185,10 @@ def test_options_and_fingerprint(tiny_parts):
         SSREncoderMethod(dtype="fp8")
     with pytest.raises(ValueError, match="token_scale"):
         SSREncoderMethod(token_scale=-1)
+    with pytest.raises(ValueError, match="option 'scale': cannot read 'big'"):
+        SSREncoderMethod(scale="big")
+    with pytest.raises(ValueError, match="option 'recipe'"):
+        SSREncoderMethod(recipe="demo")
 
 
 # ----------------------------------------------------------------------------------- official key layout
@@ -265,7 +278,7 @@ def test_aligner_matches_a_plain_attention_with_the_mask_query_bias():
     aligner = modules.SSRAligner(query_dim=12, image_dim=10, inner_dim=16, levels=3).eval()
     text = torch.randn(2, 5, 12)
     levels = [torch.randn(2, 5, 10) for _ in range(3)]  # 1 class token + a 2x2 patch grid
-    coverage = modules.patch_coverage([(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 1.0)], image_size=8, grid=2)
+    coverage = modules.mask_on_patch_grid(modules.box_masks([(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 1.0)], 8), 2)
     assert coverage.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
     bias = modules.mask_query_bias(coverage, weight=5.0)
     # Official score bias: class token +1, inside the mask +w^2, outside -w.
@@ -294,6 +307,29 @@ def test_aligner_matches_a_plain_attention_with_the_mask_query_bias():
             assert got.shape == (2, 15, 12)
             torch.testing.assert_close(got, reference(patch_bias), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(aligner(text, levels, bias), aligner(text, levels))
+
+
+def test_box_mask_reaches_the_patch_grid_as_the_official_code_resizes_it():
+    """ssr_encoder.py:498-500 (get_image_embeds_mask: ToTensor, > 0.5) and attention_processor.py:586-589
+    (transforms.Resize([h, w]) of the tensor, first channel): bilinear, align_corners False, no antialias, so a
+    10 px canvas on a 2 x 2 grid samples its pixels 2 and 7 (source (i + 0.5) * 5 - 0.5), written out here."""
+    import torch
+
+    from baselines import ssr_encoder_modules as modules
+
+    masks = modules.box_masks([(0.0, 0.0, 0.3, 1.0), (0.0, 0.0, 0.25, 1.0), (0.0, 0.0, 0.75, 0.75)], 10)
+    assert masks[0, 0, 0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    grid = modules.mask_on_patch_grid(masks, 2)
+    # Columns 0-2 cover pixel 2, columns 0-1 do not: 1 and 0 per patch (an area average would give 0.6 and 0.4).
+    assert grid[0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert grid[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert grid[2].tolist() == [1.0, 1.0, 1.0, 1.0]  # pixel 7 lies inside columns/rows 0-7 (round(7.5) = 8)
+    # Between sample points the bilinear weights show: 8 px -> 3 patches samples at 0.833, 3.5, 6.167.
+    third = modules.mask_on_patch_grid(modules.box_masks([(0.0, 0.0, 0.5, 1.0)], 8), 3).view(3, 3)[0]
+    torch.testing.assert_close(third, torch.tensor([1.0, 0.5, 0.0]))
+    # The threshold comes first: a grey mask of 0.4 is empty, 0.6 full.
+    grey = torch.tensor([0.4, 0.6]).view(2, 1, 1, 1).expand(2, 3, 4, 4)
+    assert modules.mask_on_patch_grid(grey, 2).tolist() == [[0.0] * 4, [1.0] * 4]
 
 
 def test_processor_adds_the_scaled_subject_attention_to_the_text_attention():
@@ -352,7 +388,7 @@ def test_subject_tokens_are_the_official_ones(tiny_options):
     import numpy as np
     import torch
 
-    method = SSREncoderMethod(**tiny_options)
+    method = SSREncoderMethod(**tiny_options, recipe="text")  # infer_text.py's guidance for two subjects
     method.setup("cpu")
     parts = method._parts
     pipe, encoder, aligner = parts["pipe"], parts["image_encoder"], parts["aligner"]
@@ -402,18 +438,33 @@ def test_subject_tokens_are_the_official_ones(tiny_options):
     same, other = (np.asarray(method.generate([_request("multi-k2-000", seed)])[0]) for seed in (3, 4))
     assert np.array_equal(np.asarray(image), same) and not np.array_equal(same, other)
 
-    # generate_multi's token scale multiplies the conditional subject tokens only.
-    scaled = SSREncoderMethod(**tiny_options, token_scale=0.8)
-    scaled._parts = parts  # the same loaded models, another option
+    assert {p.scale for p in parts["processors"]} == {0.65}
+    # diffusers 0.23.1's UniPC (the official run's) ends at sigma_min, not at 0 as current diffusers by default.
+    pipe.scheduler.set_timesteps(30)
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert pipe.scheduler.config.final_sigmas_type == "sigma_min" and float(pipe.scheduler.sigmas[-1]) > 0
+
+    # The default for two subjects is infer_multi.py's: generate_multi multiplies the conditional subject tokens by
+    # scale[0] = 0.8, keeps the SSR layers at scale 1 and uses the negative prompt "".
+    official = SSREncoderMethod(**tiny_options)
+    official._parts = parts  # the same loaded models, another option
     seen.pop("context")
     hook = pipe.unet.get_submodule(name).register_forward_pre_hook(keep_context, with_kwargs=True)
     try:
-        scaled.generate([request])
+        official.generate([request])
+        assert {p.scale for p in parts["processors"]} == {1.0}
+        multi_context = seen.pop("context")
+        official.generate([_request("single-000")])
+        assert {p.scale for p in parts["processors"]} == {0.65}  # one subject: infer_text.py's set_scale(0.65)
+        single_context = seen["context"]
     finally:
         hook.remove()
-    torch.testing.assert_close(seen["context"][1, 77:], 0.8 * context[1, 77:])
-    torch.testing.assert_close(seen["context"][0], context[0])
-    torch.testing.assert_close(seen["context"][1, :77], context[1, :77])
+    with torch.no_grad():
+        empty = text_states([""])[0]
+    torch.testing.assert_close(multi_context[1, 77:], 0.8 * context[1, 77:])
+    torch.testing.assert_close(multi_context[1, :77], context[1, :77])
+    torch.testing.assert_close(multi_context[0], torch.cat([empty, uncond[0], uncond[1]]))
+    torch.testing.assert_close(single_context[0, :77], prompt[1])  # "bad quality"
 
 
 # ------------------------------------------------------------------------------- generation via the runner
