@@ -15,12 +15,21 @@ Pipeline, as in eclipse-t2i/lambda-eclipse-inference@6a7e00e41f44b8f02e9b4f26322
 4. Kandinsky 2.2's decoder (``KandinskyV22Pipeline``: UNet + MoVQ, ``kandinsky-community/kandinsky-2-2-decoder``)
    renders it, the zero-image embedding serving as ``negative_image_embeds`` (no negative prompt exists).
 
-Subject keywords are the COCO category names. The official code swaps every prompt position holding a token of
-the keyword and only prints a message when the keyword is missing; here each subject's keyword is matched as a
-whole token span (singular or plural form, longest names first so that "bear" never binds inside "teddy bear"),
-and a missing keyword is appended to the prompt (", a dog") so every subject is bound. Subjects of one category
-share the span of their (plural) word: as in the official loop the last one wins (``shared_keyword=last``, the
-default), or their embeddings are averaged (``shared_keyword=mean``). Layout and z-order are not used.
+Subject keywords are the COCO category names. The official code (``pipeline_kandinsky_subject_prior.py``
+``get_text_feats``, lines 478-493) takes the subjects in order and, for every token id of the keyword, overwrites
+EVERY prompt position holding that id with the subject's embedding (a later subject overwrites an earlier one);
+a keyword with a token absent from the prompt is only reported ("Couldn't find keyword ..."), and a plural
+("dogs") does not contain the singular's token. ``-M binding=official`` does exactly that. The default
+(``binding=span``, msibench's documented rule) matches each subject's keyword as a whole token span (singular or
+plural form, longest names first so that "bear" never binds inside "teddy bear"), and appends a missing keyword to
+the prompt (", a dog") so every subject is bound. Subjects of one category share the span of their (plural) word:
+as in the official loop the last one wins (``shared_keyword=last``, the default), or their embeddings are averaged
+(``shared_keyword=mean``). Layout and z-order are not used.
+
+Settings are ``test_quick.py``'s, the script the README runs (its decoder call: ``num_inference_steps=50,
+guidance_scale=7.5``; every component in float32: ``CLIPTextModelWithProjection(torch_dtype=torch.float32)``, the
+prior and decoder pipelines loaded without a dtype). The gradio demo ``main.py`` differs in both (float16,
+guidance 4.0): ``-M dtype=float16 -M guidance=4`` gives its settings.
 
 torch / diffusers / transformers are imported inside methods only, so that ``msibench ls`` stays light.
 """
@@ -81,6 +90,7 @@ _CONTENTS = {
 PRIOR_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 SHARED_KEYWORD_MODES = ("mean", "last")
+BINDINGS = ("span", "official")
 DTYPES = ("float16", "bfloat16", "float32")
 
 # Irregular or invariant English plurals among the COCO category names (the MSIBench prompt uses them).
@@ -105,15 +115,17 @@ def _default_options() -> dict[str, Any]:
         "image_encoder_revision": "main",
         "text_encoder": os.environ.get(ENV_VARS["text_encoder"], TEXT_ENCODER_ID),
         "text_encoder_revision": "main",
-        # Decoder sampling: test_quick.py calls the decoder with num_inference_steps=50, guidance_scale=7.5 and
-        # the pipeline's default 512x512 (the gradio demo main.py uses guidance 4.0). The scheduler is the one the
-        # decoder repo ships (scheduler/scheduler_config.json: DDPMScheduler).
+        # All from test_quick.py (the README's inference script): the decoder with num_inference_steps=50,
+        # guidance_scale=7.5 and the pipeline's default 512x512, every component in float32 (the gradio demo
+        # main.py uses float16 and guidance 4.0). The scheduler is the one the decoder repo ships
+        # (scheduler/scheduler_config.json: DDPMScheduler).
         "steps": 50,
         "guidance": 7.5,
         "resolution": 512,
         "scheduler": "DDPMScheduler",
-        # main.py loads every component in float16; test_quick.py leaves float32.
-        "dtype": "float16",
+        "dtype": "float32",
+        # "span": whole keyword spans, missing keywords appended; "official": get_text_feats' rule exactly.
+        "binding": "span",
         # The official keyword loop overwrites a shared span, so the last subject of a category wins.
         "shared_keyword": "last",
     }
@@ -199,6 +211,39 @@ def bind_keywords(
     )
 
 
+@dataclass(frozen=True)
+class OfficialBinding:
+    """The official keyword rule's result: in subject order, the positions each subject's embedding overwrites."""
+
+    prompt: str
+    #: (subject index, positions) in subject order; a later subject overwrites an earlier one's shared positions.
+    assignments: tuple[tuple[int, tuple[int, ...]], ...]
+    #: keywords with a token absent from the prompt (the official code prints them and goes on).
+    missing: tuple[str, ...]
+
+
+def bind_keywords_official(
+    prompt: str, keywords: Sequence[str], encode: Callable[[str], list[int]], encode_words: Callable[[str], list[int]]
+) -> OfficialBinding:
+    """eclipse-t2i/lambda-eclipse-inference@6a7e00e ``get_text_feats`` (pipeline_kandinsky_subject_prior.py:478-493):
+    for each subject in order, every position of the padded prompt ids equal to any token id of its keyword
+    (``tokenizer(keyword)["input_ids"][1:-1]``); a keyword with a token not in the prompt is reported, not fixed."""
+    ids = encode(prompt)
+    assignments = []
+    missing: list[str] = []
+    for index, keyword in enumerate(keywords):
+        positions: list[int] = []
+        found = True
+        for token in encode_words(keyword):
+            hits = [i for i, t in enumerate(ids) if t == token]
+            found = found and bool(hits)
+            positions.extend(hits)
+        if not found:
+            missing.append(keyword)
+        assignments.append((index, tuple(sorted(set(positions)))))
+    return OfficialBinding(prompt=prompt, assignments=tuple(assignments), missing=tuple(dict.fromkeys(missing)))
+
+
 class LambdaEclipseMethod(Method):
     name: ClassVar[str] = "lambda-eclipse"
     batch_size = 1
@@ -217,6 +262,15 @@ class LambdaEclipseMethod(Method):
             raise ValueError(
                 f"{self.name} option 'shared_keyword': choose one of {', '.join(SHARED_KEYWORD_MODES)}, "
                 f"got {o['shared_keyword']!r}"
+            )
+        if o["binding"] not in BINDINGS:
+            raise ValueError(
+                f"{self.name} option 'binding': choose one of {', '.join(BINDINGS)}, got {o['binding']!r}"
+            )
+        if o["binding"] == "official" and o["shared_keyword"] != "last":
+            raise ValueError(
+                f"{self.name} option 'shared_keyword': the official binding overwrites in subject order (last wins); "
+                f"'{o['shared_keyword']}' applies to binding=span only"
             )
         if not re.fullmatch(r"[A-Za-z0-9]+Scheduler", str(o["scheduler"])):
             raise ValueError(f"{self.name} option 'scheduler': expected a diffusers scheduler class name")
@@ -257,6 +311,7 @@ class LambdaEclipseMethod(Method):
             "guidance": float(o["guidance"]),
             "resolution": int(o["resolution"]),
             "dtype": str(o["dtype"]),
+            "binding": str(o["binding"]),
             "shared_keyword": str(o["shared_keyword"]),
             "negative_image_embeds": "zero-image",
             "control_embedding": "zero-image",
@@ -447,7 +502,7 @@ class LambdaEclipseMethod(Method):
             raise RuntimeError("lambda-eclipse: call setup(device) before generate()")
         return [self._generate_one(request) for request in requests]
 
-    def _binding(self, request: GenerationRequest) -> KeywordBinding:
+    def _binding(self, request: GenerationRequest) -> KeywordBinding | OfficialBinding:
         tokenizer = self._models["tokenizer"]
         max_length = self._models["max_length"]
 
@@ -457,6 +512,8 @@ class LambdaEclipseMethod(Method):
         def encode_words(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False).input_ids
 
+        if self.options["binding"] == "official":
+            return bind_keywords_official(request.prompt, [s.category for s in request.subjects], encode, encode_words)
         special = {
             i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None
         }
@@ -476,7 +533,10 @@ class LambdaEclipseMethod(Method):
         device, dtype = m["device"], m["dtype"]
         cfg = self.config()
         binding = self._binding(request)
-        if binding.appended:
+        if isinstance(binding, OfficialBinding) and binding.missing:
+            # The official code prints "Couldn't find keyword ..." and generates without that subject's binding.
+            logger.warning("%s: couldn't find keyword(s) %s in the prompt", request.task.id, list(binding.missing))
+        elif isinstance(binding, KeywordBinding) and binding.appended:
             logger.info("%s: appended missing subject keyword(s) %s to the prompt", request.task.id, binding.appended)
         tokenizer = m["tokenizer"]
         tokens = tokenizer(
@@ -498,13 +558,9 @@ class LambdaEclipseMethod(Method):
                 images=[s.reference.convert("RGB") for s in request.subjects], return_tensors="pt"
             ).pixel_values.to(device=device, dtype=dtype)
             subject_embeds = m["image_encoder"](pixel_values=pixels).image_embeds
-            for category, positions in binding.positions.items():
-                rows = [i for i, s in enumerate(request.subjects) if s.category == category]
-                if cfg["shared_keyword"] == "mean":
-                    embed = subject_embeds[rows].mean(dim=0)
-                else:
-                    embed = subject_embeds[rows[-1]]
-                hidden[0, list(positions)] = embed.to(hidden.dtype)
+            for rows, positions in self._assignments(binding, request, cfg["shared_keyword"]):
+                if positions:
+                    hidden[0, list(positions)] = subject_embeds[rows].mean(dim=0).to(hidden.dtype)
 
             prior = m["prior"]
             noise = torch.randn((1, prior.config.embedding_dim), generator=generator, dtype=torch.float32)
@@ -526,6 +582,19 @@ class LambdaEclipseMethod(Method):
                 output_type="pil",
             )
         return out.images[0].convert("RGB")
+
+    @staticmethod
+    def _assignments(
+        binding: KeywordBinding | OfficialBinding, request: GenerationRequest, shared_keyword: str
+    ) -> list[tuple[list[int], tuple[int, ...]]]:
+        """(subject rows whose mean embedding is written, positions), in the order they are written."""
+        if isinstance(binding, OfficialBinding):
+            return [([index], positions) for index, positions in binding.assignments]
+        out = []
+        for category, positions in binding.positions.items():
+            rows = [i for i, s in enumerate(request.subjects) if s.category == category]
+            out.append((rows if shared_keyword == "mean" else rows[-1:], positions))
+        return out
 
 
 def _transformers_dtype(dtype) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from baselines.lambda_eclipse import (
     LambdaEclipseMethod,
     WeightsUnavailableError,
     bind_keywords,
+    bind_keywords_official,
     keyword_forms,
 )
 from msibench.bench.manifest import load_manifest
@@ -264,6 +265,32 @@ def test_missing_keyword_is_appended(tokenizer):
     assert words == {"cat": "cat", "hot dog": "hot dog"}
 
 
+def _bind_official(tokenizer, prompt: str, keywords: list[str]):
+    return bind_keywords_official(
+        prompt,
+        keywords,
+        lambda t: tokenizer(t, padding="max_length", max_length=77, truncation=True).input_ids,
+        lambda t: tokenizer(t, add_special_tokens=False).input_ids,
+    )
+
+
+def test_official_binding_overwrites_every_token_occurrence_in_subject_order(tokenizer):
+    """eclipse-t2i/lambda-eclipse-inference@6a7e00e pipeline_kandinsky_subject_prior.py:478-493: for each subject in
+    order, for each token id of tokenizer(keyword)["input_ids"][1:-1], every position where the prompt ids equal it
+    (np.where) gets the subject's embedding; a keyword with a token not found is printed and left unbound."""
+    prompt = "a dog and a hot dog"
+    # ids: 0 <bos>, 1 a, 2 dog, 3 and, 4 a, 5 hot, 6 dog, 7 <eos>, padding
+    binding = _bind_official(tokenizer, prompt, ["dog", "hot dog"])
+    assert binding.prompt == prompt and binding.missing == ()
+    # "dog" takes both dogs; "hot dog", written after it, takes "hot" and both dogs again (the last writer wins).
+    assert binding.assignments == ((0, (2, 6)), (1, (2, 5, 6)))
+    # A plural has its own token: the singular keyword is not found, only reported; the prompt is not changed.
+    # ids: 0 <bos>, 1 two, 2 dogs, 3 and, 4 a, 5 pers, 6 on, 7 <eos> (the tiny vocabulary splits "person")
+    plural = _bind_official(tokenizer, "two dogs and a person", ["dog", "person"])
+    assert plural.missing == ("dog",) and plural.assignments == ((0, ()), (1, (5, 6)))
+    assert plural.prompt == "two dogs and a person"
+
+
 def test_keyword_that_cannot_fit_names_the_task(tokenizer):
     with pytest.raises(ValueError, match=r"task 'x'.*\['dog'\]"):
         _bind(tokenizer, "a photo of " + "a cat " * 40, ["dog"])
@@ -437,15 +464,19 @@ def test_options_capabilities_and_fingerprint(monkeypatch: pytest.MonkeyPatch):
     for key in ("prior_revision", "decoder", "decoder_revision", "image_encoder", "text_encoder", "dtype"):
         assert key in cfg
     defaults = LambdaEclipseMethod().config()
-    assert (defaults["steps"], defaults["guidance"], defaults["dtype"]) == (50, 7.5, "float16")
+    # One official script, test_quick.py: decoder num_inference_steps=50, guidance_scale=7.5 (lines 92-97), every
+    # component float32 (line 43: torch_dtype=torch.float32; the pipelines loaded without a dtype).
+    assert (defaults["steps"], defaults["guidance"], defaults["dtype"]) == (50, 7.5, "float32")
+    assert defaults["binding"] == "span"
     # Every option that changes the image changes the fingerprint.
     variants = [
         {},
         {"steps": 30},
         {"guidance": 4.0},
         {"resolution": 768},
-        {"dtype": "float32"},
+        {"dtype": "float16"},
         {"scheduler": "DDIMScheduler"},
+        {"binding": "official"},
         {"shared_keyword": "mean"},
         *({f"{key}_revision": "0123abc"} for key in ("prior", "decoder", "image_encoder", "text_encoder")),
         *({key: f"someone/{key}"} for key in ("prior", "decoder", "image_encoder", "text_encoder")),
@@ -460,6 +491,10 @@ def test_options_capabilities_and_fingerprint(monkeypatch: pytest.MonkeyPatch):
         LambdaEclipseMethod(dtype="float8")
     with pytest.raises(ValueError, match="'shared_keyword'"):
         LambdaEclipseMethod(shared_keyword="first")
+    with pytest.raises(ValueError, match="'binding'"):
+        LambdaEclipseMethod(binding="regex")
+    with pytest.raises(ValueError, match="'shared_keyword'.*binding=span only"):
+        LambdaEclipseMethod(binding="official", shared_keyword="mean")
     monkeypatch.setenv(ENV_VARS["prior"], "/weights/lambda-prior")
     assert LambdaEclipseMethod().config()["prior"] == "/weights/lambda-prior"
 
@@ -534,6 +569,30 @@ def test_subject_embedding_replaces_the_keyword_states(ready_method: LambdaEclip
     assert spans == {"person": "person", "teddy bear": "teddy bear"}
     others = [i for i in range(77) if i not in bound]
     assert torch.allclose(hidden[others], plain[others], atol=1e-6)
+
+
+def test_official_binding_writes_the_last_subject_over_shared_tokens(ready_method, tiny_dirs):
+    """With -M binding=official the prior's text states are the unedited prompt's, each position holding a token of
+    a subject's keyword overwritten by the last such subject's embedding (get_text_feats, lines 478-490)."""
+    import torch
+
+    method = LambdaEclipseMethod(**tiny_options(tiny_dirs, binding="official"))
+    method._models = ready_method._models  # same loaded components, other option
+    m = method._models
+    for task_id in ("multi-k2-009", "multi-k2-000"):  # "two people ..." (the keyword "person" is missing), "a person"
+        request = _request(task_id, [(200, 30, 30), (30, 30, 200)])
+        binding = method._binding(request)
+        assert binding.prompt == request.prompt
+        pixels = m["image_processor"](images=[s.reference for s in request.subjects], return_tensors="pt")
+        with torch.no_grad():
+            embeds = m["image_encoder"](pixel_values=pixels.pixel_values).image_embeds
+            tokens = m["tokenizer"](request.prompt, padding="max_length", max_length=77, return_tensors="pt")
+            expected = m["text_encoder"](**tokens).last_hidden_state[0].clone()
+        for index, positions in binding.assignments:
+            expected[list(positions)] = embeds[index]
+        hidden = _prior_inputs(method, request)["encoder_hidden_states"][0]
+        torch.testing.assert_close(hidden, expected, atol=1e-6, rtol=0)
+    assert method._binding(_request("multi-k2-009", [(0, 0, 0)] * 2)).missing == ("person",)
 
 
 def test_prior_and_decoder_get_the_official_inputs(ready_method: LambdaEclipseMethod, tiny_dirs: dict[str, str]):
