@@ -374,10 +374,15 @@ class CustomNetModel(nn.Module):
         - ``text``: list of B prompts, or ``text_embeds`` [B, 77, D];
         - ``subject_mask`` [B, K] bool (optional, default all present);
         - ``categories`` [B, K] int64, contiguous 0..79, -1 for padding (MS-CustomNet only);
-        - ``viewpoints`` [B, K, 4] (optional, default front view).
+        - ``viewpoints`` [B, K, 4] (optional, default front view);
+        - ``text_only`` [B] (optional): samples whose subject tokens are zeroed, CustomNet's ``text_only``.
 
-        Dropout per sample (r ~ U[0, 1), u = ``config.uncond_rate``): subjects dropped (all masked) for r < 2u,
-        layout latent zeroed for u <= r < 3u; prompt replaced by "" with probability ``config.text_drop``.
+        Dropout per sample as CustomNet's ``get_input`` (``ldm/models/diffusion/ddpm.py:743-763``; r ~ U[0, 1),
+        u = ``config.uncond_rate``): for r < 2u the reference images are dropped, their CLIP embeddings replaced by
+        the null embedding 0 (``FrozenCLIPImageEmbedder([""])``), so each token is ``F_proj([0; T; e_c])``, for
+        CustomNet ``cc_projection([0; T])``, non-zero and attended to; for u <= r < 3u the layout latent is zeroed;
+        the prompt is replaced by "" with probability ``config.text_drop`` (``ucg_training txt``). ``text_only``
+        rows get all-zero tokens (``ddpm.py:756-757``), which the dual attention turns into no image contribution.
         """
         batch_size = _batch_size(batch)
         device = self.device
@@ -419,10 +424,10 @@ class CustomNetModel(nn.Module):
 
         u = self.config.uncond_rate
         r = rand(batch_size)
-        drop_subjects = r < 2 * u
+        drop_images = r < 2 * u
         drop_layout = (r >= u) & (r < 3 * u)
         drop_text = rand(batch_size) < self.config.text_drop
-        subject_mask = subject_mask & ~drop_subjects[:, None]
+        image_embeds = torch.where(drop_images.view(-1, 1, 1), torch.zeros_like(image_embeds), image_embeds)
         layout_latents = layout_latents * (~drop_layout).view(-1, 1, 1, 1).to(layout_latents)
         if bool(drop_text.any()):
             null_text = self.encode_text([""]).to(text_embeds)
@@ -430,8 +435,10 @@ class CustomNetModel(nn.Module):
 
         categories = batch.get("categories") if self.config.multi_subject else None
         tokens = self.subject_tokens(image_embeds, batch.get("viewpoints"), categories)
-        # Dropped and padded subjects are masked out of the attention; zeroing them too keeps their (unused)
-        # values finite and independent of the reference.
+        text_only = batch.get("text_only")
+        if text_only is not None:
+            tokens = tokens * (1.0 - text_only.to(device, tokens.dtype).view(-1, 1, 1))
+        # Padded subjects are masked out of the attention; zeroing them too keeps their (unused) values finite.
         tokens = tokens * subject_mask.unsqueeze(-1).to(tokens)
 
         gen_device = generator.device if generator is not None else device

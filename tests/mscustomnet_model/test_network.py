@@ -159,6 +159,53 @@ def test_condition_dropout_follows_customnets_rates(tiny_ms):
     assert (loss(keeping, batch) != loss(keeping, other)).all()
 
 
+def _with(model, **fields):
+    changed = CustomNetModel.empty(ModelConfig.from_dict({**model.config.to_dict(), **fields}))
+    changed.load_weights(model.state_dict())
+    return changed
+
+
+@pytest.mark.parametrize("name", ["customnet", "mscustomnet"])
+def test_a_dropped_image_gives_customnets_null_token_not_a_masked_subject(tiny_customnet, tiny_ms, name, monkeypatch):
+    """TencentARC/CustomNet@23a378f ldm/models/diffusion/ddpm.py:744-757 (get_input): prompt_mask = r < 2u replaces
+    the CLIP image embedding by null_prompt = FrozenCLIPImageEmbedder([""]) = zeros (encoders/modules.py:99-102)
+    BEFORE cc_projection, so the dropped token is cc_projection([0; T]) (bias and viewpoint: non-zero) and stays in
+    the cross-attention; text_only multiplies the projected token by (1 - text_only)."""
+    import torch.nn.functional as F
+
+    base = tiny_customnet if name == "customnet" else tiny_ms
+    model = _with(base, uncond_rate=0.5, text_drop=0.0)  # r < 1 = 2u: every image dropped
+    seen = {}
+
+    def spy(noisy, timesteps, layout_latents, tokens, text_embeds, subject_mask):
+        seen.update(tokens=tokens, mask=subject_mask)
+        return torch.zeros_like(noisy)
+
+    monkeypatch.setattr(model, "predict_noise", spy)
+    k, dim = 2, model.config.image_encoder.projection_dim
+    views = torch.tensor([[0.3, 0.5, 0.8, 0.0], [-0.2, 0.0, 1.0, 0.0]]).expand(3, k, 4)
+    batch = {
+        "latents": torch.randn(3, 4, 8, 8),
+        "layout_latents": torch.randn(3, 4, 8, 8),
+        "image_embeds": torch.randn(3, k, dim),
+        "text_embeds": model.encode_text(["a", "b", "c"]),
+        "viewpoints": views,
+        "text_only": torch.tensor([0.0, 1.0, 0.0]),
+    }
+    if model.config.multi_subject:
+        batch["categories"] = torch.tensor([[3, 7], [1, 2], [5, 5]])
+    model.training_loss(batch, generator=torch.Generator().manual_seed(0))
+    parts = [torch.zeros(3, k, dim), views]
+    if model.config.multi_subject:
+        parts.append(model.embed_categories(batch["categories"]))
+    expected = F.linear(torch.cat(parts, -1), model.projection.weight, model.projection.bias)
+    expected[1] = 0.0  # text_only
+    with torch.no_grad():
+        torch.testing.assert_close(seen["tokens"], expected)
+    assert bool(seen["mask"].all())  # the null tokens are attended to, not masked away
+    assert float(expected[0].abs().min()) > 0
+
+
 def test_training_loss_accepts_precomputed_encodings(tiny_ms):
     batch = _batch(b=2, k=2)
     gen = torch.Generator().manual_seed(3)
