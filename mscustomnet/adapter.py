@@ -71,6 +71,19 @@ class MSCustomNetMethod(Method):
         info = self._model_info()
         return bool(info.get("config", {}).get("use_layout", True)) if info else True
 
+    def _training_summary(self) -> dict[str, Any] | None:
+        """What the model folder's training record says about the paper's switches (M_L, DST, CLSQ), for matching
+        a run to the paper's configuration; None for a folder without one (converted or foreign weights)."""
+        info = self._model_info() or {}
+        trained = ((info.get("metadata") or {}).get("training") or {}).get("config")
+        if not isinstance(trained, dict):
+            return None
+        return {
+            "use_layout": bool((trained.get("model") or {}).get("use_layout", True)),
+            "dual_stage": len((trained.get("train") or {}).get("stages") or []) > 1,
+            "curriculum": bool((trained.get("curriculum") or {}).get("enabled", False)),
+        }
+
     def config(self) -> dict[str, Any]:
         o = self.options
         return {
@@ -78,6 +91,7 @@ class MSCustomNetMethod(Method):
             "revision": o["revision"] or None,
             # A local folder is identified by its content, a hub id by its revision.
             "weights_sha256": self._weights_sha256(),
+            "training": self._training_summary(),
             "steps": int(o["steps"]),
             "guidance": float(o["guidance"]),
             "resolution": int(o["resolution"]),

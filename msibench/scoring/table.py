@@ -3,7 +3,10 @@ YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B; plus Z-Acc. ``–`` marks a method wi
 
 With ``paper=True`` each cell also shows the number the paper reports, read from
 ``msibench/data/paper_table1.json`` (stored as data with its citation): ``0.613 (0.61)``; ``(?)`` marks a paper
-cell we could not read and ``(–)`` one the paper leaves empty.
+cell we could not read and ``(–)`` one the paper leaves empty. Only a run that IS the paper's configuration of its
+method gets them (:func:`paper_match`: the method name, and every field of the entry's ``configuration.fields``
+equal in the run's fingerprint, ``run.json`` ``fingerprint.config`` by dotted path); an ablation or a run with
+other options shows none, and the paper's numbers get a row of their own.
 """
 
 from __future__ import annotations
@@ -53,13 +56,16 @@ class RunResult:
     run_dir: str
     scorer_hash: str | None
     summary: list[GroupSummary]
+    #: the method's fingerprint config from the run folder's run.json (None when absent)
+    config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Cell:
     stat: Stat | None
     paper: float | None = None
-    # "reported", "dash" (the paper shows –), "unread", "absent" (method not in the paper); None without --paper
+    # "reported", "dash" (the paper shows –), "unread", "absent" (method not in the paper), "other-config" (the run
+    # is not the paper's configuration of its method); None without --paper
     paper_status: str | None = None
 
 
@@ -87,7 +93,48 @@ def load_run(spec: str | Path, label: str | None = None) -> RunResult:
     header, records = load_scores(path)
     method = (header.get("run") or {}).get("method")
     label = label or spec_label or METHOD_LABELS.get(str(method), str(method or path.name))
-    return RunResult(label, method, str(path), header.get("scorer_hash"), aggregate(records))
+    return RunResult(label, method, str(path), header.get("scorer_hash"), aggregate(records), _run_config(path))
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    config = (info.get("fingerprint") or {}).get("config") if isinstance(info, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+_MISSING = object()
+
+
+def _dotted(config: dict[str, Any], path: str) -> Any:
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def paper_match(paper: dict[str, Any], run: RunResult) -> tuple[bool, str]:
+    """Whether ``run`` is the paper's configuration of its method, and if not, why (for the table's notes).
+
+    The paper entry's ``configuration.fields`` maps dotted paths of the fingerprint config to the values that define
+    the paper's configuration; every one must be present and equal (numbers compared as numbers)."""
+    entry = (paper.get("methods") or {}).get(run.method or "")
+    if entry is None:
+        return False, "not in the paper"
+    fields = (entry.get("configuration") or {}).get("fields") or {}
+    if fields and run.config is None:
+        return False, "its run.json (the method's configuration) was not found"
+    for path, want in fields.items():
+        got = _dotted(run.config or {}, path)
+        same = got == want if not isinstance(want, float) else isinstance(got, (int, float)) and float(got) == want
+        if got is _MISSING or not same:
+            shown = "absent" if got is _MISSING else repr(got)
+            return False, f"{path} = {shown}, the paper's configuration has {want!r}"
+    return True, ""
 
 
 def load_paper_table(path: str | Path | None = None) -> dict[str, Any]:
@@ -120,19 +167,25 @@ def paper_cell(paper: dict[str, Any], method: str | None, track: str, metric: st
 
 def build_rows(runs: Sequence[RunResult], paper: dict[str, Any] | None = None) -> list[Row]:
     rows = []
+    covered = set()
     for run in runs:
+        matched = paper is not None and paper_match(paper, run)[0]
+        if matched:
+            covered.add(run.method)
         cells = []
         for track, metric in COLUMNS:
             group = find_group(run.summary, track, None)
             stat = group.metrics.get(metric) if group is not None else None
             if paper is None:
                 cells.append(Cell(stat))
-            else:
+            elif matched or paper_cell(paper, run.method, track, metric)[1] == "absent":
                 cells.append(Cell(stat, *paper_cell(paper, run.method, track, metric)))
+            else:
+                cells.append(Cell(stat, None, "other-config"))
         rows.append(Row(run.label, run.method, run.run_dir, tuple(cells)))
     if paper is not None:
-        # Methods the paper reports numbers for but no run covers still get a row, with only the paper's numbers.
-        covered = {run.method for run in runs}
+        # Methods the paper reports numbers for but no run of the paper's configuration covers still get a row,
+        # with only the paper's numbers.
         for method, entry in (paper.get("methods") or {}).items():
             if method in covered:
                 continue
@@ -212,6 +265,12 @@ def _notes(runs: Sequence[RunResult], paper: dict[str, Any] | None) -> list[str]
             f"In parentheses: numbers reported in {cite.get('short', 'the paper')} ({cite.get('url', '')}); "
             "(?) = not read from the paper, (–) = not reported there."
         )
+        for run in runs:
+            matched, why = paper_match(paper, run)
+            if not matched and why != "not in the paper":
+                notes.append(
+                    f"{run.label}: not the paper's configuration of {run.method} ({why}): no paper numbers beside it."
+                )
     hashes = {run.scorer_hash for run in runs}
     if len(hashes) > 1:
         notes.append(f"Warning: runs were scored by different scorer versions: {', '.join(sorted(map(str, hashes)))}.")

@@ -129,3 +129,24 @@ def test_msibench_run_cli_without_weights_is_a_clean_error(tmp_path, coco_root, 
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
     assert WEIGHTS_ENV in result.output and "Traceback" not in result.output
+
+
+def test_the_fingerprint_states_the_papers_training_switches(tiny_ms, tmp_path):
+    """The table matches a run to the paper's configuration (M_L + DST + CLSQ) through these fields."""
+    full = {"model": {"use_layout": True}, "train": {"stages": [{"epochs": 7}, {"epochs": 3}]}}
+    full["curriculum"] = {"enabled": True}
+    folder = save_model(tiny_ms, tmp_path / "full", training={"config": full})
+    assert MSCustomNetMethod(weights=str(folder)).config()["training"] == {
+        "use_layout": True,
+        "dual_stage": True,
+        "curriculum": True,
+    }
+    baseline = {"model": {"use_layout": False}, "train": {"stages": [{"epochs": 10}]}}
+    baseline["curriculum"] = {"enabled": False}
+    folder = save_model(tiny_ms, tmp_path / "baseline", training={"config": baseline})
+    assert MSCustomNetMethod(weights=str(folder)).config()["training"] == {
+        "use_layout": False,
+        "dual_stage": False,
+        "curriculum": False,
+    }
+    assert MSCustomNetMethod(weights=str(save_model(tiny_ms, tmp_path / "plain"))).config()["training"] is None

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from msibench.scoring.aggregate import aggregate, compare, find_group
-from msibench.scoring.table import COLUMNS, load_paper_table, load_run, render_table
+from msibench.scoring.table import COLUMNS, load_paper_table, load_run, paper_match, render_table
 
 
 def rec(task, track, k, sample, status="ok", **metrics):
@@ -117,25 +117,75 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
                 assert float(cell) == pytest.approx(expected, abs=1e-12), (row["label"], track, metric)
     md = render_table(results, "md", paper=load_paper_table())
     assert "| Paste (oracle) | 0.600 |" in md  # single DINO-I from the per-task means
-    assert "(0.61)" in md and "(0.94)" in md  # MS-CustomNet's reported multi-subject DINO-I / YOLO-L
+    # MS-CustomNet's reported multi-subject DINO-I / YOLO-L: on the paper's own row (this run has no run.json, so it
+    # cannot be matched to the paper's configuration).
+    assert "(0.61)" in md and "(0.94)" in md
     assert "Paste (oracle) (single): 1 failed images" in md and "(multi): 0 failed images" in md  # s2, m3
     tex = render_table(results, "tex")
     assert r"\multicolumn{3}{c}{Single-subject}" in tex and "0.600" in tex
 
 
-def test_paper_table_holds_only_cited_numbers():
-    paper = load_paper_table()
-    assert paper["citation"]["url"] == "https://arxiv.org/html/2603.21136"
-    reported = {
-        (method, track, metric): value
-        for method, entry in paper["methods"].items()
-        for track in ("single", "multi")
-        for metric, value in entry[track].items()
-        if value is not None
+def test_paper_table_holds_every_cell_of_table_i():
+    """arXiv 2603.21136v1, TABLE I (shared/papers/ms-customnet-arxiv-2603.21136.txt lines 202-209), written out:
+    single DINO-I / CLIP-I / CLIP-B, multi YOLO-Subj / YOLO-L / DINO-I / CLIP-I / CLIP-B; None = "–"."""
+    table_i = {
+        "ip-adapter": ((0.58, 0.75, 0.29), (None, None, None, None, None)),
+        "customnet": ((0.77, 0.82, 0.33), (None, None, None, None, None)),
+        "lambda-eclipse": ((0.61, 0.78, 0.34), (0.62, None, 0.56, 0.77, 0.30)),
+        "ssr-encoder": ((0.67, 0.79, 0.36), (0.71, 0.91, 0.57, 0.79, 0.35)),
+        "mscustomnet": ((0.74, 0.82, 0.32), (0.68, 0.94, 0.61, 0.79, 0.34)),
     }
-    assert reported == {("mscustomnet", "multi", "dino_i"): 0.61, ("mscustomnet", "multi", "yolo_l"): 0.94}
-    for (method, track, metric), _ in reported.items():
-        assert f"{track}.{metric}" in paper["methods"][method]["sources"]
+    paper = load_paper_table()
+    assert paper["citation"]["url"] == "https://arxiv.org/html/2603.21136" and "Table I" in paper["citation"]["table"]
+    assert set(paper["methods"]) == set(table_i)
+    for method, (single, multi) in table_i.items():
+        entry = paper["methods"][method]
+        assert tuple(entry["single"][m] for m in ("dino_i", "clip_i", "clip_b")) == single, method
+        assert tuple(entry["multi"][m] for m in ("yolo_subj", "yolo_l", "dino_i", "clip_i", "clip_b")) == multi
+        assert entry["multi"]["z_acc"] is None and "multi.z_acc" in entry["dash"]  # Z-Acc is msibench's own
+        for track, metrics in (("single", single), ("multi", multi)):
+            names = ("dino_i", "clip_i", "clip_b") if track == "single" else ("yolo_subj", "yolo_l", "dino_i")
+            names += () if track == "single" else ("clip_i", "clip_b")
+            for name, value in zip(names, metrics, strict=True):
+                assert (value is None) == (f"{track}.{name}" in entry["dash"]), (method, track, name)
+        assert entry["configuration"]["fields"] and entry["configuration"]["why"]
+
+
+def _write_run_json(path: Path, config: dict) -> None:
+    (path / "run.json").write_text(json.dumps({"fingerprint": {"method": "x", "config": config}}))
+
+
+def test_paper_numbers_stand_only_beside_the_papers_configuration(tmp_path):
+    full = {"training": {"use_layout": True, "dual_stage": True, "curriculum": True}, "steps": 50, "guidance": 3.0}
+    full["resolution"] = 256
+    runs = {}
+    for name, config in {
+        "full": full,
+        "ablation": {**full, "training": {"use_layout": True, "dual_stage": True, "curriculum": False}},
+        "guided": {**full, "guidance": 5.0},
+        "converted": {**full, "training": None},
+    }.items():
+        runs[name] = write_scored_run(tmp_path / name, RECORDS, method="mscustomnet")
+        _write_run_json(runs[name], config)
+    ip_layout = write_scored_run(tmp_path / "ip", RECORDS, method="ip-adapter")
+    _write_run_json(ip_layout, {"use_layout": True, "scheduler": "ddim", "steps": 50, "guidance": 7.5, "scale": 0.5})
+    paper = load_paper_table()
+    results = [load_run(f"{name}={path}") for name, path in runs.items()] + [load_run(f"IP+layout={ip_layout}")]
+    assert [paper_match(paper, r)[0] for r in results] == [True, False, False, False, False]
+    assert "training.curriculum = False" in paper_match(paper, results[1])[1]
+    rows = list(csv.DictReader(io.StringIO(render_table(results, "csv", paper=paper))))
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["full"]["multi_yolo_l_paper"] == "0.94" and by_label["full"]["single_dino_i_paper"] == "0.74"
+    for label in ("ablation", "guided", "converted", "IP+layout"):
+        assert by_label[label]["multi_yolo_l_paper"] == "" and by_label[label]["single_dino_i_paper"] == ""
+    # IP-Adapter has no run of the paper's configuration: its numbers get a row of their own; MS-CustomNet's do not.
+    assert by_label["IP-Adapter"]["run_dir"] == "" and by_label["IP-Adapter"]["single_dino_i_paper"] == "0.58"
+    assert "MS-CustomNet" not in by_label
+    md = render_table(results, "md", paper=paper)
+    ablation_row = next(line for line in md.splitlines() if line.startswith("| ablation |"))
+    assert "(" not in ablation_row
+    assert "ablation: not the paper's configuration of mscustomnet (training.curriculum = False" in md
+    assert "converted: not the paper's configuration of mscustomnet (training.use_layout = absent" in md
 
 
 def test_cli_table_plot_compare_write_files(tmp_path):
