@@ -252,3 +252,20 @@ def test_customnet_pipeline_conditions_on_the_official_app_inputs_by_default(tin
     assert torch.equal(seen[-1][0], app_canvas(square, s.box, 64))
     pipe(["a ball"], [s], seeds=[0], steps=2, resolution=64, reference_fit="upscale", placement="dataset")
     assert torch.equal(seen[-1][0], customnet_canvas(prepare_reference(ref, mask, fit="upscale"), s.box, 64))
+
+
+def test_step0_ms_customnet_is_customnets_network_but_not_its_pipeline(tiny_customnet, monkeypatch):
+    """README: F_proj's zero columns make the step-0 MS-CustomNet network CustomNet's, but the pipelines condition
+    differently: M_L (the reference in its box on BLACK, paper Eq. 4) vs the reference square on a WHITE canvas."""
+    from mscustomnet.model.network import CustomNetModel
+
+    ms = CustomNetModel.from_customnet(tiny_customnet, category_dim=8).eval()
+    ref, mask = _solid((200, 10, 10), (40, 30)), _full_mask((40, 30))
+    box = (0.25, 0.25, 0.75, 0.75)
+    seen = {}
+    for name, model in (("customnet", tiny_customnet), ("ms", ms)):
+        encode = model.encode_layout
+        monkeypatch.setattr(model, "encode_layout", lambda x, n=name, e=encode: (seen.__setitem__(n, x), e(x))[1])
+    CustomNetPipeline(tiny_customnet)(["a ball"], [Subject(ref, box, mask)], seeds=[0], steps=2, resolution=64)
+    MSCustomNetPipeline(ms)(["a ball"], [[Subject(ref, box, mask, category_index=32)]], seeds=[0], steps=2)
+    assert torch.all(seen["customnet"][0, :, 0, 0] == 1.0) and torch.all(seen["ms"][0, :, 0, 0] == -1.0)
