@@ -242,3 +242,21 @@ def test_failed_generation_counts_zero_but_a_scoring_failure_is_left_out():
     b = [{**rec("m0", "multi", 2, 0, status="failed"), "stage": "generation", "overlap_pairs": 1}, ok[1]]
     diff = {d.metric: d for d in compare(ok, b)}
     assert diff["dino_i"].n == 2 and diff["dino_i"].diff == pytest.approx(-0.3)
+
+
+def test_a_default_run_of_each_baseline_is_the_papers_configuration(tmp_path, monkeypatch):
+    from baselines.ip_adapter import IPAdapterMethod
+    from baselines.lambda_eclipse import LambdaEclipseMethod
+    from baselines.ssr_encoder import SSREncoderMethod
+    from msibench.scoring.table import RunResult
+
+    monkeypatch.delenv("MSIBENCH_IP_ADAPTER_WEIGHTS", raising=False)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"aligner")
+    (tmp_path / "pytorch_model_1.bin").write_bytes(b"layers")
+    paper = load_paper_table()
+    methods = [IPAdapterMethod(), LambdaEclipseMethod(), SSREncoderMethod(weights=str(tmp_path))]
+    for method in methods:
+        run = RunResult(method.name, method.name, "", None, [], method.config())
+        assert paper_match(paper, run) == (True, ""), method.name
+    other = IPAdapterMethod(use_layout=True)
+    assert not paper_match(paper, RunResult("x", "ip-adapter", "", None, [], other.config()))[0]
