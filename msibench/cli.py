@@ -62,38 +62,84 @@ def bench_group() -> None:
     """Build or inspect the benchmark manifest."""
 
 
+_MANIFEST_HELP = "Manifest file, or a packaged name: v2 (default) or v1."
+
+
 @bench_group.command("build")
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", default="val2017", show_default=True)
-def bench_build(coco_root: Path, out: Path, seed: int, split: str) -> None:
+@click.option(
+    "--review",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Hand review of reference candidates (default: the packaged msibench/data/reference_review.json).",
+)
+def bench_build(coco_root: Path, out: Path, seed: int, split: str, review: Path | None) -> None:
     """Write the MSIBench manifest built deterministically from a COCO 2017 split."""
-    from msibench.bench.build import BuildParams, build_manifest
+    from msibench.bench.build import BuildError, BuildParams, build_manifest, load_review
     from msibench.bench.manifest import dumps
     from msibench.cache import atomic_write_bytes
+    from msibench.coco import CocoError
 
-    manifest = build_manifest(coco_root, BuildParams(split=split, seed=seed))
+    try:
+        manifest = build_manifest(coco_root, BuildParams(split=split, seed=seed), load_review(review))
+    except (BuildError, CocoError) as err:
+        raise click.ClickException(str(err)) from err
     atomic_write_bytes(out, dumps(manifest))
     stats = manifest["build"]["stats"]
-    click.echo(f"wrote {out}: {len(manifest['tasks'])} tasks; {stats}")
+    click.echo(
+        f"wrote {out}: {len(manifest['tasks'])} tasks (multi {stats['multi']['tasks']} of "
+        f"{stats['multi']['requested']}, single {stats['single']['tasks']} of {stats['single']['requested']})"
+    )
+    if stats["references"]["pool_unreviewed"]:
+        click.echo(f"warning: {stats['references']['pool_unreviewed']} pool references are not reviewed", err=True)
 
 
 @bench_group.command("info")
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def bench_info(manifest: Path | None) -> None:
-    """Summarize a manifest (the packaged v1 by default)."""
-    from collections import Counter
+@click.option("--manifest", default=None, help=_MANIFEST_HELP)
+def bench_info(manifest: str | None) -> None:
+    """Summarize a manifest: tasks per track and K, categories, scenes, references and their pools."""
+    from msibench.bench.manifest import ManifestError, load_manifest, manifest_info
 
-    from msibench.bench.manifest import load_manifest
+    try:
+        m = load_manifest(manifest)
+    except ManifestError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(manifest_info(m))
 
-    m = load_manifest(manifest)
-    click.echo(f"{m.path}\nversion {m.version}, sha256 {m.sha256}")
-    per = Counter((t.track, t.k) for t in m.tasks)
-    for (track, k), n in sorted(per.items()):
-        click.echo(f"  {track:<6} K={k}: {n} tasks")
-    cats = {s.category for t in m.tasks for s in t.subjects}
-    click.echo(f"  categories: {len(cats)}; source images: {len(m.sources)}")
+
+@bench_group.command("contact-sheet")
+@click.option("--manifest", default=None, help=_MANIFEST_HELP)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
+@click.option(
+    "--coco-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO 2017 root to cut the references from (or MSIBENCH_COCO_ROOT); without it images are downloaded.",
+)
+@click.option("--columns", type=int, default=10, show_default=True)
+def bench_contact_sheet(manifest: str | None, out: Path, coco_root: Path | None, columns: int) -> None:
+    """Draw every distinct reference of a manifest, grouped by category, into one PNG."""
+    from msibench.bench.contact_sheet import render_contact_sheet
+    from msibench.bench.manifest import ManifestError, load_manifest
+    from msibench.bench.prepare import PrepareError
+
+    if columns < 2:
+        raise click.BadParameter("needs at least 2 (the category name takes the first)", param_hint="--columns")
+    try:
+        sheet = render_contact_sheet(load_manifest(manifest), coco_root, columns=columns)
+    except (ManifestError, PrepareError) as err:
+        raise click.ClickException(str(err)) from err
+    import io
+
+    from msibench.cache import atomic_write_bytes
+
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=True)
+    atomic_write_bytes(out, buf.getvalue())
+    click.echo(f"wrote {out} ({sheet.width}x{sheet.height})")
 
 
 @main.group("data")
@@ -108,16 +154,16 @@ def data_group() -> None:
     default=None,
     help="COCO 2017 root holding val2017/ (or MSIBENCH_COCO_ROOT); without it images are downloaded.",
 )
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def data_prepare(coco_root: Path | None, manifest: Path | None) -> None:
+@click.option("--manifest", default=None, help=_MANIFEST_HELP)
+def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
     """Materialize every reference into $MSIBENCH_CACHE, checking each source file's sha256."""
-    from msibench.bench.manifest import load_manifest
+    from msibench.bench.manifest import ManifestError, load_manifest
     from msibench.bench.prepare import PrepareError, prepare, references_dir
 
-    m = load_manifest(manifest)
     try:
+        m = load_manifest(manifest)
         written = prepare(m, coco_root)
-    except PrepareError as err:
+    except (ManifestError, PrepareError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"{written} references written, all {len(m.sources)} source files verified -> {references_dir()}")
 
@@ -149,7 +195,7 @@ def data_prepare(coco_root: Path | None, manifest: Path | None) -> None:
     default=None,
     help="COCO 2017 root for preparing references offline (or MSIBENCH_COCO_ROOT).",
 )
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--manifest", default=None, help=_MANIFEST_HELP)
 @click.option("--overwrite", is_flag=True, help="Discard results of another configuration in the run folder.")
 @click.option("--retry-failed", is_flag=True, help="Generate again the samples recorded as failed.")
 @click.option("--no-progress", is_flag=True)

@@ -378,7 +378,12 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
             **identity,
             "fingerprint": method.fingerprint(),
             "capabilities": method.capabilities.__dict__,
-            "manifest": {"path": manifest.path, "version": manifest.version, "sha256": manifest.sha256},
+            "manifest": {
+                "name": manifest.name,
+                "path": manifest.path,
+                "version": manifest.version,
+                "sha256": manifest.sha256,
+            },
             "packages": _package_versions(),
             "git": _git_hash(),
             "device": device,

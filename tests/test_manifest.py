@@ -3,11 +3,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from msibench.bench.build import BuildParams, build_manifest
+from msibench.bench.build import BuildParams, build_manifest, load_review
 from msibench.bench.manifest import ManifestError, default_manifest_path, dumps, load_manifest
+from msibench.bench.quality import assess_annotations
+from msibench.coco import decode_mask, load_split
 
 
 @pytest.fixture(scope="module")
@@ -32,42 +35,85 @@ def _area(ann, image):
     return float(mask_utils.area(rle))
 
 
-def test_build_is_deterministic_and_matches_packaged_v1(coco_root, built):
+def test_build_is_deterministic_and_matches_packaged_v2(coco_root, built):
     again = build_manifest(coco_root, BuildParams(seed=0))
     assert dumps(built) == dumps(again)
-    # The committed v1 manifest is exactly what the builder makes from the COCO slice.
+    # The committed v2 manifest is exactly what the builder makes from the COCO slice.
     assert dumps(built) == default_manifest_path().read_bytes()
+    assert default_manifest_path().name == "msibench_v2.json"
     other = build_manifest(coco_root, BuildParams(seed=1))
     assert dumps(other) != dumps(built)
 
 
-def test_track_split(built):
+def test_track_split_builds_all_the_data_allows(built):
+    stats = built["build"]["stats"]
     per = Counter((t["track"], len(t["subjects"])) for t in built["tasks"])
-    assert per == {("multi", 2): 25, ("multi", 3): 25, ("multi", 4): 25, ("multi", 5): 25, ("single", 1): 100}
-    multi_scenes = [t["scene"]["image_id"] for t in built["tasks"] if t["track"] == "multi"]
-    assert len(set(multi_scenes)) == 100  # distinct scenes: the slice allows it
-    assert built["build"]["stats"]["multi"]["scenes_reused"] == 0
+    assert per[("single", 1)] == stats["single"]["tasks"] == 100
+    assert set(per) <= {("multi", k) for k in (2, 3, 4, 5)} | {("single", 1)}
+    for k in (2, 3, 4, 5):
+        made = per[("multi", k)]
+        assert made == stats["multi"]["tasks_per_k"][str(k)] <= 25
+        # A shortfall only where the slice has no more eligible scene: every eligible one was used.
+        if made < 25:
+            assert made == stats["multi"]["eligible_scenes_per_k"][str(k)]
+    assert stats["multi"]["requested"] == 100
+    assert stats["multi"]["tasks"] == sum(per[("multi", k)] for k in (2, 3, 4, 5))
+    assert per[("multi", 2)] == per[("multi", 3)] == per[("multi", 4)] == 25
 
 
-def test_references_never_the_scene_instance(built, coco_val):
+def test_references_come_from_clean_reviewed_pools(built, coco_val):
     _, anns = coco_val
+    review = load_review()
+    pools = {name: set(ids) for name, ids in built["build"]["pools"].items()}
+    assert pools and all(1 <= len(ids) <= 10 for ids in pools.values())
     for task in built["tasks"]:
         scene = task["scene"]["image_id"]
+        refs = [s["reference"]["annotation_id"] for s in task["subjects"]]
+        assert len(set(refs)) == len(refs), task["id"]  # never the same reference twice in a task
         for s in task["subjects"]:
             ref = anns[s["reference"]["annotation_id"]]
             assert s["reference"]["image_id"] == ref["image_id"] != scene
             assert ref["category_id"] == s["category_id"] and not ref["iscrowd"]
-        # Subjects of one category get different reference instances as far as the data has them.
-        per_cat: dict[int, list[int]] = {}
-        for s in task["subjects"]:
-            per_cat.setdefault(s["category_id"], []).append(s["reference"]["annotation_id"])
-        for cat, refs in per_cat.items():
-            available = [
-                a
-                for a in anns.values()
-                if a["category_id"] == cat and a["image_id"] != scene and not a["iscrowd"] and min(a["bbox"][2:]) >= 32
-            ]
-            assert len(set(refs)) == min(len(refs), len(available)), task["id"]
+            assert ref["id"] in pools[s["category"]]
+            assert ref["id"] in review.accepted and ref["id"] not in review.rejected
+    # The example container (a dining table carrying bottles, glasses, a bowl, a pizza...) is no reference.
+    assert 414619 not in {a for ids in pools.values() for a in ids}
+
+
+def test_pool_members_pass_the_rule(coco_root, built):
+    coco = load_split(coco_root, "val2017")
+    wanted = {a for ids in built["build"]["pools"].values() for a in ids}
+    images = {a["image_id"] for a in coco.annotations if a["id"] in wanted}
+    verdicts = {}
+    for image_id in images:
+        image = coco.images[image_id]
+        anns = [a for a in coco.annotations if a["image_id"] == image_id]
+        verdicts.update(assess_annotations(anns, image["width"], image["height"], decode_mask))
+    assert all(verdicts[a].clean for a in wanted)
+    # Pools are ranked: higher score first among a category's instances from distinct photos.
+    for ids in built["build"]["pools"].values():
+        scores = [verdicts[a].score for a in ids]
+        assert len(set(ids)) == len(ids)
+        photos = [next(x["image_id"] for x in coco.annotations if x["id"] == a) for a in ids]
+        first_of_photo = [i for i, p in enumerate(photos) if p not in photos[:i]]
+        assert [scores[i] for i in first_of_photo] == sorted((scores[i] for i in first_of_photo), reverse=True)
+
+
+def test_subtracted_instances_are_cut_out_of_the_pinned_mask(built, coco_val):
+    images, anns = coco_val
+    subjects = [s for t in built["tasks"] for s in t["subjects"] if s["reference"]["subtracted"]]
+    assert subjects, "the slice has references with small contained instances (drivers behind windscreens)"
+    for s in subjects[:5]:
+        ref = s["reference"]
+        image = images[ref["image_id"]]
+        h, w = image["height"], image["width"]
+        pinned = decode_mask(ref["segmentation"], h, w).astype(bool)
+        own = decode_mask(anns[ref["annotation_id"]]["segmentation"], h, w).astype(bool)
+        others = np.zeros_like(own)
+        for ann_id in ref["subtracted"]:
+            others |= decode_mask(anns[ann_id]["segmentation"], h, w).astype(bool)
+        assert np.array_equal(pinned, own & ~others)
+        assert ref["mask_area"] == pinned.sum() < own.sum()
 
 
 def test_subjects_are_salient_and_zorder_follows_mask_area(built, coco_val):
@@ -100,11 +146,22 @@ def test_boxes_letterboxed_to_square_canvas(built, coco_val):
             assert x0 * side == pytest.approx(x + (side - image["width"]) / 2, abs=0.01)
 
 
-def test_single_track_covers_many_categories(built):
-    cats = Counter(t["subjects"][0]["category"] for t in built["tasks"] if t["track"] == "single")
-    assert len(cats) == built["build"]["stats"]["single"]["categories"] >= 60
-    # Categories are visited round-robin: with 100 tasks over more than 50 categories none is used 3 times.
-    assert len(cats) > 50 and max(cats.values()) == 2
+def test_single_track_goes_round_the_categories(built, coco_val):
+    _, anns = coco_val
+    cats = Counter(t["subjects"][0]["category_id"] for t in built["tasks"] if t["track"] == "single")
+    # Every category the data allows is covered: one with a pool reference from another photo than some usable
+    # (non-crowd, >= 32 px) instance of it.
+    pool_photos = {
+        anns[ids[0]]["category_id"]: {anns[a]["image_id"] for a in ids} for ids in built["build"]["pools"].values()
+    }
+    usable = {
+        a["category_id"]
+        for a in anns.values()
+        if not a["iscrowd"] and min(a["bbox"][2:]) >= 32 and pool_photos.get(a["category_id"], set()) - {a["image_id"]}
+    }
+    assert set(cats) == usable and len(cats) == built["build"]["stats"]["single"]["categories"]
+    # Round-robin over the categories: 100 tasks over fewer than 50 categories use most of them at least twice.
+    assert sorted(cats.values())[len(cats) // 2] >= 2
 
 
 def test_sources_pin_every_reference_file(built):
@@ -152,8 +209,31 @@ def test_bad_source_checksum_field(tmp_path, built):
         load_manifest(_write(tmp_path, manifest))
 
 
-def test_packaged_manifest_loads():
+def test_packaged_manifests_load_by_name():
     m = load_manifest()
-    assert len(m.tasks) == 200 and m.version == "1"
+    assert m.name == "v2" and m.version == "2" and m.path.endswith("msibench_v2.json")
     assert [t.k for t in m.select("multi", limit=3)] == [2, 2, 2]
     assert len(m.select("all", limit=2)) == 4
+    v1 = load_manifest("v1")
+    assert v1.name == "v1" and v1.version == "1" and v1.path.endswith("msibench_v1.json")
+    assert v1.sha256 == "42bc57725b55b3f9de2faf198799d87c08ad89e17ffd209223a104174ab817c4"  # v1 is frozen
+    with pytest.raises(ManifestError, match="v1, v2"):
+        load_manifest("v3")
+
+
+def test_v1_keeps_its_design():
+    v1 = load_manifest("v1")
+    per = Counter((t.track, t.k) for t in v1.tasks)
+    assert per == {("multi", 2): 25, ("multi", 3): 25, ("multi", 4): 25, ("multi", 5): 25, ("single", 1): 100}
+    assert len({t.scene_image_id for t in v1.tasks if t.track == "multi"}) == 100
+    assert all(s.reference.image_id != t.scene_image_id for t in v1.tasks for s in t.subjects)
+
+
+def test_a_copy_of_a_packaged_manifest_is_named_by_content(tmp_path):
+    copy = tmp_path / "renamed.json"
+    copy.write_bytes(default_manifest_path().read_bytes())
+    assert load_manifest(copy).name == "v2"
+    edited = json.loads(copy.read_bytes())
+    edited["tasks"] = edited["tasks"][:3]
+    copy.write_bytes(dumps(edited))
+    assert load_manifest(copy).name == "renamed.json"

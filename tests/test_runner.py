@@ -33,12 +33,12 @@ def _images(run_dir: Path) -> dict[str, bytes]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "msibench", "run", "--method", "paste", "--no-progress", *args]
+    return [sys.executable, "-m", "msibench", "run", "--method", "paste", "--manifest", "v1", "--no-progress", *args]
 
 
 @pytest.fixture(scope="module")
 def manifest():
-    return load_manifest()
+    return load_manifest("v1")  # these tests count v1's tasks (200, 25 per K)
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +297,15 @@ def test_setup_failure_is_reported_and_loses_nothing(tmp_path, prepared):
     with pytest.raises(MethodSetupError, match=r"paste: setup on cpu failed: WeightsUnavailableError: .*-M weights"):
         run_method(_NoWeights(resolution=32), run_dir=run_dir, manifest=prepared, limit=2, progress=False)
     assert (run_dir / "records.jsonl").read_bytes() == before
+
+
+def test_run_json_records_the_manifest_by_name_and_scoring_finds_it(tmp_path, prepared):
+    from msibench.scoring.score import resolve_run_manifest
+
+    run_method(PasteMethod(resolution=32), run_dir=tmp_path / "r", manifest=prepared, limit=1, progress=False)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["manifest"]["name"] == "v1" and info["manifest"]["sha256"] == prepared.sha256
+    # Moved installation: the recorded path is gone, the recorded name still finds the packaged v1 (not the default).
+    info["manifest"]["path"] = str(tmp_path / "gone" / "msibench_v1.json")
+    assert resolve_run_manifest(tmp_path / "r", info, None).sha256 == prepared.sha256
+    assert resolve_run_manifest(tmp_path / "r", info, "v1").name == "v1"

@@ -2,35 +2,49 @@
 
 Multi-subject track: for K = 2..5, ``per_k`` tasks each reusing the layout of a real scene with at least K
 salient instances (mask area / image area > ``beta``, not crowd). The subjects are the scene's K largest salient
-instances whose category has a reference in another image; boxes are normalized to a square canvas (the
-scene letterboxed: scaled by 1 / max(W, H) and centred, so box aspect ratios are kept); z-order from the
-occlusion prior (smaller mask area = nearer = higher z, drawn on top).
+instances whose category has a reference from another photo; boxes are normalized to a square canvas (the scene
+letterboxed: scaled by 1 / max(W, H) and centred, so box aspect ratios are kept); z-order from the occlusion prior
+(smaller mask area = nearer = higher z, drawn on top).
 
-References: a different instance of the same category from another image, chosen for quality among the
-category's best candidates (not crowd, not cut by the image border, largest mask first), with the seed.
+References (paper Sec. IV-A: "a pool of ten representative subject exemplars" per category, from which each task
+draws its references): per category, a pool of up to ``pool_size`` instances that pass the reference-quality rule
+(:mod:`msibench.bench.quality`) and the hand review (``msibench/data/reference_review.json``), best score first and
+distinct photos before a second instance of one photo. A subject draws its reference with the seed from its
+category's pool, never from the scene's own photo, never twice within a task, and preferring pool entries that no
+task has used yet, so the pools are used evenly.
 
-Single-subject track: ``single_n`` tasks with one subject, going round the categories so that as many
-categories as the data allows are covered before any repeats.
+Single-subject track: ``single_n`` tasks with one subject, going round the categories so that as many categories as
+the data allows are covered before any repeats.
+
+When the split cannot fill a track under these rules, the builder builds what it can and says so in the manifest's
+``build.stats`` (``requested`` next to ``tasks``); it never relaxes the rule.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from msibench.bench import quality as q
 from msibench.bench.manifest import MANIFEST_FORMAT
 from msibench.bench.prompts import load_backgrounds, make_prompt
-from msibench.coco import CATEGORY_NAME, CocoSplit, load_split, mask_area
+from msibench.coco import CATEGORY_NAME, CocoSplit, decode_mask, load_split, mask_area
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = "1"
-BUILDER_VERSION = "1"
+MANIFEST_VERSION = "2"
+BUILDER_VERSION = "2"
+REVIEW_FORMAT = "msibench-reference-review"
+REVIEW_FILE_NAME = "reference_review.json"
 
 
 @dataclass(frozen=True)
@@ -41,12 +55,11 @@ class BuildParams:
     subject_counts: tuple[int, ...] = (2, 3, 4, 5)
     per_k: int = 25
     single_n: int = 100
-    # Candidates per category that a reference is drawn from (best first by quality).
-    reference_pool: int = 5
-    # A reference must be at least this many pixels wide and high.
-    min_reference_side: int = 32
-    # A box within this many pixels of the image edge counts as cut by the border.
-    border_margin: float = 2.0
+    # Clean exemplars per category that tasks draw their references from (paper Sec. IV-A: ten).
+    pool_size: int = 10
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "subject_counts": list(self.subject_counts)}
 
 
 @dataclass(frozen=True)
@@ -59,17 +72,73 @@ class _Instance:
     area: float
     area_ratio: float
     iscrowd: bool
-    touches_border: bool
+
+
+@dataclass(frozen=True)
+class _PoolEntry:
+    inst: _Instance
+    quality: q.ReferenceQuality
+    segmentation: Any  # what the manifest pins: the annotation's own, or the cleaned mask as compressed RLE
+
+    @property
+    def ann_id(self) -> int:
+        return self.inst.ann_id
+
+    @property
+    def image_id(self) -> int:
+        return self.inst.image_id
+
+
+@dataclass(frozen=True)
+class Review:
+    """The hand review of reference candidates: ``accepted`` were looked at and kept, ``rejected`` maps an
+    annotation id to why a careful person would not use it (what the annotation-only rule cannot see)."""
+
+    path: str
+    sha256: str
+    split: str
+    accepted: frozenset[int]
+    rejected: dict[int, str]
 
 
 class BuildError(RuntimeError):
     pass
 
 
-def build_manifest(coco_root: str | Path, params: BuildParams = BuildParams()) -> dict[str, Any]:
+def default_review_path() -> Path:
+    return Path(str(resources.files("msibench") / "data" / REVIEW_FILE_NAME))
+
+
+def load_review(path: str | Path | None = None) -> Review:
+    path = Path(path) if path is not None else default_review_path()
+    try:
+        blob = path.read_bytes()
+        raw = json.loads(blob)
+    except (OSError, json.JSONDecodeError) as err:
+        raise BuildError(f"{path}: cannot read the reference review: {err}") from err
+    if not isinstance(raw, dict) or raw.get("format") != REVIEW_FORMAT:
+        raise BuildError(f"{path}: field 'format': expected {REVIEW_FORMAT!r}")
+    try:
+        accepted = frozenset(int(v) for v in raw["accepted"])
+        rejected = {int(k): str(v) for k, v in raw["rejected"].items()}
+        split = str(raw["split"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BuildError(f"{path}: needs 'split', 'accepted' (ids) and 'rejected' (id -> reason): {err}") from err
+    both = sorted(accepted & set(rejected))
+    if both:
+        raise BuildError(f"{path}: annotation {both[0]} is both accepted and rejected")
+    return Review(str(path), hashlib.sha256(blob).hexdigest(), split, accepted, rejected)
+
+
+def build_manifest(
+    coco_root: str | Path, params: BuildParams = BuildParams(), review: Review | None = None
+) -> dict[str, Any]:
     """Return the manifest dict (write it with :func:`msibench.bench.manifest.dumps`)."""
     coco = load_split(coco_root, params.split)
-    instances = _instances(coco, params)
+    review = review if review is not None else load_review()
+    if review.split != params.split:
+        raise BuildError(f"{review.path}: reviews split {review.split}, the build reads {params.split}")
+    instances = _instances(coco)
     by_image: dict[int, list[_Instance]] = defaultdict(list)
     for inst in instances:
         by_image[inst.image_id].append(inst)
@@ -79,32 +148,43 @@ def build_manifest(coco_root: str | Path, params: BuildParams = BuildParams()) -
         )
         for image_id, insts in by_image.items()
     }
-    candidates = _reference_candidates(instances, params)
+    pools, pool_stats = _reference_pools(coco, by_image, review, params)
     backgrounds = load_backgrounds()
 
-    tasks: list[dict[str, Any]] = []
     used_refs: set[int] = set()
-    multi, multi_stats = _multi_track(coco, salient, candidates, backgrounds, params, used_refs)
-    tasks += multi
-    single, single_stats = _single_track(coco, salient, candidates, backgrounds, params, used_refs)
-    tasks += single
+    multi, multi_stats = _multi_track(coco, salient, pools, backgrounds, params, used_refs)
+    single, single_stats = _single_track(coco, salient, instances, pools, backgrounds, params, used_refs)
+    tasks = multi + single
 
     source_ids = sorted({s["reference"]["image_id"] for t in tasks for s in t["subjects"]})
     sources = [_source(coco, image_id) for image_id in source_ids]
     categories_multi = sorted({s["category"] for t in multi for s in t["subjects"]})
     categories_single = sorted({s["category"] for t in single for s in t["subjects"]})
+    references = {s["reference"]["annotation_id"] for t in tasks for s in t["subjects"]}
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "build": {
             "builder_version": BUILDER_VERSION,
-            "params": {**params.__dict__, "subject_counts": list(params.subject_counts)},
+            "params": params.to_json(),
             "coco_images_in_split": len(coco.images),
+            "reference_rule": _rule_json(),
+            "review": {
+                "file": REVIEW_FILE_NAME if Path(review.path) == default_review_path() else Path(review.path).name,
+                "sha256": review.sha256,
+                "accepted": len(review.accepted),
+                "rejected": len(review.rejected),
+            },
+            "pools": {
+                CATEGORY_NAME[c]: [e.ann_id for e in entries] for c, entries in sorted(pools.items()) if entries
+            },
             "stats": {
                 "multi": {**multi_stats, "categories": len(categories_multi)},
                 "single": {**single_stats, "categories": len(categories_single)},
                 "categories_covered": len(set(categories_multi) | set(categories_single)),
+                "distinct_references": len(references),
                 "source_images": len(sources),
+                "references": pool_stats,
             },
         },
         "sources": sources,
@@ -112,67 +192,138 @@ def build_manifest(coco_root: str | Path, params: BuildParams = BuildParams()) -
     }
 
 
-def _instances(coco: CocoSplit, params: BuildParams) -> list[_Instance]:
+def _rule_json() -> dict[str, Any]:
+    names = (
+        "BORDER_MARGIN_PX",
+        "MAX_BORDER_RUN",
+        "MIN_SIDE_PX",
+        "CONTAINED_OVERLAP",
+        "MAX_CONTAINED_FRACTION",
+        "OCCLUDER_CONTACT_PX",
+        "MAX_OCCLUSION",
+        "MIN_FILL",
+        "MIN_MAIN_PART",
+        "MIN_THICKNESS_PX",
+        "MIN_THICKNESS_RATIO",
+    )
+    return {"quality_version": q.QUALITY_VERSION, **{n.lower(): getattr(q, n) for n in names}}
+
+
+def _instances(coco: CocoSplit) -> list[_Instance]:
     out = []
     for ann in sorted(coco.annotations, key=lambda a: a["id"]):
         image = coco.images.get(ann["image_id"])
         if image is None:
             raise BuildError(f"annotation {ann['id']} refers to image {ann['image_id']} missing from the split")
         h, w = image["height"], image["width"]
-        x, y, bw, bh = (float(v) for v in ann["bbox"])
         area = mask_area(ann["segmentation"], h, w)
-        m = params.border_margin
         out.append(
             _Instance(
                 ann_id=ann["id"],
                 image_id=ann["image_id"],
                 category_id=ann["category_id"],
-                bbox=(x, y, bw, bh),
+                bbox=tuple(float(v) for v in ann["bbox"]),  # type: ignore[arg-type]
                 segmentation=ann["segmentation"],
                 area=area,
                 area_ratio=area / float(h * w),
                 iscrowd=bool(ann.get("iscrowd", 0)),
-                touches_border=x <= m or y <= m or x + bw >= w - m or y + bh >= h - m,
             )
         )
     return out
 
 
-def _reference_candidates(instances: list[_Instance], params: BuildParams) -> dict[int, list[_Instance]]:
-    """Per category, usable references ranked by quality: whole (not cut by the border) first, then larger."""
-    by_cat: dict[int, list[_Instance]] = defaultdict(list)
-    for inst in instances:
-        _, _, bw, bh = inst.bbox
-        if inst.iscrowd or isinstance(inst.segmentation, dict) or min(bw, bh) < params.min_reference_side:
+def assess_split(coco: CocoSplit, by_image: dict[int, list[_Instance]]) -> dict[int, tuple[q.ReferenceQuality, Any]]:
+    """Every non-crowd instance's verdict under the reference rule, with the segmentation a reference of it pins
+    (the annotation's own, or its cleaned mask as compressed RLE when contained instances were subtracted)."""
+    from pycocotools import mask as mask_utils
+
+    out = {}
+    for image_id in sorted(by_image):
+        insts = by_image[image_id]
+        image = coco.images[image_id]
+        h, w = image["height"], image["width"]
+        photo = [q.PhotoInstance(i.ann_id, i.category_id, i.bbox, i.iscrowd) for i in insts]
+        masks = [decode_mask(i.segmentation, h, w).astype(bool) for i in insts]
+        verdicts = q.assess_photo(photo, masks, w, h)
+        for inst in insts:
+            if inst.iscrowd:
+                continue
+            verdict = verdicts[inst.ann_id]
+            segmentation = inst.segmentation
+            if verdict.subtracted:
+                cleaned = q.reference_mask(verdict, photo, masks)
+                rle = mask_utils.encode(np.asfortranarray(cleaned.astype(np.uint8)))
+                segmentation = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+            out[inst.ann_id] = (verdict, segmentation)
+    return out
+
+
+def _reference_pools(
+    coco: CocoSplit, by_image: dict[int, list[_Instance]], review: Review, params: BuildParams
+) -> tuple[dict[int, list[_PoolEntry]], dict[str, Any]]:
+    """Per category, up to ``pool_size`` clean, reviewed-or-unreviewed-but-not-rejected candidates, best first."""
+    assessed = assess_split(coco, by_image)
+    by_id = {i.ann_id: i for insts in by_image.values() for i in insts}
+    per_cat: dict[int, list[_PoolEntry]] = defaultdict(list)
+    causes: dict[str, int] = defaultdict(int)
+    review_rejected = 0
+    for ann_id, (verdict, segmentation) in sorted(assessed.items()):
+        for cause in verdict.causes:
+            causes[cause] += 1
+        if not verdict.clean:
             continue
-        by_cat[inst.category_id].append(inst)
-    return {cat: sorted(insts, key=lambda i: (i.touches_border, -i.area, i.ann_id)) for cat, insts in by_cat.items()}
+        if ann_id in review.rejected:
+            review_rejected += 1
+            continue
+        per_cat[verdict.category_id].append(_PoolEntry(by_id[ann_id], verdict, segmentation))
+    pools: dict[int, list[_PoolEntry]] = {}
+    for cat, entries in sorted(per_cat.items()):
+        # Best score first, one instance per photo before any photo's second: the pool spans as many photos
+        # (identities, viewpoints, backgrounds) as the data has.
+        entries.sort(key=lambda e: (-e.quality.score, e.ann_id))
+        rank_in_photo: dict[int, int] = defaultdict(int)
+        keyed = []
+        for e in entries:
+            keyed.append(((rank_in_photo[e.image_id], -e.quality.score, e.ann_id), e))
+            rank_in_photo[e.image_id] += 1
+        pools[cat] = [e for _, e in sorted(keyed, key=lambda p: p[0])][: params.pool_size]
+    members = [e for entries in pools.values() for e in entries]
+    unreviewed = sorted(e.ann_id for e in members if e.ann_id not in review.accepted)
+    if unreviewed:
+        logger.warning(
+            "%d pool references were never reviewed by eye (e.g. annotation %d): look at `msibench bench "
+            "contact-sheet` and add them to %s",
+            len(unreviewed),
+            unreviewed[0],
+            review.path,
+        )
+    stats = {
+        "candidates": len(assessed),
+        "clean": sum(v.clean for v, _ in assessed.values()),
+        "rejected_by_rule": dict(sorted(causes.items())),
+        "rejected_by_review": review_rejected,
+        "pool_categories": len(pools),
+        "pool_references": len(members),
+        "pool_unreviewed": len(unreviewed),
+        "pool_with_subtracted_instances": sum(bool(e.quality.subtracted) for e in members),
+    }
+    return pools, stats
 
 
 def _pick_reference(
-    candidates: dict[int, list[_Instance]],
+    pools: dict[int, list[_PoolEntry]],
     category_id: int,
     scene_image_id: int,
     rng: random.Random,
-    params: BuildParams,
     used_globally: set[int],
     used_in_task: set[int] = frozenset(),
-) -> _Instance | None:
-    """Draw a reference among the category's best candidates from other images. Two subjects of one task get
-    different instances whenever the category has them; across tasks, unused instances are preferred."""
-    pool = [c for c in candidates.get(category_id, []) if c.image_id != scene_image_id]
-    if not pool:
-        return None
-    top = pool[: params.reference_pool]
-    for options in (
-        [c for c in top if c.ann_id not in used_globally and c.ann_id not in used_in_task],
-        [c for c in top if c.ann_id not in used_in_task],
-        [c for c in pool if c.ann_id not in used_in_task],
-        top,
-    ):
-        if options:
-            return rng.choice(options)
-    return None
+) -> _PoolEntry | None:
+    """Draw a reference from the category's pool: never from the scene's photo, never twice in one task (None when
+    the pool has no such entry left); entries no task has used yet come first."""
+    eligible = [e for e in pools.get(category_id, []) if e.image_id != scene_image_id and e.ann_id not in used_in_task]
+    fresh = [e for e in eligible if e.ann_id not in used_globally]
+    options = fresh or eligible
+    return rng.choice(options) if options else None
 
 
 def _rng(params: BuildParams, *key: object) -> random.Random:
@@ -188,21 +339,9 @@ def _square_box(bbox: tuple[float, float, float, float], width: int, height: int
     return [round(min(max(v, 0.0), 1.0), 6) for v in box]
 
 
-def _crop(inst: _Instance, coco: CocoSplit) -> list[int]:
-    import math
-
+def _subject(inst: _Instance, ref: _PoolEntry, z: int, coco: CocoSplit) -> dict[str, Any]:
     image = coco.images[inst.image_id]
-    x, y, bw, bh = inst.bbox
-    return [
-        max(0, math.floor(x)),
-        max(0, math.floor(y)),
-        min(image["width"], math.ceil(x + bw)),
-        min(image["height"], math.ceil(y + bh)),
-    ]
-
-
-def _subject(inst: _Instance, ref: _Instance, z: int, coco: CocoSplit) -> dict[str, Any]:
-    image = coco.images[inst.image_id]
+    x0, y0, x1, y1 = ref.quality.box
     return {
         "category": CATEGORY_NAME[inst.category_id],
         "category_id": inst.category_id,
@@ -213,10 +352,12 @@ def _subject(inst: _Instance, ref: _Instance, z: int, coco: CocoSplit) -> dict[s
         "reference": {
             "image_id": ref.image_id,
             "annotation_id": ref.ann_id,
-            "crop": _crop(ref, coco),
+            "crop": [x0, y0, x1, y1],
             "segmentation": ref.segmentation,
-            "mask_area": round(ref.area, 3),
-            "touches_border": ref.touches_border,
+            "mask_area": float(ref.quality.mask_area),
+            "touches_border": ref.quality.truncated,
+            "subtracted": list(ref.quality.subtracted),
+            "quality_score": round(ref.quality.score, 3),
         },
     }
 
@@ -226,7 +367,7 @@ def _task(
     track: str,
     scene_image_id: int,
     chosen: list[_Instance],
-    refs: list[_Instance],
+    refs: list[_PoolEntry],
     coco: CocoSplit,
     backgrounds: list[str],
     rng: random.Random,
@@ -251,14 +392,13 @@ def _choose_subjects(
     scene_id: int,
     salient: list[_Instance],
     k: int,
-    candidates: dict[int, list[_Instance]],
+    pools: dict[int, list[_PoolEntry]],
     rng: random.Random,
-    params: BuildParams,
     used_refs: set[int],
-) -> tuple[list[_Instance], list[_Instance]] | None:
+) -> tuple[list[_Instance], list[_PoolEntry]] | None:
     chosen, refs = [], []
     for inst in salient:  # largest first
-        ref = _pick_reference(candidates, inst.category_id, scene_id, rng, params, used_refs, {r.ann_id for r in refs})
+        ref = _pick_reference(pools, inst.category_id, scene_id, rng, used_refs, {r.ann_id for r in refs})
         if ref is None:
             continue
         chosen.append(inst)
@@ -268,18 +408,22 @@ def _choose_subjects(
     return None
 
 
-def _multi_track(coco, salient, candidates, backgrounds, params, used_refs):
+def _placeable(salient: list[_Instance], pools: dict[int, list[_PoolEntry]], scene_id: int) -> int:
+    """How many of a scene's salient instances can get distinct references from outside the scene."""
+    wanted: dict[int, int] = defaultdict(int)
+    for inst in salient:
+        wanted[inst.category_id] += 1
+    return sum(min(n, sum(e.image_id != scene_id for e in pools.get(cat, []))) for cat, n in wanted.items())
+
+
+def _multi_track(coco, salient, pools, backgrounds, params, used_refs):
     tasks: list[dict[str, Any]] = []
     used_scenes: set[int] = set()
     reused = 0
-    per_k_count = {}
+    per_k_count, eligible_per_k = {}, {}
     # Hardest first: fewer scenes have many salient subjects, so they choose before the easy counts do.
     for k in sorted(params.subject_counts, reverse=True):
-        eligible = sorted(
-            image_id
-            for image_id, insts in salient.items()
-            if len({i.ann_id for i in insts if _has_reference(candidates, i, image_id)}) >= k
-        )
+        eligible = sorted(image_id for image_id, insts in salient.items() if _placeable(insts, pools, image_id) >= k)
         order_rng = _rng(params, "multi-order", k)
         fresh = [s for s in eligible if s not in used_scenes]
         order_rng.shuffle(fresh)
@@ -291,7 +435,7 @@ def _multi_track(coco, salient, candidates, backgrounds, params, used_refs):
                 break
             task_id = f"multi-k{k}-{len(made):03d}"
             rng = _rng(params, task_id)
-            picked = _choose_subjects(scene_id, salient[scene_id], k, candidates, rng, params, used_refs)
+            picked = _choose_subjects(scene_id, salient[scene_id], k, pools, rng, used_refs)
             if picked is None:
                 continue
             reused += scene_id in used_scenes
@@ -299,43 +443,52 @@ def _multi_track(coco, salient, candidates, backgrounds, params, used_refs):
             used_refs.update(r.ann_id for r in picked[1])
             made.append(_task(task_id, "multi", scene_id, *picked, coco, backgrounds, rng))
         if len(made) < params.per_k:
-            raise BuildError(
-                f"only {len(made)} scenes with >= {k} salient subjects (beta={params.beta}) in {coco.split}; "
-                f"need {params.per_k}"
-            )
+            logger.warning(
+                "K=%d: only %d of %d tasks: %d scenes of %s have >= %d salient subjects (beta=%g) with clean "
+                "references from other photos",
+                k, len(made), params.per_k, len(eligible), coco.split, k, params.beta,
+            )  # fmt: skip
         per_k_count[str(k)] = len(made)
+        eligible_per_k[str(k)] = len(eligible)
         tasks += made
     tasks.sort(key=lambda t: t["id"])
     return tasks, {
+        "requested": params.per_k * len(params.subject_counts),
         "tasks": len(tasks),
         "tasks_per_k": per_k_count,
+        "eligible_scenes_per_k": eligible_per_k,
         "scenes_reused": reused,
         "distinct_scenes": len(used_scenes),
     }
 
 
-def _has_reference(candidates: dict[int, list[_Instance]], inst: _Instance, scene_id: int) -> bool:
-    return any(c.image_id != scene_id for c in candidates.get(inst.category_id, []))
+# A single-subject task's box comes from a scene instance at least this many pixels wide and high (about 13 px on
+# the 256 px output canvas), so that the subject has room to show its identity.
+SINGLE_MIN_BOX_PX = 32
 
 
-def _single_track(coco, salient, candidates, backgrounds, params, used_refs):  # noqa: PLR0913
+def _single_track(coco, salient, instances, pools, backgrounds, params, used_refs):  # noqa: PLR0913
+    def usable(inst: _Instance) -> bool:
+        return any(e.image_id != inst.image_id for e in pools.get(inst.category_id, []))
+
     # Per category, the scene instances to place (largest salient instance of each image, largest first).
     per_cat: dict[int, list[_Instance]] = defaultdict(list)
-    for image_id, insts in sorted(salient.items()):
+    for _, insts in sorted(salient.items()):
         seen_cats: set[int] = set()
         for inst in insts:
-            if inst.category_id in seen_cats or not _has_reference(candidates, inst, image_id):
+            if inst.category_id in seen_cats or not usable(inst):
                 continue
             seen_cats.add(inst.category_id)
             per_cat[inst.category_id].append(inst)
     # A category with no salient instance anywhere still gets a task from its largest usable instance, so the
     # track covers as many categories as the data allows.
-    for cat, insts in candidates.items():
-        if cat in per_cat:
+    others: dict[int, list[_Instance]] = defaultdict(list)
+    for inst in instances:
+        if inst.category_id in per_cat or inst.iscrowd or min(inst.bbox[2:]) < SINGLE_MIN_BOX_PX or not usable(inst):
             continue
-        usable = [i for i in insts if _has_reference(candidates, i, i.image_id)]
-        if usable:
-            per_cat[cat].append(max(usable, key=lambda i: (i.area, -i.ann_id)))
+        others[inst.category_id].append(inst)
+    for cat, insts in others.items():
+        per_cat[cat].append(max(insts, key=lambda i: (i.area, -i.ann_id)))
     for insts in per_cat.values():
         insts.sort(key=lambda i: (-i.area, i.ann_id))
     tasks: list[dict[str, Any]] = []
@@ -349,15 +502,15 @@ def _single_track(coco, salient, candidates, backgrounds, params, used_refs):  #
             inst = per_cat[cat][rounds]
             task_id = f"single-{len(tasks):03d}"
             rng = _rng(params, task_id)
-            ref = _pick_reference(candidates, cat, inst.image_id, rng, params, used_refs)
+            ref = _pick_reference(pools, cat, inst.image_id, rng, used_refs)
             used_refs.add(ref.ann_id)
             tasks.append(_task(task_id, "single", inst.image_id, [inst], [ref], coco, backgrounds, rng))
         rounds += 1
         if all(rounds >= len(v) for v in per_cat.values()):
             break
     if len(tasks) < params.single_n:
-        raise BuildError(f"only {len(tasks)} single-subject tasks possible in {coco.split}; need {params.single_n}")
-    return tasks, {"tasks": len(tasks)}
+        logger.warning("single track: only %d of %d tasks possible in %s", len(tasks), params.single_n, coco.split)
+    return tasks, {"requested": params.single_n, "tasks": len(tasks)}
 
 
 def _source(coco: CocoSplit, image_id: int) -> dict[str, Any]:

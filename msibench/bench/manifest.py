@@ -8,6 +8,7 @@ references can be materialized from a COCO download alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_FORMAT = "msibench-manifest"
-DEFAULT_MANIFEST_NAME = "msibench_v1.json"
+# Manifests shipped in the package, loadable by name (``--manifest v1``). v1 (builder 1): references ranked by
+# border and mask area only; v2 (builder 2, the default): references from the reference-quality rule + hand review.
+PACKAGED_MANIFESTS = {"v1": "msibench_v1.json", "v2": "msibench_v2.json"}
+DEFAULT_MANIFEST = "v2"
+DEFAULT_MANIFEST_NAME = PACKAGED_MANIFESTS[DEFAULT_MANIFEST]
 TRACKS = ("single", "multi")
 
 
@@ -90,6 +95,8 @@ class Manifest:
     build: dict[str, Any]
     sources: dict[int, Source]
     tasks: tuple[Task, ...]
+    # The packaged name ("v1", "v2") when the file's bytes are a packaged manifest's, else the file name.
+    name: str = ""
 
     @cached_property
     def by_id(self) -> dict[str, Task]:
@@ -107,8 +114,33 @@ class Manifest:
         return tasks
 
 
+def packaged_manifest_path(name: str) -> Path:
+    if name not in PACKAGED_MANIFESTS:
+        raise ManifestError(f"unknown manifest name {name!r}; packaged: {', '.join(PACKAGED_MANIFESTS)}")
+    return Path(str(resources.files("msibench") / "data" / PACKAGED_MANIFESTS[name]))
+
+
 def default_manifest_path() -> Path:
-    return Path(str(resources.files("msibench") / "data" / DEFAULT_MANIFEST_NAME))
+    return packaged_manifest_path(DEFAULT_MANIFEST)
+
+
+def resolve_manifest_path(spec: str | Path | None) -> Path:
+    """A manifest file from ``--manifest``: None is the default (v2); an existing file is itself; otherwise a packaged
+    name (``v1``, ``v2``) is that packaged manifest."""
+    if spec is None:
+        return default_manifest_path()
+    path = Path(spec)
+    if not path.is_file() and str(spec) in PACKAGED_MANIFESTS:
+        return packaged_manifest_path(str(spec))
+    return path
+
+
+def _packaged_name(sha256: str) -> str | None:
+    for name in PACKAGED_MANIFESTS:
+        path = packaged_manifest_path(name)
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+            return name
+    return None
 
 
 def dumps(manifest: dict[str, Any]) -> bytes:
@@ -117,17 +149,20 @@ def dumps(manifest: dict[str, Any]) -> bytes:
 
 
 def load_manifest(path: str | Path | None = None) -> Manifest:
-    """Load and validate a manifest (the packaged v1 by default)."""
-    path = Path(path) if path is not None else default_manifest_path()
+    """Load and validate a manifest: a file, or a packaged name (``v1``, ``v2``); the packaged v2 by default."""
+    path = resolve_manifest_path(path)
     try:
         blob = path.read_bytes()
     except OSError as err:
-        raise ManifestError(f"{path}: cannot read manifest: {err}") from err
+        known = ", ".join(PACKAGED_MANIFESTS)
+        raise ManifestError(f"{path}: cannot read manifest ({err}); packaged manifests by name: {known}") from err
     try:
         raw = json.loads(blob)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path}: not valid JSON: {err}") from err
-    return parse_manifest(raw, str(path), hashlib.sha256(blob).hexdigest())
+    sha256 = hashlib.sha256(blob).hexdigest()
+    manifest = parse_manifest(raw, str(path), sha256)
+    return dataclasses.replace(manifest, name=_packaged_name(sha256) or path.name)
 
 
 class _Checker:
@@ -275,3 +310,56 @@ def _parse_task(raw: Any, chk: _Checker, sources: dict[int, Source]) -> Task:
         scene_caption=scene_caption,
         subjects=tuple(subjects),
     )
+
+
+def manifest_info(manifest: Manifest) -> str:
+    """``msibench bench info``: tasks, categories, scenes and references per track and K, and the reference pools."""
+    from statistics import median
+
+    where = (
+        f"msibench/data/{PACKAGED_MANIFESTS[manifest.name]}" if manifest.name in PACKAGED_MANIFESTS else manifest.path
+    )
+    lines = [
+        where,
+        f"name {manifest.name}, version {manifest.version}, sha256 {manifest.sha256}",
+        f"{'track':<7}{'K':>3}{'tasks':>7}{'categories':>12}{'scenes':>8}{'references':>12}",
+    ]
+
+    def row(label: str, k: str, tasks: list[Task]) -> str:
+        cats = {s.category for t in tasks for s in t.subjects}
+        scenes = {t.scene_image_id for t in tasks if t.scene_image_id is not None}
+        refs = {s.reference.annotation_id for t in tasks for s in t.subjects}
+        return f"{label:<7}{k:>3}{len(tasks):>7}{len(cats):>12}{len(scenes):>8}{len(refs):>12}"
+
+    groups: dict[tuple[str, int], list[Task]] = {}
+    for task in manifest.tasks:
+        groups.setdefault((task.track, task.k), []).append(task)
+    for track in TRACKS[::-1]:
+        keys = sorted(k for k in groups if k[0] == track)
+        for key in keys:
+            lines.append(row(track, str(key[1]), groups[key]))
+        if len(keys) > 1:
+            lines.append(row(track, "all", [t for key in keys for t in groups[key]]))
+    lines.append(row("all", "", list(manifest.tasks)))
+    lines.append(f"source images: {len(manifest.sources)}")
+    build = manifest.build
+    pools = build.get("pools")
+    if pools:
+        sizes = [len(v) for v in pools.values()]
+        lines.append(
+            f"reference pools: {len(pools)} categories, {sum(sizes)} references ({min(sizes)}-{max(sizes)} per "
+            f"category, median {median(sizes):g})"
+        )
+    refs = build.get("stats", {}).get("references")
+    if refs:
+        causes = ", ".join(f"{c} {n}" for c, n in refs["rejected_by_rule"].items())
+        lines.append(
+            f"reference candidates: {refs['candidates']} non-crowd instances, {refs['clean']} pass the rule "
+            f"(rejections by cause, one instance may have several: {causes}); {refs['rejected_by_review']} more "
+            f"rejected by the hand review; {refs['pool_unreviewed']} pool references unreviewed"
+        )
+    for track in TRACKS:
+        stats = build.get("stats", {}).get(track, {})
+        if "requested" in stats and stats["requested"] != stats["tasks"]:
+            lines.append(f"{track}: {stats['tasks']} of {stats['requested']} requested tasks (all the data allows)")
+    return "\n".join(lines)

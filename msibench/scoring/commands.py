@@ -59,7 +59,7 @@ def _fail(err: Exception) -> click.ClickException:
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--rescore", is_flag=True, help="Archive scores of another scorer version and score again.")
 @click.option("--limit", type=int, default=None, help="Score at most N pending images per run.")
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--manifest", default=None, help="Manifest file or packaged name (v2, v1); default: run.json's.")
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--no-progress", is_flag=True)
 def score_command(

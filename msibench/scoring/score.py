@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from msibench.bench.manifest import Manifest, ManifestError, Task, default_manifest_path, load_manifest
+from msibench.bench.manifest import PACKAGED_MANIFESTS, Manifest, ManifestError, Task, load_manifest
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.records import RECORDS_FILE, append_record, locked, read_records, record_key
 from msibench.scoring.scorer import IDENTITY_METRICS, ScoreError, ScoreItem, Scorer, base_record
@@ -228,17 +228,18 @@ def _fail(scores_path, gen, task, scorer_hash, sha, reason: str, summary: ScoreS
 
 
 def resolve_run_manifest(run_path: Path, info: dict[str, Any], override: Manifest | str | Path | None) -> Manifest:
-    """The manifest a run was generated from: the override, else the recorded path, else the packaged one; the
-    sha256 recorded in run.json must match."""
+    """The manifest a run was generated from: the override, else the recorded path, else the recorded packaged name,
+    else any packaged manifest; the sha256 recorded in run.json must match."""
     expected = info.get("manifest_sha256") or (info.get("manifest") or {}).get("sha256")
     if isinstance(override, Manifest):
         candidates: list[Any] = [override]
     elif override is not None:
         candidates = [Path(override)]
     else:
-        recorded = (info.get("manifest") or {}).get("path")
-        candidates = [Path(recorded)] if recorded else []
-        candidates.append(default_manifest_path())
+        recorded = info.get("manifest") or {}
+        candidates = [Path(recorded["path"])] if recorded.get("path") else []
+        names = [recorded["name"]] if recorded.get("name") in PACKAGED_MANIFESTS else []
+        candidates += [*names, *(n for n in PACKAGED_MANIFESTS if n not in names)]
     tried = []
     for cand in candidates:
         try:
