@@ -27,7 +27,10 @@ def data() -> None:
 )
 @click.option("--split", default="train2017", show_default=True, help="COCO split, e.g. train2017 or val2017.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--alpha", default=5, show_default=True, type=click.IntRange(min=1), help="Min salient subjects.")
+@click.option(
+    "--alpha", default=5, show_default=True, type=click.IntRange(min=1),
+    help="Min salient subjects (5: the paper's reported dataset; its text after Eq. 2 says 2).",
+)  # fmt: skip
 @click.option(
     "--beta", default=0.015, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
     help="Min mask area / image area of a salient subject.",
@@ -37,10 +40,6 @@ def data() -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes.")
-@click.option(
-    "--border-margin", default=2.0, show_default=True, type=click.FloatRange(min=0.0),
-    help="Pixels from the image border within which a reference box counts as cut by it.",
-)  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build_msi_command(
     coco_root: Path,
@@ -51,7 +50,6 @@ def build_msi_command(
     pool_size: int,
     seed: int,
     workers: int,
-    border_margin: float,
     quiet: bool,
 ) -> None:
     """Build (or resume) the MSI dataset from a COCO split: manifest.jsonl, pool/, layouts/, stats.json."""
@@ -67,7 +65,6 @@ def build_msi_command(
         pool_size=pool_size,
         seed=seed,
         workers=workers,
-        border_margin=border_margin,
     )
     try:
         summary = build_msi(config, progress=not quiet)

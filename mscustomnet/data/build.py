@@ -2,9 +2,14 @@
 
 Stages, each resumable:
 1. filter (annotations only): salient instances and kept scenes, see ``coco.py``;
-2. reference pools: per category, up to ``pool_size`` instances ranked for quality, cut out and saved
-   (``pool/<category id>/<annotation id>.png`` and ``..._mask.png``) and listed in ``pool.json``;
-3. tuples: per kept scene, a reference per salient subject, the layout map (``layouts/<image id>.png``), the prompt,
+2. reference pools: every instance is judged by the reference-quality rule shared with MSIBench
+   (:mod:`msibench.bench.quality`: truncation, size, containment, occlusion, fragments, slivers); per category, up to
+   ``pool_size`` instances ranked by it (clean ones best score first; rejected ones only fill a pool whose category
+   lacks clean ones), one per photo, cut out (contained instances subtracted) and saved
+   (``pool/<category id>/<annotation id>.png`` and ``..._mask.png``) and listed in ``pool.json`` with the rule's
+   verdicts per category;
+3. tuples: per kept scene, a reference per salient subject (drawn without replacement within the scene, clean pool
+   entries first), the layout map (``layouts/<image id>.png``), the prompt,
    one line of ``manifest.jsonl`` (the line is the commit marker); scenes that cannot be built go to ``skipped.jsonl``;
 4. ``stats.json``, recomputed from the files so a resumed build writes the same bytes as an uninterrupted one.
 
@@ -35,14 +40,12 @@ from tqdm import tqdm
 
 from mscustomnet.data.coco import ALPHA, BETA, CocoInstances, decode_mask, filter_scenes, load_captions, load_instances
 from mscustomnet.data.layout import Placement, compose_layout_map, paint_order, reference_crop
+from msibench.bench import quality
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 POOL_SIZE = 30
-# A box within this many pixels of the image border counts as cut by the border (the object likely continues
-# outside the photo), so it ranks after every uncut candidate of its category.
-BORDER_MARGIN = 2.0
 
 CONFIG_FILE = "config.json"
 POOL_FILE = "pool.json"
@@ -63,7 +66,6 @@ class BuildConfig:
     pool_size: int = POOL_SIZE
     seed: int = 0
     workers: int = 1
-    border_margin: float = BORDER_MARGIN
 
     def __post_init__(self) -> None:
         if self.pool_size < 1:
@@ -95,7 +97,7 @@ class BuildConfig:
             "beta": self.beta,
             "pool_size": self.pool_size,
             "seed": self.seed,
-            "border_margin": self.border_margin,
+            "reference_quality_version": quality.QUALITY_VERSION,
         }
 
 
@@ -105,8 +107,14 @@ class PoolEntry:
     image_id: int
     category_id: int
     bbox: tuple[float, float, float, float]
-    mask_area: int
-    cut_by_border: bool
+    mask_area: int  # pixels of the saved mask (contained instances subtracted)
+    causes: tuple[str, ...] = ()  # why the reference-quality rule rejects it; empty when clean
+    score: float = 0.0
+    subtracted: tuple[int, ...] = ()  # contained instances cut out of its mask
+
+    @property
+    def clean(self) -> bool:
+        return not self.causes
 
     @property
     def file(self) -> str:
@@ -123,7 +131,10 @@ class PoolEntry:
             "category_id": self.category_id,
             "bbox": list(self.bbox),
             "mask_area": self.mask_area,
-            "cut_by_border": self.cut_by_border,
+            "clean": self.clean,
+            "causes": list(self.causes),
+            "score": round(self.score, 4),
+            "subtracted": list(self.subtracted),
             "file": self.file,
             "mask_file": self.mask_file,
         }
@@ -136,7 +147,9 @@ class PoolEntry:
             category_id=int(d["category_id"]),
             bbox=tuple(float(v) for v in d["bbox"]),  # type: ignore[arg-type]
             mask_area=int(d["mask_area"]),
-            cut_by_border=bool(d["cut_by_border"]),
+            causes=tuple(str(c) for c in d["causes"]),
+            score=float(d["score"]),
+            subtracted=tuple(int(v) for v in d["subtracted"]),
         )
 
 
@@ -206,38 +219,92 @@ def _check_config(config: BuildConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------- pools
 
 
-def border_cut(coco: CocoInstances, margin: float) -> np.ndarray:
-    """bool [N]: the instance's box lies within ``margin`` px of its image's border."""
-    widths = np.array([coco.images[i].width for i in coco.image_ids.tolist()], dtype=np.float64)
-    heights = np.array([coco.images[i].height for i in coco.image_ids.tolist()], dtype=np.float64)
-    x, y, w, h = coco.bboxes.T
-    return (x <= margin) | (y <= margin) | (x + w >= widths - margin) | (y + h >= heights - margin)
+def _assess_photo(task: tuple[int, int, int, list[tuple[int, int, tuple[float, ...], bool, Any]]]):
+    """The reference-quality verdicts of one photo's instances (worker side)."""
+    image_id, width, height, anns = task
+    instances = [quality.PhotoInstance(ann_id, cat, bbox, crowd) for ann_id, cat, bbox, crowd, _ in anns]
+    masks = [decode_mask(seg, height, width, where=f"annotation {ann_id}") for ann_id, _, _, _, seg in anns]
+    return image_id, quality.assess_photo(instances, masks, width, height)
 
 
-def rank_pool_candidates(coco: CocoInstances, margin: float) -> dict[int, np.ndarray]:
+def assess_references(
+    coco: CocoInstances, run: Callable[[Callable, Iterable], Iterator], progress: bool = False
+) -> dict[int, quality.ReferenceQuality]:
+    """Row index -> the reference-quality verdict of every non-crowd instance with a non-empty mask."""
+    order = np.lexsort((coco.ann_ids, coco.image_ids))
+    ids, starts = np.unique(coco.image_ids[order], return_index=True)
+    bounds = [*starts.tolist(), len(order)]
+    row_of = {int(coco.ann_ids[r]): int(r) for r in order.tolist()}
+
+    def tasks() -> Iterator[tuple]:
+        for i, image_id in enumerate(ids.tolist()):
+            rows = order[bounds[i] : bounds[i + 1]].tolist()
+            image = coco.images[image_id]
+            anns = [(int(coco.ann_ids[r]), int(coco.category_ids[r]), tuple(coco.bboxes[r].tolist()),
+                     bool(coco.iscrowd[r]), coco.segmentations[r]) for r in rows]  # fmt: skip
+            yield image_id, image.width, image.height, anns
+
+    verdicts: dict[int, quality.ReferenceQuality] = {}
+    results = run(_assess_photo, tasks())
+    for _, photo in tqdm(results, total=len(ids), desc="reference quality", disable=not progress, unit="photo"):
+        for ann_id, verdict in photo.items():
+            row = row_of[ann_id]
+            if coco.mask_areas[row] > 0:
+                verdicts[row] = verdict
+    return verdicts
+
+
+def rank_pool_candidates(coco: CocoInstances, verdicts: dict[int, quality.ReferenceQuality]) -> dict[int, np.ndarray]:
     """Per category, the row indices of pool candidates best first.
 
-    Quality order: never crowd, a non-empty mask; boxes not cut by the image border before cut ones; then larger
-    mask area first; ties by annotation id. Cut boxes only fill a pool whose category lacks uncut instances.
-    """
-    cut = border_cut(coco, margin)
-    rows = np.flatnonzero(~coco.iscrowd & (coco.mask_areas > 0))
-    order = np.lexsort((coco.ann_ids[rows], -coco.mask_areas[rows], cut[rows], coco.category_ids[rows]))
-    rows = rows[order]
-    categories, starts = np.unique(coco.category_ids[rows], return_index=True)
-    bounds = [*starts.tolist(), len(rows)]
-    return {int(c): rows[bounds[i] : bounds[i + 1]] for i, c in enumerate(categories.tolist())}
+    Clean instances come before every rejected one (rejected ones only fill a pool whose category lacks clean
+    instances). Within each group, every photo's best instance comes before any photo's second, so a pool spans as
+    many photos as the data has; then :func:`msibench.bench.quality.rank_key` (score, for rejected ones fewer causes
+    first)."""
+    by_category: dict[int, list[int]] = {}
+    for row in sorted(verdicts, key=lambda r: quality.rank_key(verdicts[r])):
+        by_category.setdefault(verdicts[row].category_id, []).append(row)
+    ranked = {}
+    for category, rows in sorted(by_category.items()):
+        seen: Counter[tuple[bool, int]] = Counter()
+        keyed = []
+        for position, row in enumerate(rows):
+            group = (not verdicts[row].clean, int(coco.image_ids[row]))
+            keyed.append((group[0], seen[group], position, row))
+            seen[group] += 1
+        ranked[category] = np.array([row for *_, row in sorted(keyed)], dtype=np.int64)
+    return ranked
 
 
-def _cut_reference(task: tuple[str, Any, tuple[float, ...], int, int, str, str]) -> str | None:
-    """Cut one pool instance out of its photo and save crop + mask. Returns an error reason, or None."""
-    image_path, segmentation, bbox, width, height, rgb_path, mask_path = task
+def rule_summary(coco: CocoInstances, verdicts: dict[int, quality.ReferenceQuality]) -> dict[str, Any]:
+    """What the reference-quality rule found, per category: candidates, clean ones and rejections per cause (an
+    instance may have several causes); crowd annotations are never candidates."""
+    per_category = {
+        name: {"candidates": 0, "clean": 0, "rejected": 0, "causes": dict.fromkeys(quality.CAUSES, 0)}
+        for _, name in sorted(coco.categories.items())
+    }
+    for verdict in verdicts.values():
+        entry = per_category[coco.categories[verdict.category_id]]
+        entry["candidates"] += 1
+        entry["clean"] += verdict.clean
+        entry["rejected"] += not verdict.clean
+        for cause in verdict.causes:
+            entry["causes"][cause] += 1
+    return {"quality_version": quality.QUALITY_VERSION, "per_category": per_category}
+
+
+def _cut_reference(task: tuple[str, Any, tuple[float, ...], int, int, str, str, list[Any]]) -> str | None:
+    """Cut one pool instance out of its photo (minus the contained instances it keeps out) and save crop + mask.
+    Returns an error reason, or None."""
+    image_path, segmentation, bbox, width, height, rgb_path, mask_path, subtract = task
     if Path(rgb_path).is_file() and Path(mask_path).is_file():
         return None  # written by an earlier, interrupted run: files only appear complete (atomic replace)
     image, reason = _open_rgb(Path(image_path), width, height)
     if image is None:
         return reason
     mask = decode_mask(segmentation, height, width, where=image_path)
+    for other in subtract:
+        mask &= ~decode_mask(other, height, width, where=image_path)
     rgb, mask_u8 = reference_crop(image, mask, bbox)
     save_png_atomic(Path(mask_path), mask_u8)
     save_png_atomic(Path(rgb_path), rgb)
@@ -259,23 +326,26 @@ def _open_rgb(path: Path, width: int, height: int) -> tuple[np.ndarray | None, s
 
 
 def build_pools(
-    coco: CocoInstances, config: BuildConfig, run: Callable[[Callable, Iterable], Iterator], progress: bool
+    coco: CocoInstances,
+    config: BuildConfig,
+    run: Callable[[Callable, Iterable], Iterator],
+    progress: bool,
+    verdicts: dict[int, quality.ReferenceQuality] | None = None,
 ) -> tuple[dict[int, list[PoolEntry]], list[dict[str, Any]]]:
-    """Choose, cut and save every category's reference pool; returns the pools and the skipped candidates.
-
-    At most one instance per photo enters a category's pool, so excluding the scene's own photo removes at most one
-    reference. Candidates whose photo cannot be read are reported and replaced by the next-ranked candidate.
+    """Choose, cut and save every category's reference pool (its first ``pool_size`` candidates in
+    :func:`rank_pool_candidates` order); returns the pools and the skipped candidates. Candidates whose photo cannot
+    be read are reported and replaced by the next-ranked candidate.
     """
     out = Path(config.out)
-    ranked = rank_pool_candidates(coco, config.border_margin)
-    cut = border_cut(coco, config.border_margin)
+    verdicts = verdicts if verdicts is not None else assess_references(coco, run)
+    ranked = rank_pool_candidates(coco, verdicts)
+    row_of = {int(a): i for i, a in enumerate(coco.ann_ids.tolist())}
     pools: dict[int, list[PoolEntry]] = {c: [] for c in sorted(coco.categories)}
     cursor = {c: 0 for c in ranked}
-    used_images: dict[int, set[int]] = {c: set() for c in ranked}
     bad_images: dict[int, str] = {}
     skipped: list[dict[str, Any]] = []
     bar = tqdm(
-        total=sum(min(config.pool_size, len(np.unique(coco.image_ids[rows]))) for rows in ranked.values()),
+        total=sum(min(config.pool_size, len(rows)) for rows in ranked.values()),
         desc="reference pools",
         disable=not progress,
         unit="ref",
@@ -288,10 +358,8 @@ def build_pools(
             while need > 0 and cursor[category] < len(rows):
                 row = int(rows[cursor[category]])
                 cursor[category] += 1
-                image_id = int(coco.image_ids[row])
-                if image_id in used_images[category] or image_id in bad_images:
+                if int(coco.image_ids[row]) in bad_images:
                     continue
-                used_images[category].add(image_id)
                 batch.append((category, row))
                 need -= 1
         if not batch:
@@ -309,6 +377,7 @@ def build_pools(
                     image.height,
                     str(entry_rgb),
                     str(entry_rgb.with_name(entry_rgb.stem + "_mask.png")),
+                    [coco.segmentations[row_of[a]] for a in verdicts[row].subtracted],
                 )
             )
         for (category, row), reason in zip(batch, run(_cut_reference, tasks), strict=True):
@@ -318,9 +387,18 @@ def build_pools(
                 skipped.append({"ann_id": int(coco.ann_ids[row]), "image_id": image_id, "reason": reason})
                 log.warning("reference candidate %d skipped: %s", int(coco.ann_ids[row]), reason)
                 continue
-            entry = coco.instance(row)
+            entry, verdict = coco.instance(row), verdicts[row]
             pools[category].append(
-                PoolEntry(entry.ann_id, entry.image_id, entry.category_id, entry.bbox, entry.mask_area, bool(cut[row]))
+                PoolEntry(
+                    entry.ann_id,
+                    entry.image_id,
+                    entry.category_id,
+                    entry.bbox,
+                    verdict.mask_area,
+                    verdict.causes,
+                    verdict.score,
+                    verdict.subtracted,
+                )  # fmt: skip
             )
             bar.update(1)
     bar.close()
@@ -329,10 +407,10 @@ def build_pools(
     return pools, skipped
 
 
-def _load_pools(path: Path) -> tuple[dict[int, list[PoolEntry]], list[dict[str, Any]]]:
+def _load_pools(path: Path) -> tuple[dict[int, list[PoolEntry]], list[dict[str, Any]], dict[str, Any]]:
     data = json.loads(path.read_text())
     pools = {int(c): [PoolEntry.from_json(e) for e in entries] for c, entries in data["categories"].items()}
-    return pools, data["skipped"]
+    return pools, data["skipped"], data["rule"]
 
 
 # ---------------------------------------------------------------------------------------------------------- tuples
@@ -408,22 +486,36 @@ def plan_scene(
     captions: dict[int, list[str]],
     seed: int,
 ) -> tuple[dict[str, Any] | None, str]:
-    """Sample references and the prompt of one scene (Eq. 3-5). Returns (manifest record, '') or (None, reason)."""
+    """Sample references and the prompt of one scene (Eq. 3-5). Returns (manifest record, '') or (None, reason).
+
+    References are drawn without replacement within the scene: a random clean pool entry while the category has one
+    left, else the best-ranked entry the rule rejected (recorded as ``reference_clean: false``)."""
     image_id = int(coco.image_ids[rows[0]])
     image = coco.images[image_id]
     rng = np.random.default_rng([seed, image_id])
     ann_ids = coco.ann_ids[rows].tolist()
     areas = coco.mask_areas[rows].tolist()
     z_rank = {index: rank for rank, index in enumerate(paint_order(areas, ann_ids))}
+    used: set[int] = set()
     subjects = []
     for index, row in enumerate(rows.tolist()):
         category_id = int(coco.category_ids[row])
-        # A reference is never the scene's own instance, nor any instance of the same photo.
-        eligible = [e for e in pools.get(category_id, []) if e.image_id != image_id]
+        pool = pools.get(category_id, [])
+        # A reference is never the scene's own instance, nor any instance of the same photo, nor used twice in it.
+        outside = [e for e in pool if e.image_id != image_id]
+        eligible = [e for e in outside if e.ann_id not in used]
+        name = coco.categories[category_id]
+        if not outside:
+            return None, f"no reference for category '{name}' outside this image (pool of {len(pool)})"
         if not eligible:
-            name = coco.categories[category_id]
-            return None, f"no reference for category '{name}' outside this image (pool of {len(pools[category_id])})"
-        reference = eligible[int(rng.integers(len(eligible)))]
+            wanted = sum(int(coco.category_ids[r]) == category_id for r in rows.tolist())
+            return None, (
+                f"{wanted} subjects of category '{name}' but only {len(outside)} references outside this image "
+                f"(pool of {len(pool)}); a scene never gets the same reference twice"
+            )
+        clean = [e for e in eligible if e.clean]
+        reference = clean[int(rng.integers(len(clean)))] if clean else eligible[0]
+        used.add(reference.ann_id)
         subjects.append(
             {
                 "ann_id": ann_ids[index],
@@ -434,6 +526,7 @@ def plan_scene(
                 "z_rank": z_rank[index],
                 "reference_id": reference.ann_id,
                 "reference_image_id": reference.image_id,
+                "reference_clean": reference.clean,
                 "reference_file": reference.file,
                 "reference_mask_file": reference.mask_file,
             }
@@ -468,20 +561,31 @@ def compute_stats(
     pool_skipped: list[dict[str, Any]],
     records: list[dict[str, Any]],
     skipped: list[dict[str, Any]],
+    rule: dict[str, Any],
 ) -> dict[str, Any]:
     per_scene = Counter(len(r["subjects"]) for r in records)
     subjects = Counter(s["category_id"] for r in records for s in r["subjects"])
+    fallback = Counter(s["category_id"] for r in records for s in r["subjects"] if not s["reference_clean"])
     scenes_with = Counter(c for r in records for c in {s["category_id"] for s in r["subjects"]})
     per_category = {}
     for category_id, name in sorted(coco.categories.items()):
         pool = pools.get(category_id, [])
+        found = rule["per_category"][name]
         per_category[name] = {
             "category_id": category_id,
             "subjects": subjects[category_id],
+            "subjects_with_rejected_reference": fallback[category_id],
             "scenes": scenes_with[category_id],
             "pool": len(pool),
-            "pool_cut_by_border": sum(e.cut_by_border for e in pool),
+            "pool_clean": sum(e.clean for e in pool),
+            "candidates": found["candidates"],
+            "clean_candidates": found["clean"],
+            "rejected_candidates": found["rejected"],
+            "rejected_by_cause": {cause: n for cause, n in found["causes"].items() if n},
         }
+    causes = Counter()
+    for found in rule["per_category"].values():
+        causes.update(found["causes"])
     return {
         "config": config.identity(),
         "images": len(coco.images),
@@ -492,6 +596,16 @@ def compute_stats(
         "scenes_written": len(records),
         "scenes_skipped": len(skipped),
         "subjects_written": sum(len(r["subjects"]) for r in records),
+        "subjects_with_rejected_reference": sum(fallback.values()),
+        "reference_rule": {
+            "quality_version": rule["quality_version"],
+            "candidates": sum(f["candidates"] for f in rule["per_category"].values()),
+            "clean": sum(f["clean"] for f in rule["per_category"].values()),
+            "rejected": sum(f["rejected"] for f in rule["per_category"].values()),
+            "rejected_by_cause": {cause: causes[cause] for cause in quality.CAUSES},
+            "pool_references": sum(len(p) for p in pools.values()),
+            "pool_clean": sum(e.clean for p in pools.values() for e in p),
+        },
         "subjects_per_scene": {str(k): per_scene[k] for k in sorted(per_scene)},
         "captions": {
             "coco": sum(r["caption_source"] == "coco" for r in records),
@@ -552,12 +666,14 @@ def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
 
     pool_path = out / POOL_FILE
     if pool_path.is_file():
-        pools, pool_skipped = _load_pools(pool_path)
+        pools, pool_skipped, rule = _load_pools(pool_path)
     else:
         with _ordered_map(config.workers) as run:
-            pools, pool_skipped = build_pools(coco, config, run, progress)
+            verdicts = assess_references(coco, run, progress)
+            pools, pool_skipped = build_pools(coco, config, run, progress, verdicts)
+        rule = rule_summary(coco, verdicts)
         pool_json = {"categories": {str(c): [e.to_json() for e in entries] for c, entries in sorted(pools.items())}}
-        write_json_atomic(pool_path, {**pool_json, "skipped": pool_skipped})
+        write_json_atomic(pool_path, {**pool_json, "skipped": pool_skipped, "rule": rule})
     # Segmentations are only needed to cut references: free them before the scene workers fork.
     coco = dataclasses.replace(coco, segmentations=[])
     captions = load_captions(config.captions_file)
@@ -600,7 +716,7 @@ def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
     records = read_jsonl_committed(manifest_path)
     skipped = read_jsonl_committed(skipped_path)
     stats = compute_stats(
-        config, coco, len(scenes.scenes), int(scenes.salient.sum()), pools, pool_skipped, records, skipped
+        config, coco, len(scenes.scenes), int(scenes.salient.sum()), pools, pool_skipped, records, skipped, rule
     )
     write_json_atomic(out / STATS_FILE, stats)
     return BuildSummary(out, len(scenes.scenes), len(records), len(skipped), filter_seconds)

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mscustomnet.data.build import BuildConfig, build_msi, category_prompt
+from mscustomnet.data.build import BuildConfig, PoolEntry, build_msi, category_prompt, plan_scene
+from mscustomnet.data.coco import load_instances
+from msibench.bench.quality import assess_annotations
+from msibench.coco import decode_mask, load_split
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,8 +60,17 @@ def test_manifest_stats_and_skipped_images(tiny_coco: Path, tiny, tmp_path: Path
     assert "missing" in reasons[5] and "truncated" in reasons[6]
     assert "scene 5 skipped" in caplog.text and "scene 6 skipped" in caplog.text
     assert {s["image_id"] for s in stats["pool_skipped"]} == {5, 6}
-    assert stats["per_category"]["dog"] == {"category_id": 1, "subjects": 3, "scenes": 3, "pool": 4,
-                                            "pool_cut_by_border": 0}  # fmt: skip
+    # Every tiny instance is rejected by the reference rule (boxes under 64 px; the dog's box also runs along the
+    # top and left edges within 8 px), so pools hold the best-ranked rejected candidates and stats say so.
+    assert stats["per_category"]["dog"] == {
+        "category_id": 1, "subjects": 3, "subjects_with_rejected_reference": 3, "scenes": 3, "pool": 4,
+        "pool_clean": 0, "candidates": 6, "clean_candidates": 0, "rejected_candidates": 6,
+        "rejected_by_cause": {"truncated": 6, "small": 6},
+    }  # fmt: skip
+    assert stats["per_category"]["cat"]["rejected_by_cause"] == {"small": 6}
+    # The 10 x 12 cup of image 2 is nowhere 12 px thick.
+    assert stats["reference_rule"]["rejected_by_cause"]["sliver"] == 1
+    assert stats["reference_rule"]["candidates"] == 30 and stats["reference_rule"]["clean"] == 0
     assert stats["per_category"]["person"]["subjects"] == 0  # crowd only
     by_id = {r["image_id"]: r for r in records}
     assert by_id[1]["caption_source"] == "coco"
@@ -92,34 +104,128 @@ def test_reference_is_never_from_the_scene_itself(tiny_build: Path, mini_train_b
 
 def test_pools_rank_quality_and_cut_references(mini_train_build: Path, coco_root: Path) -> None:
     pool = json.loads((mini_train_build / "pool.json").read_text())
-    images = {im["id"]: im for im in json.loads((coco_root / "annotations" / "instances_train2017.json").read_text())[
-        "images"]}  # fmt: skip
+    coco = load_split(coco_root, "train2017")
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco.annotations:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+
+    def verdicts(image_id: int) -> dict:
+        image = coco.images[image_id]
+        return assess_annotations(by_image[image_id], image["width"], image["height"], decode_mask)
+
     for entries in pool["categories"].values():
         assert 1 <= len(entries) <= 30
-        assert len({e["image_id"] for e in entries}) == len(entries)  # one instance per photo
-        keys = [(e["cut_by_border"], -e["mask_area"], e["ann_id"]) for e in entries]
-        assert keys == sorted(keys)  # uncut first, then larger first
-    person = pool["categories"]["1"][0]
-    assert not person["cut_by_border"]
-    x, y, w, h = person["bbox"]
-    image = images[person["image_id"]]
-    assert x > 2 and y > 2 and x + w < image["width"] - 2 and y + h < image["height"] - 2
-    rgb = np.asarray(Image.open(mini_train_build / person["file"]))
-    mask = np.asarray(Image.open(mini_train_build / person["mask_file"])) > 0
+        # Clean references first, then (only to fill the pool) rejected ones; within each, every photo's first
+        # instance before any photo's second.
+        cleans = [e["clean"] for e in entries]
+        assert cleans == sorted(cleans, reverse=True) and all(e["clean"] == (not e["causes"]) for e in entries)
+        for group in (True, False):
+            photos = [e["image_id"] for e in entries if e["clean"] == group]
+            firsts = [i for i, p in enumerate(photos) if p not in photos[:i]]
+            assert firsts == list(range(len(firsts)))
+    # The verdicts in pool.json are the shared rule's, recomputed here from the annotations.
+    person = pool["categories"]["1"]
+    for entry in person[:3] + person[-2:]:
+        verdict = verdicts(entry["image_id"])[entry["ann_id"]]
+        assert list(verdict.causes) == entry["causes"] and verdict.mask_area == entry["mask_area"]
+    best = person[0]
+    assert best["clean"]
+    x, y, w, h = best["bbox"]
+    rgb = np.asarray(Image.open(mini_train_build / best["file"]))
+    mask = np.asarray(Image.open(mini_train_build / best["mask_file"])) > 0
     assert rgb.shape[:2] == mask.shape == (int(np.ceil(y + h)) - int(y), int(np.ceil(x + w)) - int(x))
-    assert mask.sum() == person["mask_area"]  # the whole instance mask lies in its box, at original size
+    assert mask.sum() == best["mask_area"]  # the whole (cleaned) instance mask lies in its box, at original size
     assert (rgb[~mask] == 255).all() and (rgb[mask] != 255).any()
+    # A reference with contained instances cut out: its saved mask is its own mask minus theirs.
+    cut = next(e for entries in pool["categories"].values() for e in entries if e["subtracted"])
+    image = coco.images[cut["image_id"]]
+    anns = {a["id"]: a for a in by_image[cut["image_id"]]}
+    own = decode_mask(anns[cut["ann_id"]]["segmentation"], image["height"], image["width"]).astype(bool)
+    for other in cut["subtracted"]:
+        own &= ~decode_mask(anns[other]["segmentation"], image["height"], image["width"]).astype(bool)
+    x0, y0 = int(np.floor(cut["bbox"][0])), int(np.floor(cut["bbox"][1]))
+    saved = np.asarray(Image.open(mini_train_build / cut["mask_file"])) > 0
+    assert np.array_equal(saved, own[y0 : y0 + saved.shape[0], x0 : x0 + saved.shape[1]])
 
 
-def test_same_seed_same_bytes_other_seed_other_references(tiny_coco: Path, tiny_build: Path, tmp_path: Path) -> None:
+def test_stats_report_the_rule_per_category_and_cause(mini_train_build: Path) -> None:
+    stats = json.loads((mini_train_build / "stats.json").read_text())
+    pool = json.loads((mini_train_build / "pool.json").read_text())
+    rule = stats["reference_rule"]
+    per = stats["per_category"]
+    assert rule["candidates"] == sum(c["candidates"] for c in per.values()) == rule["clean"] + rule["rejected"]
+    for cause in ("truncated", "small", "container", "occluded", "fragment", "sliver"):
+        assert rule["rejected_by_cause"][cause] == sum(c["rejected_by_cause"].get(cause, 0) for c in per.values())
+        assert rule["rejected_by_cause"][cause] > 0  # the slice exercises every cause
+    assert rule["pool_clean"] == sum(e["clean"] for entries in pool["categories"].values() for e in entries)
+    records = read_jsonl(mini_train_build / "manifest.jsonl")
+    fallback = sum(not s["reference_clean"] for r in records for s in r["subjects"])
+    assert stats["subjects_with_rejected_reference"] == fallback > 0
+
+
+def test_a_scene_never_gets_the_same_reference_twice(mini_train_build: Path) -> None:
+    pool = json.loads((mini_train_build / "pool.json").read_text())
+    pooled = {e["ann_id"]: e for entries in pool["categories"].values() for e in entries}
+    for record in read_jsonl(mini_train_build / "manifest.jsonl"):
+        refs = [s["reference_id"] for s in record["subjects"]]
+        assert len(set(refs)) == len(refs), record["image_id"]
+        for s in record["subjects"]:
+            # A rejected reference only where no clean one of its category was left for this scene.
+            if not s["reference_clean"]:
+                left = [e for e in pool["categories"][str(s["category_id"])]
+                        if e["clean"] and e["image_id"] != record["image_id"] and e["ann_id"] not in refs]  # fmt: skip
+                assert not left, (record["image_id"], s["category"])
+            assert pooled[s["reference_id"]]["clean"] == s["reference_clean"]
+
+
+def _entry(ann_id: int, image_id: int, clean: bool = True, category_id: int = 1) -> PoolEntry:
+    return PoolEntry(ann_id, image_id, category_id, (0.0, 0.0, 10.0, 10.0), 100, () if clean else ("small",), 1.0)
+
+
+def test_plan_scene_draws_without_replacement_clean_first(tiny_coco: Path) -> None:
+    coco = load_instances(tiny_coco / "annotations" / "instances_train2017.json")
+    scene = 1
+    rows = np.flatnonzero((coco.image_ids == scene) & ~coco.iscrowd)
+    cats = sorted({int(c) for c in coco.category_ids[rows]})
+    # Per category: two clean entries from other photos, one from the scene's own photo, one rejected.
+    pools = {
+        c: [_entry(c * 10 + 1, 7, category_id=c), _entry(c * 10 + 2, 8, category_id=c),
+            _entry(c * 10 + 3, scene, category_id=c), _entry(c * 10 + 4, 9, clean=False, category_id=c)]
+        for c in cats
+    }  # fmt: skip
+    picks = set()
+    for seed in range(12):
+        record, reason = plan_scene(coco, rows, pools, {}, seed)
+        assert reason == ""
+        refs = [s["reference_id"] for s in record["subjects"]]
+        assert all(r % 10 in (1, 2) for r in refs) and all(s["reference_clean"] for s in record["subjects"])
+        picks.add(tuple(refs))
+    assert len(picks) > 1  # the seed draws among the clean entries
+    # Two dogs in one scene: the second gets the other clean entry, then (with one clean entry) the rejected one.
+    two_dogs = np.concatenate([rows, rows[:1]])
+    dog = int(coco.category_ids[rows[0]])
+    record, _ = plan_scene(coco, two_dogs, pools, {}, 0)
+    dogs = [s["reference_id"] for s in record["subjects"] if s["category_id"] == dog]
+    assert sorted(dogs) == [dog * 10 + 1, dog * 10 + 2]
+    pools[dog] = [e for e in pools[dog] if e.ann_id != dog * 10 + 2]
+    record, _ = plan_scene(coco, two_dogs, pools, {}, 0)
+    dogs = {s["reference_id"]: s["reference_clean"] for s in record["subjects"] if s["category_id"] == dog}
+    assert dogs == {dog * 10 + 1: True, dog * 10 + 4: False}
+    # Three dogs but two references outside the photo: the scene is skipped, never given a repeat.
+    record, reason = plan_scene(coco, np.concatenate([two_dogs, rows[:1]]), pools, {}, 0)
+    assert record is None and "3 subjects of category" in reason and "never gets the same reference twice" in reason
+
+
+def test_same_seed_same_bytes(tiny_coco: Path, tiny_build: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     build_msi(BuildConfig(coco_root=tiny_coco, split="train2017", out=again, workers=2), progress=False)
     assert tree_bytes(again) == tree_bytes(tiny_build)  # also: worker count does not change the output
     other = tmp_path / "other"
     build_msi(BuildConfig(coco_root=tiny_coco, split="train2017", out=other, seed=1), progress=False)
-    refs = [[s["reference_id"] for s in r["subjects"]] for r in read_jsonl(tiny_build / "manifest.jsonl")]
-    other_refs = [[s["reference_id"] for s in r["subjects"]] for r in read_jsonl(other / "manifest.jsonl")]
-    assert refs != other_refs
+    # Every tiny candidate is rejected by the rule and rejected references are taken best-ranked first, so another
+    # seed keeps them (test_plan_scene_draws_without_replacement_clean_first covers the seeded draw of clean ones).
+    records, other_records = read_jsonl(tiny_build / "manifest.jsonl"), read_jsonl(other / "manifest.jsonl")
+    assert [r["subjects"] for r in records] == [r["subjects"] for r in other_records]
 
 
 def test_resume_after_interruption_gives_identical_bytes(mini_train_build: Path, tmp_path: Path) -> None:
