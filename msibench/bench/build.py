@@ -205,6 +205,7 @@ def _rule_json() -> dict[str, Any]:
         "MIN_MAIN_PART",
         "MIN_THICKNESS_PX",
         "MIN_THICKNESS_RATIO",
+        "THICKNESS_GRID",
     )
     return {"quality_version": q.QUALITY_VERSION, **{n.lower(): getattr(q, n) for n in names}}
 
