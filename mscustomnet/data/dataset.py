@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from mscustomnet.data.build import CONFIG_FILE, MANIFEST_FILE
 from mscustomnet.data.curriculum import GAMMA, K_MAX, K_MIN, choose_subjects, curriculum_k, subset_rng
-from mscustomnet.data.layout import Placement, compose_layout_map, paint_order
+from mscustomnet.data.layout import Placement, compose_layout_map, paint_order, reference_square
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +82,10 @@ class FitTransform:
 def square_reference(
     rgb: np.ndarray, mask: np.ndarray, size: int, object_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference crop centred on a white square (aspect kept) and resized to ``size``; its mask likewise (on black).
-
-    With ``object_size`` the crop's long edge is scaled to ``object_size`` instead of ``size`` and centred on the
-    white ``size`` square (CustomNet's reference: long edge 200 on 256, ``mscustomnet.model.pipeline``)."""
-    h, w = mask.shape
-    side = max(h, w)
-    rgb_sq = np.full((side, side, 3), 255, dtype=np.uint8)
-    mask_sq = np.zeros((side, side), dtype=np.uint8)
-    y0, x0 = (side - h) // 2, (side - w) // 2
-    rgb_sq[y0 : y0 + h, x0 : x0 + w] = rgb
-    mask_sq[y0 : y0 + h, x0 : x0 + w] = mask.astype(np.uint8) * 255
-    inner = size if object_size is None else object_size
-    if not 1 <= inner <= size:
-        raise ValueError(f"object_size must be in 1..{size}, got {object_size}")
-    rgb_out = Image.fromarray(rgb_sq).resize((inner, inner), Image.Resampling.BICUBIC)
-    mask_out = Image.fromarray(mask_sq).resize((inner, inner), Image.Resampling.BILINEAR)
-    if inner < size:
-        offset = (size - inner) // 2
-        rgb_canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        rgb_canvas.paste(rgb_out, (offset, offset))
-        mask_canvas = Image.new("L", (size, size), 0)
-        mask_canvas.paste(mask_out, (offset, offset))
-        rgb_out, mask_out = rgb_canvas, mask_canvas
-    return np.asarray(rgb_out), np.asarray(mask_out) >= 128
+    """A reference crop as the image encoder sees it, by the function inference uses too
+    (:func:`mscustomnet.data.layout.reference_square`): cropped to the mask's box, the long edge scaled (Lanczos) to
+    ``object_size`` (default ``size``) and centred on a white ``size`` square; its mask likewise."""
+    return reference_square(rgb, mask, size, object_size)
 
 
 def load_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

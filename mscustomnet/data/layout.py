@@ -8,6 +8,9 @@ Pixel conventions:
   the canvas and the white reference background never does. References are pasted in the occlusion-prior order
   o_k: larger mask area first, smaller masks on top (ties: lower annotation id first). ``z_rank`` 0 is the back.
 - Boxes are COCO ``[x, y, w, h]`` floats; a box covers the pixels from floor(x) to ceil(x + w) (exclusive).
+- What the image encoder sees of a reference (:func:`reference_square`) is one function for training and inference:
+  the object cropped to its mask's box, scaled with Lanczos so its long edge spans ``object_size`` and centred on a
+  white square (its mask bilinear, thresholded at half, likewise on black).
 """
 
 from __future__ import annotations
@@ -44,6 +47,39 @@ def reference_crop(image: np.ndarray, mask: np.ndarray, bbox: Sequence[float]) -
     crop_mask = mask[y0:y1, x0:x1]
     crop_rgb = np.where(crop_mask[..., None], image[y0:y1, x0:x1], np.uint8(WHITE)).astype(np.uint8)
     return crop_rgb, crop_mask.astype(np.uint8) * 255
+
+
+def reference_square(
+    rgb: np.ndarray, mask: np.ndarray | None, size: int, object_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A reference as the model's image encoder sees it, in training (``MSIDataset``) and at inference
+    (``mscustomnet.model.pipeline.prepare_reference``) alike: everything outside ``mask`` white, the crop tightened to
+    the mask's box, scaled (Lanczos) so its long edge is ``object_size`` (default ``size``) and centred on a white
+    ``size`` square. Returns (RGB uint8 [size, size, 3], bool mask [size, size]: the mask scaled bilinearly,
+    thresholded at half, on the same square)."""
+    object_size = size if object_size is None else object_size
+    if not 1 <= object_size <= size:
+        raise ValueError(f"object_size must be in 1..{size}, got {object_size}")
+    rgb = np.array(rgb, dtype=np.uint8)
+    inside = np.ones(rgb.shape[:2], dtype=bool) if mask is None else np.asarray(mask) > 0
+    if inside.shape != rgb.shape[:2]:
+        raise ValueError(f"mask size {inside.shape[::-1]} differs from reference size {rgb.shape[1::-1]}")
+    rgb[~inside] = WHITE
+    ys, xs = np.nonzero(inside)
+    if len(ys):
+        rgb = rgb[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        inside = inside[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = rgb.shape[:2]
+    scale = object_size / max(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    obj = Image.fromarray(rgb).resize(new, Image.Resampling.LANCZOS)
+    obj_mask = Image.fromarray(inside.astype(np.uint8) * 255).resize(new, Image.Resampling.BILINEAR)
+    offset = ((size - new[0]) // 2, (size - new[1]) // 2)
+    square = Image.new("RGB", (size, size), (WHITE, WHITE, WHITE))
+    square.paste(obj, offset)
+    square_mask = Image.new("L", (size, size), 0)
+    square_mask.paste(obj_mask, offset)
+    return np.asarray(square), np.asarray(square_mask) >= 128
 
 
 def box_to_coco(box: Sequence[float]) -> list[float]:

@@ -145,13 +145,19 @@ def prepare_reference(
 
     ``fit="thumbnail"`` is the official ``load_and_preprocess`` (``ldm/util.py:82``, PIL ``thumbnail`` with Lanczos:
     only shrinks, so an object smaller than ``object_size`` keeps its size). ``fit="upscale"`` scales every object
-    so that its long edge is exactly ``object_size`` (small COCO references then reach CLIP larger than a speck).
+    so that its long edge is exactly ``object_size`` (small COCO references then reach CLIP larger than a speck); it
+    is :func:`mscustomnet.data.layout.reference_square`, the function the training Dataset cuts references with.
     """
     if fit not in REFERENCE_FITS:
         raise ValueError(f"reference fit {fit!r} is not one of {REFERENCE_FITS}")
     rgb = np.array(reference.convert("RGB"))
-    if mask is not None:
-        inside = np.asarray(mask.convert("L")) > 127
+    inside = None if mask is None else np.asarray(mask.convert("L")) > 127
+    if fit == "upscale":
+        # The very function the training Dataset uses (MS-CustomNet's pipeline fits references this way).
+        from mscustomnet.data.layout import reference_square
+
+        return Image.fromarray(reference_square(rgb, inside, size, object_size)[0])
+    if inside is not None:
         if inside.shape != rgb.shape[:2]:
             raise ValueError(f"mask size {inside.shape[::-1]} differs from reference size {rgb.shape[1::-1]}")
         rgb[~inside] = 255
@@ -159,12 +165,7 @@ def prepare_reference(
         if len(ys):
             rgb = rgb[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     obj = Image.fromarray(rgb)
-    if fit == "thumbnail":
-        obj.thumbnail((object_size, object_size), Image.Resampling.LANCZOS)
-    else:
-        h, w = rgb.shape[:2]
-        scale = object_size / max(h, w)
-        obj = obj.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    obj.thumbnail((object_size, object_size), Image.Resampling.LANCZOS)
     square = Image.new("RGB", (size, size), (255, 255, 255))
     square.paste(obj, ((size - obj.size[0]) // 2, (size - obj.size[1]) // 2))
     return square

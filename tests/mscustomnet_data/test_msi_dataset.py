@@ -157,3 +157,37 @@ def test_bad_manifest_names_line_and_field(tiny_build: Path, tmp_path: Path) -> 
     ds = MSIDataset(tiny_build, total_epochs=3)
     with pytest.raises(ValueError, match="epoch must be in 1..3"):
         ds.set_epoch(4)
+
+
+def test_training_and_inference_cut_references_the_same_way(mini_train_build: Path, coco_root: Path) -> None:
+    """A pool reference reaches the image encoder with the same pixels whether it comes through the training Dataset
+    (pool cut-out saved by build-msi) or through ``msibench run`` (cut-out materialized from the manifest's COCO
+    segmentation and crop, then ``prepare_reference``): both use one crop and one resampling."""
+    from PIL import Image
+
+    from mscustomnet.model.pipeline import prepare_reference
+    from msibench.bench.prepare import cut_out
+    from msibench.bench.quality import pixel_box
+
+    ds = MSIDataset(mini_train_build, total_epochs=1, reference_resolution=256, reference_object_size=200)
+    data = json.loads((coco_root / "annotations" / "instances_train2017.json").read_text())
+    anns = {a["id"]: a for a in data["annotations"]}
+    images = {im["id"]: im for im in data["images"]}
+    checked = 0
+    for index in range(4):
+        sample = ds.sample(index, 1)
+        for k, ref_id in enumerate(sample["reference_ids"].tolist()):
+            ann = anns[ref_id]
+            image = images[ann["image_id"]]
+            with Image.open(coco_root / "train2017" / image["file_name"]) as photo:
+                crop = pixel_box(ann["bbox"], image["width"], image["height"])
+                ref, mask = cut_out(photo, ann["segmentation"], crop)
+            subtracted = any(e["ann_id"] == ref_id and e["subtracted"] for e in json.loads(
+                (mini_train_build / "pool.json").read_text())["categories"][str(ann["category_id"])])  # fmt: skip
+            if subtracted:
+                continue  # its manifest segmentation would be the cleaned mask; covered by the pool tests
+            inference = np.asarray(prepare_reference(ref, mask, 256, 200, fit="upscale"))  # as MSCustomNetPipeline
+            training = (sample["references"][k].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            assert np.array_equal(training, inference), (index, ref_id)
+            checked += 1
+    assert checked >= 10
