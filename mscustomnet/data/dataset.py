@@ -79,6 +79,22 @@ class FitTransform:
         return canvas
 
 
+@dataclass(frozen=True)
+class PlacedSubject:
+    """One subject of a sample: its manifest record, its reference crop (RGB uint8, white outside the bool mask) at
+    original size, its xyxy box on the training canvas (not clipped) and its paint rank (0 = back)."""
+
+    record: dict[str, Any]
+    rgb: np.ndarray
+    mask: np.ndarray
+    box: tuple[float, float, float, float]
+    z_rank: int
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(rgb=self.rgb, mask=self.mask, box=self.box)
+
+
 def square_reference(
     rgb: np.ndarray, mask: np.ndarray, size: int, object_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -207,12 +223,27 @@ class MSIDataset(Dataset):
         r = self.resolution
         return min(x1, r) - max(x0, 0) >= 1 and min(y1, r) - max(y0, 0) >= 1
 
+    def placed_subjects(self, index: int, epoch: int) -> list[PlacedSubject]:
+        """The subjects sample ``index`` uses at ``epoch`` (manifest order), each with its reference crop at original
+        size, its box on the training canvas and its paint rank: what both the layout map and the sample grids
+        (``mscustomnet.train.samples``) are made from."""
+        scene = self.scenes[index]
+        transform = FitTransform.create(scene["width"], scene["height"], self.resolution, self.fit)
+        subjects = [scene["subjects"][k] for k in self.subject_indices(index, epoch)]
+        order = paint_order([s["mask_area"] for s in subjects], [s["ann_id"] for s in subjects])
+        z_ranks = {k: rank for rank, k in enumerate(order)}
+        placed = []
+        for k, s in enumerate(subjects):
+            rgb, mask = self._reference(s)
+            placed.append(PlacedSubject(s, rgb, mask, transform.box(s["bbox"]), z_ranks[k]))
+        return placed
+
     def sample(self, index: int, epoch: int) -> dict[str, Any]:
         scene = self.scenes[index]
         res, ref_res = self.resolution, self.reference_resolution
         transform = FitTransform.create(scene["width"], scene["height"], res, self.fit)
-        chosen = self.subject_indices(index, epoch)
-        subjects = [scene["subjects"][k] for k in chosen]
+        placed = self.placed_subjects(index, epoch)
+        subjects = [p.record for p in placed]
 
         image_path = self.image_root / scene["file_name"]
         try:
@@ -221,19 +252,13 @@ class MSIDataset(Dataset):
         except (OSError, SyntaxError) as e:
             raise OSError(f"MSI scene {scene['image_id']}: cannot read {image_path} ({e})") from e
 
-        boxes = [transform.box(s["bbox"]) for s in subjects]
-        crops = [self._reference(s) for s in subjects]
-        order = paint_order([s["mask_area"] for s in subjects], [s["ann_id"] for s in subjects])
-        placements = [Placement(rgb=crops[k][0], mask=crops[k][1], box=boxes[k]) for k in order]
-        layout_map, painted = compose_layout_map(res, res, placements)
+        order = sorted(range(len(placed)), key=lambda k: placed[k].z_rank)
+        layout_map, painted = compose_layout_map(res, res, [placed[k].placement for k in order])
         # compose_layout_map indexes placements in paint order; map back to the returned subject order.
         slot_of_paint = torch.tensor(order + [-1], dtype=torch.int64)
         layout_index = slot_of_paint[torch.from_numpy(painted.astype(np.int64))]
-        z_ranks = [0] * len(subjects)
-        for rank, k in enumerate(order):
-            z_ranks[k] = rank
 
-        refs = [square_reference(rgb, mask, ref_res, self.reference_object_size) for rgb, mask in crops]
+        refs = [square_reference(p.rgb, p.mask, ref_res, self.reference_object_size) for p in placed]
         references = torch.zeros(len(refs), 3, ref_res, ref_res)
         reference_masks = torch.zeros(len(refs), 1, ref_res, ref_res)
         for k, (rgb, mask) in enumerate(refs):
@@ -248,8 +273,8 @@ class MSIDataset(Dataset):
             "category_ids": torch.tensor([s["category_id"] for s in subjects], dtype=torch.int64),
             "ann_ids": torch.tensor([s["ann_id"] for s in subjects], dtype=torch.int64),
             "reference_ids": torch.tensor([s["reference_id"] for s in subjects], dtype=torch.int64),
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(len(subjects), 4),
-            "z_ranks": torch.tensor(z_ranks, dtype=torch.int64),
+            "boxes": torch.tensor([p.box for p in placed], dtype=torch.float32).reshape(len(placed), 4),
+            "z_ranks": torch.tensor([p.z_rank for p in placed], dtype=torch.int64),
             "num_subjects": len(subjects),
             "prompt": scene["caption"],
             "image_id": int(scene["image_id"]),

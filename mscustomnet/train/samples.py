@@ -1,7 +1,10 @@
 """Sample grids during training: for fixed training scenes, one row ``target | layout input | sample``.
 
-The samples go through :class:`MSCustomNetPipeline` exactly as ``msibench run`` does (reference squares, M_L built
-from the boxes and masks, DDIM + CFG), from each scene's subjects at K_max (the last epoch's subset).
+The samples go through :class:`MSCustomNetPipeline` exactly as ``msibench run`` does: each subject is handed over
+as ``msibench run`` hands a benchmark subject (its reference cut-out at original size with its mask, its box
+normalised to the canvas, its z rank, its category), so the pipeline builds the very layout map M_L the model trains
+on (``MSIDataset.sample``) and cuts the reference squares as training does. The scenes use their subjects at K_max
+(the last epoch's subset).
 """
 
 from __future__ import annotations
@@ -30,19 +33,20 @@ def _pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def scene_subjects(sample: dict, resolution: int) -> list[Subject]:
-    """A Dataset sample's subjects as pipeline inputs (normalised boxes, z order, contiguous category index)."""
+def scene_subjects(dataset: MSIDataset, index: int, epoch: int) -> list[Subject]:
+    """Sample ``index`` of ``dataset`` at ``epoch`` as pipeline inputs: reference cut-outs at original size with their
+    masks, boxes normalised to the training canvas (not clipped: the layout clips them as training does), z ranks and
+    contiguous category indices."""
+    res = dataset.resolution
     subjects = []
-    for k in range(sample["num_subjects"]):
-        box = (sample["boxes"][k] / resolution).clamp(0, 1).tolist()
-        mask = (sample["reference_masks"][k, 0] > 0.5).numpy().astype(np.uint8) * 255
+    for placed in dataset.placed_subjects(index, epoch):
         subjects.append(
             Subject(
-                reference=_pil(sample["references"][k]),
-                mask=Image.fromarray(mask),
-                box=tuple(box),
-                z=int(sample["z_ranks"][k]),
-                category_index=CATEGORY_INDEX[int(sample["category_ids"][k])],
+                reference=Image.fromarray(placed.rgb),
+                mask=Image.fromarray(placed.mask.astype(np.uint8) * 255),
+                box=tuple(v / res for v in placed.box),
+                z=placed.z_rank,
+                category_index=CATEGORY_INDEX[int(placed.record["category_id"])],
             )
         )
     return subjects
@@ -52,8 +56,11 @@ def scene_subjects(sample: dict, resolution: int) -> list[Subject]:
 def sample_grid(model: CustomNetModel, dataset: MSIDataset, config: TrainConfig, count: int) -> Image.Image:
     """The grid image for the first ``count`` scenes of ``dataset``."""
     res = config.data.resolution
-    scenes = [dataset.sample(i, config.total_epochs) for i in range(min(count, len(dataset)))]
-    rows = [scene_subjects(s, res) for s in scenes]
+    if dataset.resolution != res:
+        raise ValueError(f"the dataset's resolution {dataset.resolution} is not data.resolution {res}")
+    indices = range(min(count, len(dataset)))
+    scenes = [dataset.sample(i, config.total_epochs) for i in indices]
+    rows = [scene_subjects(dataset, i, config.total_epochs) for i in indices]
     s = config.samples
     was_training = model.training
     model.eval()

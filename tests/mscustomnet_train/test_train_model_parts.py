@@ -123,3 +123,19 @@ def test_reference_object_size_leaves_a_white_margin():
     assert (framed[:7] == 255).all() and (framed[57:] == 255).all() and framed[30, 32].max() < 60
     with pytest.raises(ValueError, match="object_size must be in 1..64"):
         square_reference(rgb, mask, 64, object_size=65)
+
+
+@pytest.mark.parametrize(("resolution", "fit"), [(256, "pad"), (64, "pad"), (64, "crop")])
+def test_sample_grid_layout_is_the_training_layout(msi_val, resolution, fit):
+    """The sample grids hand the pipeline what msibench run hands it (cut-outs at original size, normalised boxes),
+    and the pipeline's M_L is then the training sample's layout map, pixel for pixel."""
+    from mscustomnet.data.dataset import MSIDataset
+    from mscustomnet.model.pipeline import layout_map
+    from mscustomnet.train.samples import scene_subjects
+
+    ds = MSIDataset(msi_val, resolution=resolution, total_epochs=1, fit=fit)
+    for index in range(len(ds)):
+        training = (ds.sample(index, 1)["layout_map"].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        grid = np.asarray(layout_map(scene_subjects(ds, index, 1), resolution))
+        assert np.array_equal(grid, training), index
+        assert (training != 0).any(axis=-1).mean() > 0.05  # subjects fill their boxes, as in training
