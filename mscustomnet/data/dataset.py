@@ -65,6 +65,13 @@ class FitTransform:
         s = self.scale
         return (x * s + self.offset_x, y * s + self.offset_y, (x + w) * s + self.offset_x, (y + h) * s + self.offset_y)
 
+    def content_mask(self, resolution: int) -> np.ndarray:
+        """float32 [R, R]: 1 where the canvas shows the photo, 0 on the letterbox padding (``fit="pad"``)."""
+        mask = np.zeros((resolution, resolution), dtype=np.float32)
+        ox, oy = int(self.offset_x), int(self.offset_y)
+        mask[max(0, oy) : max(0, oy + self.resized[1]), max(0, ox) : max(0, ox + self.resized[0])] = 1.0
+        return mask
+
     def image(self, image: Image.Image, resolution: int) -> np.ndarray:
         """The scene photo on the training canvas (uint8 [R, R, 3]), black where padded."""
         scaled = np.asarray(image.convert("RGB").resize(self.resized, Image.Resampling.BICUBIC))
@@ -140,6 +147,8 @@ class MSIDataset(Dataset):
 
     Each sample is a dict:
       image [3, R, R] and layout_map [3, R, R]: float in [0, 1] (layout map black where empty);
+      content_mask [1, R, R]: 1 where the photo is, 0 on the letterbox padding of ``fit="pad"`` (the trainer keeps
+      the padding out of the loss with it);
       layout_index [R, R] int64: which returned subject is visible at each layout pixel, -1 where empty;
       references [K, 3, r, r] float in [0, 1] on white (the object's long edge spans r, or
       ``reference_object_size`` when given), reference_masks [K, 1, r, r] float 0/1;
@@ -266,6 +275,7 @@ class MSIDataset(Dataset):
             reference_masks[k, 0] = torch.from_numpy(mask)
         return {
             "image": _to_tensor(image),
+            "content_mask": torch.from_numpy(transform.content_mask(res))[None],
             "layout_map": _to_tensor(layout_map),
             "layout_index": layout_index,
             "references": references,
@@ -303,7 +313,7 @@ def collate_msi(batch: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("collate_msi needs at least one sample")
     k_max = max(s["num_subjects"] for s in batch)
     out: dict[str, Any] = {
-        key: torch.stack([s[key] for s in batch]) for key in ("image", "layout_map", "layout_index")
+        key: torch.stack([s[key] for s in batch]) for key in ("image", "content_mask", "layout_map", "layout_index")
     }
     for key, fill in _PAD.items():
         first = batch[0][key]

@@ -84,6 +84,20 @@ class LossOutput:
     timesteps: torch.Tensor
 
 
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean squared error [B] over channels and the latent cells where ``mask`` [B, 1, h, w] is 1 (all
+    cells without a mask); a sample whose mask is empty contributes 0."""
+    error = (pred - target).square()
+    if mask is None:
+        return error.mean(dim=(1, 2, 3))
+    if mask.shape[0] != error.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != error.shape[2:]:
+        raise ValueError(f"loss_mask must be [B, 1, h, w] = {[error.shape[0], 1, *error.shape[2:]]}, got "
+                         f"{list(mask.shape)}")  # fmt: skip
+    mask = mask.to(error)
+    cells = mask.sum(dim=(1, 2, 3)) * error.shape[1]
+    return (error * mask).sum(dim=(1, 2, 3)) / cells.clamp_min(1.0)
+
+
 class CustomNetModel(nn.Module):
     """CustomNet (``config.num_categories == 0``) or MS-CustomNet (``> 0``).
 
@@ -375,7 +389,9 @@ class CustomNetModel(nn.Module):
         - ``subject_mask`` [B, K] bool (optional, default all present);
         - ``categories`` [B, K] int64, contiguous 0..79, -1 for padding (MS-CustomNet only);
         - ``viewpoints`` [B, K, 4] (optional, default front view);
-        - ``text_only`` [B] (optional): samples whose subject tokens are zeroed, CustomNet's ``text_only``.
+        - ``text_only`` [B] (optional): samples whose subject tokens are zeroed, CustomNet's ``text_only``;
+        - ``loss_mask`` [B, 1, h, w] at latent resolution (optional): the loss averages over the cells where it is 1
+          only (the trainer leaves the letterbox padding out this way).
 
         Dropout per sample as CustomNet's ``get_input`` (``ldm/models/diffusion/ddpm.py:743-763``; r ~ U[0, 1),
         u = ``config.uncond_rate``): for r < 2u the reference images are dropped, their CLIP embeddings replaced by
@@ -448,7 +464,7 @@ class CustomNetModel(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(device)
         noisy = self.add_noise(latents, noise, timesteps)
         pred = self.predict_noise(noisy, timesteps, layout_latents, tokens, text_embeds, subject_mask)
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = masked_mse(pred.float(), noise, batch.get("loss_mask"))
         return LossOutput(loss=per_sample.mean(), loss_per_sample=per_sample.detach(), timesteps=timesteps)
 
 
@@ -465,4 +481,13 @@ def _batch_size(batch: dict[str, Any]) -> int:
     raise KeyError(f"training batch has neither 'image' nor 'latents' (keys: {sorted(batch)})")
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "FRONT_VIEW", "CustomNetModel", "LossOutput", "tokenize", "viewpoint_vector"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "FRONT_VIEW",
+    "CustomNetModel",
+    "LossOutput",
+    "masked_mse",
+    "tokenize",
+    "viewpoint_vector",
+]

@@ -134,6 +134,10 @@ class TrainSection:
     log_every: int = 1
     checkpoint_every: int | None = 1000  # steps; a checkpoint is also written after every epoch and at the end
     keep_checkpoints: int = 2
+    # With data.fit: pad about a quarter of each target is black letterbox padding, and M_L is black where empty: a
+    # loss over the padding teaches the model to paint letterboxes. True keeps the padding (at latent resolution)
+    # out of the loss; false is the plain loss over the whole canvas.
+    loss_mask_padding: bool = True
 
     def __post_init__(self) -> None:
         _check(len(self.stages) >= 1, "train.stages", "needs at least one stage")

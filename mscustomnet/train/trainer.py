@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -130,8 +131,19 @@ def category_lookup() -> torch.Tensor:
     return lut
 
 
-def prepare_batch(raw: dict[str, Any], lut: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """A ``collate_msi`` batch ([0, 1] images, COCO category ids) as ``training_loss`` input ([-1, 1], 0..79)."""
+def latent_loss_mask(content_mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, 1, R, R] photo-vs-padding mask -> [B, 1, R/f, R/f] at latent resolution: a latent cell counts when any
+    pixel it covers is photo (cells straddling the photo's edge carry photo content)."""
+    return F.max_pool2d(content_mask.float(), kernel_size=factor, stride=factor)
+
+
+def prepare_batch(
+    raw: dict[str, Any], lut: torch.Tensor, device: torch.device, loss_mask_factor: int | None = None
+) -> dict[str, Any]:
+    """A ``collate_msi`` batch ([0, 1] images, COCO category ids) as ``training_loss`` input ([-1, 1], 0..79).
+
+    With ``loss_mask_factor`` (the VAE's downsampling) the batch carries ``loss_mask``: the letterbox padding of
+    ``fit="pad"`` at latent resolution, left out of the diffusion loss."""
     ids = raw["category_ids"]
     known = (ids >= 0) & (ids < len(lut))
     categories = torch.where(known, lut[ids.clamp(0, len(lut) - 1)], torch.full_like(ids, -1))
@@ -145,6 +157,11 @@ def prepare_batch(raw: dict[str, Any], lut: torch.Tensor, device: torch.device) 
         "subject_mask": raw["subject_mask"].to(device),
         "categories": categories.to(device),
         "text": list(raw["prompt"]),
+        **(
+            {"loss_mask": latent_loss_mask(raw["content_mask"], loss_mask_factor).to(device, non_blocking=nb)}
+            if loss_mask_factor is not None
+            else {}
+        ),
     }
 
 
@@ -206,6 +223,9 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.mixed_precision == "fp16")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lut = category_lookup()
+        # The letterbox padding of data.fit: pad carries no signal; unless configured otherwise, it stays out of the
+        # loss (a no-op for fit: crop, whose canvas is all photo).
+        self.loss_mask_factor = model.config.vae.scale_factor if config.train.loss_mask_padding else None
 
     def __call__(self, micro_batches: list[dict[str, Any]], global_step: int) -> float:
         t = self.config.train
@@ -213,7 +233,7 @@ class TrainStep:
             raise ValueError(f"expected {self.grad_accum} micro-batches, got {len(micro_batches)}")
         loss_sum = torch.zeros((), device=self.device)
         for j, raw in enumerate(micro_batches):
-            batch = prepare_batch(raw, self.lut, self.device)
+            batch = prepare_batch(raw, self.lut, self.device, self.loss_mask_factor)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(t.seed, global_step, j * self.env.world_size + self.env.rank))
             last = j == self.grad_accum - 1
@@ -570,6 +590,7 @@ __all__ = [
     "autocast_for",
     "category_lookup",
     "check_sdpa_attention",
+    "latent_loss_mask",
     "load_initial_model",
     "make_optimizer",
     "prepare_batch",

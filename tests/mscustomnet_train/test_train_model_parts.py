@@ -139,3 +139,80 @@ def test_sample_grid_layout_is_the_training_layout(msi_val, resolution, fit):
         grid = np.asarray(layout_map(scene_subjects(ds, index, 1), resolution))
         assert np.array_equal(grid, training), index
         assert (training != 0).any(axis=-1).mean() > 0.05  # subjects fill their boxes, as in training
+
+
+def test_masked_mse_averages_over_the_mask_only():
+    from mscustomnet.model.network import masked_mse
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6] = 1
+    loss = masked_mse(pred, target, mask)
+    torch.testing.assert_close(loss, (pred - target)[:, :, 2:6].square().mean(dim=(1, 2, 3)))
+    shifted = pred.clone()
+    shifted[:, :, :2] += 100.0  # masked cells
+    torch.testing.assert_close(masked_mse(shifted, target, mask), loss)
+    assert torch.equal(masked_mse(pred, target), (pred - target).square().mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match=r"loss_mask must be \[B, 1, h, w\] = \[2, 1, 8, 8\]"):
+        masked_mse(pred, target, torch.ones(2, 1, 4, 4))
+
+
+def _padded_sample(msi_val, fit: str = "pad"):
+    from mscustomnet.data.dataset import MSIDataset, collate_msi
+
+    ds = MSIDataset(msi_val, resolution=64, reference_resolution=32, total_epochs=1, fit=fit)
+    index = next(i for i in range(len(ds)) if ds.scenes[i]["width"] != ds.scenes[i]["height"])
+    return collate_msi([ds.sample(index, 1)])
+
+
+def test_the_loss_mask_is_the_photo_at_latent_resolution(msi_val):
+    raw = _padded_sample(msi_val)
+    content = raw["content_mask"][0, 0]
+    image = raw["image"][0]
+    # content_mask marks exactly the letterbox: black padding outside, the photo inside.
+    assert (image[:, content == 0] == 0).all() and 0.1 < (content == 0).float().mean() < 0.5
+    batch = prepare_batch(raw, category_lookup(), torch.device("cpu"), loss_mask_factor=8)
+    mask = batch["loss_mask"][0, 0]
+    assert mask.shape == (8, 8)
+    rows = content.reshape(8, 8, 64).amax(dim=(1, 2))  # does a latent row of cells hold any photo pixel?
+    cols = content.reshape(64, 8, 8).amax(dim=(0, 2))
+    assert torch.equal(mask, torch.outer(rows, cols)) and 0 < mask.sum() < 64
+    assert "loss_mask" not in prepare_batch(raw, category_lookup(), torch.device("cpu"))
+    crop = _padded_sample(msi_val, fit="crop")
+    assert (crop["content_mask"] == 1).all()  # fit: crop has no padding to mask
+
+
+def test_padding_does_not_change_the_loss(msi_val, monkeypatch):
+    """With the mask, what the latent cells of the letterbox hold (and so what the model predicts there) does not
+    enter the loss; without it, it does. A pointwise noise predictor isolates the loss from the UNet's receptive
+    field."""
+    raw = _padded_sample(msi_val)
+    batch = prepare_batch(raw, category_lookup(), torch.device("cpu"), loss_mask_factor=8)
+    padding = batch["loss_mask"] == 0
+    model = _model()
+    monkeypatch.setattr(model, "predict_noise", lambda noisy, *args, **kwargs: 0.5 * noisy)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    garbage = torch.where(padding, torch.full_like(latents, 7.0), latents)
+
+    def loss(lat: torch.Tensor, masked: bool) -> torch.Tensor:
+        b = {**batch, "latents": lat}
+        if not masked:
+            b.pop("loss_mask")
+        return model.training_loss(b, generator=torch.Generator().manual_seed(3)).loss.detach()
+
+    assert torch.equal(loss(latents, True), loss(garbage, True))
+    assert not torch.equal(loss(latents, False), loss(garbage, False))
+
+
+def test_loss_mask_padding_is_a_config_option(msi_val, tiny_customnet_dir):
+    from train_helpers import tiny_train_config
+
+    from mscustomnet.train.distributed import DistEnv
+    from mscustomnet.train.trainer import TrainStep
+
+    model = _model()
+    masked = TrainStep(model, tiny_train_config(msi_val, tiny_customnet_dir), torch.device("cpu"), DistEnv(), 2)
+    assert masked.loss_mask_factor == model.config.vae.scale_factor  # the default
+    plain_config = tiny_train_config(msi_val, tiny_customnet_dir, train={"loss_mask_padding": False})
+    assert TrainStep(model, plain_config, torch.device("cpu"), DistEnv(), 2).loss_mask_factor is None
