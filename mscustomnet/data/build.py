@@ -257,12 +257,14 @@ def assess_references(
 def rank_pool_candidates(coco: CocoInstances, verdicts: dict[int, quality.ReferenceQuality]) -> dict[int, np.ndarray]:
     """Per category, the row indices of pool candidates best first.
 
-    Clean instances come before every rejected one (rejected ones only fill a pool whose category lacks clean
-    instances). Within each group, every photo's best instance comes before any photo's second, so a pool spans as
-    many photos as the data has; then :func:`msibench.bench.quality.rank_key` (score, for rejected ones fewer causes
-    first)."""
+    Clean instances come before every rejected one; rejected ones only fill a pool whose category lacks clean
+    instances, and only those rejected for a worse view of one whole object (:data:`msibench.bench.quality.
+    FALLBACK_CAUSES`: truncated, small, occluded), never containers, fragments or slivers. Within each group, every
+    photo's best instance comes before any photo's second, so a pool spans as many photos as the data has; then
+    :func:`msibench.bench.quality.rank_key` (score, for rejected ones fewer causes first)."""
     by_category: dict[int, list[int]] = {}
-    for row in sorted(verdicts, key=lambda r: quality.rank_key(verdicts[r])):
+    usable = [row for row in verdicts if verdicts[row].usable_as_fallback]
+    for row in sorted(usable, key=lambda r: quality.rank_key(verdicts[r])):
         by_category.setdefault(verdicts[row].category_id, []).append(row)
     ranked = {}
     for category, rows in sorted(by_category.items()):

@@ -78,6 +78,10 @@ MIN_THICKNESS_RATIO = 0.06
 THICKNESS_GRID = 256
 
 CAUSES = ("empty", "truncated", "small", "container", "occluded", "fragment", "sliver")
+# Causes that leave one recognisable object, only a worse view of it (cut by the frame, small, partly hidden). A
+# training pool whose category lacks clean candidates may be filled with these, ranked after every clean one; a
+# candidate that holds other objects, is in pieces, a sliver or empty never serves as a reference.
+FALLBACK_CAUSES = ("truncated", "small", "occluded")
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,11 @@ class ReferenceQuality:
     @property
     def clean(self) -> bool:
         return not self.causes
+
+    @property
+    def usable_as_fallback(self) -> bool:
+        """Clean, or rejected only for :data:`FALLBACK_CAUSES`."""
+        return all(cause in FALLBACK_CAUSES for cause in self.causes)
 
     @property
     def subtracted(self) -> tuple[int, ...]:
@@ -329,6 +338,7 @@ __all__ = [
     "BORDER_MARGIN_PX",
     "CAUSES",
     "CONTAINED_OVERLAP",
+    "FALLBACK_CAUSES",
     "MAX_BORDER_RUN",
     "MAX_CONTAINED_FRACTION",
     "MAX_OCCLUSION",

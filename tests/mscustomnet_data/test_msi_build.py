@@ -13,7 +13,7 @@ from PIL import Image
 
 from mscustomnet.data.build import BuildConfig, PoolEntry, build_msi, category_prompt, plan_scene
 from mscustomnet.data.coco import load_instances
-from msibench.bench.quality import assess_annotations
+from msibench.bench.quality import FALLBACK_CAUSES, assess_annotations
 from msibench.coco import decode_mask, load_split
 
 
@@ -114,9 +114,12 @@ def test_pools_rank_quality_and_cut_references(mini_train_build: Path, coco_root
         return assess_annotations(by_image[image_id], image["width"], image["height"], decode_mask)
 
     for entries in pool["categories"].values():
-        assert 1 <= len(entries) <= 30
-        # Clean references first, then (only to fill the pool) rejected ones; within each, every photo's first
-        # instance before any photo's second.
+        assert len(entries) <= 30
+        # A container, a fragment or a sliver never enters a pool; truncated, small or occluded instances only fill
+        # pools whose category lacks clean ones.
+        assert all(set(e["causes"]) <= set(FALLBACK_CAUSES) for e in entries)
+        # Clean references first, then rejected ones; within each, every photo's first instance before any photo's
+        # second.
         cleans = [e["clean"] for e in entries]
         assert cleans == sorted(cleans, reverse=True) and all(e["clean"] == (not e["causes"]) for e in entries)
         for group in (True, False):

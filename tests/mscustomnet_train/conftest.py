@@ -32,8 +32,9 @@ def tiny_customnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def msi_val(coco_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MSI build of the real val2017 slice, kept small: scenes with >= 8 salient subjects (9 kept, 8 written: a
-    scene never gets the same reference twice, and the slice has too few suitcases for one with 11), default pools."""
+    """An MSI build of the real val2017 slice, kept small: scenes with >= 8 salient subjects (9 kept, 6 written: a
+    scene never gets the same reference twice, and the slice has too few usable oranges, sheep and suitcases for the
+    other three), default pools."""
     out = tmp_path_factory.mktemp("msi_val")
     build_msi(BuildConfig(coco_root=coco_root, split="val2017", out=out, alpha=8), progress=False)
     return out
