@@ -41,8 +41,17 @@ def ls_command(what: str) -> None:
     from msibench import registry
 
     if what == "tracks":
-        click.echo("single  100 tasks, one subject each (DINO-I, CLIP-I, CLIP-B)")
-        click.echo("multi   100 tasks, 25 each with 2, 3, 4 and 5 subjects (all metrics)")
+        from collections import Counter
+
+        from msibench.bench.manifest import load_manifest
+
+        manifest = load_manifest()
+        per = Counter((t.track, t.k) for t in manifest.tasks)
+        multi = sorted((k, n) for (track, k), n in per.items() if track == "multi")
+        click.echo(f"single  {per[('single', 1)]} tasks, one subject each (DINO-I, CLIP-I, CLIP-B)")
+        counts = ", ".join(f"{n} with {k}" for k, n in multi)
+        click.echo(f"multi   {sum(n for _, n in multi)} tasks: {counts} subjects (all metrics)")
+        click.echo(f"(manifest {manifest.name}; --manifest v1 selects the older one)")
         return
     click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}module")
     for name, target in registry.METHODS.items():
