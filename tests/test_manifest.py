@@ -237,3 +237,20 @@ def test_a_copy_of_a_packaged_manifest_is_named_by_content(tmp_path):
     edited["tasks"] = edited["tasks"][:3]
     copy.write_bytes(dumps(edited))
     assert load_manifest(copy).name == "renamed.json"
+
+
+def test_cutout_cache_key_follows_the_pinned_mask(coco_val):
+    """A v2 reference whose contained instances are cut out is cached apart from the plain instance: the key holds
+    the segmentation it is cut with (and the source, crop and materialize version)."""
+    import dataclasses
+
+    from msibench.bench.prepare import reference_key
+
+    _, anns = coco_val
+    m = load_manifest()
+    subject = next(s for t in m.tasks for s in t.subjects if s.reference.segmentation != anns[
+        s.reference.annotation_id]["segmentation"])  # fmt: skip
+    ref, source = subject.reference, m.sources[subject.reference.image_id]
+    plain = dataclasses.replace(ref, segmentation=anns[ref.annotation_id]["segmentation"])
+    assert reference_key(ref, source) != reference_key(plain, source)
+    assert reference_key(ref, source) != reference_key(dataclasses.replace(ref, crop=(0, 0, 10, 10)), source)

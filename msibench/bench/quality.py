@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-# Bump when any definition or threshold below changes: builds record it, caches of cut references key on it.
+# Bump when any definition or threshold below changes: MSIBench manifests record it (build.reference_rule) and an MSI
+# build folder's settings include it, so a resumed build refuses to mix two rules.
 QUALITY_VERSION = "1"
 
 # Truncation by the frame. COCO polygons of objects cut by the frame often stop a few pixels short of it
@@ -74,7 +75,8 @@ MIN_MAIN_PART = 0.9
 MIN_THICKNESS_PX = 12.0
 MIN_THICKNESS_RATIO = 0.06
 # Thickness is measured on the mask subsampled to at most 256 px on its longer side (within the step, 1-3 px for
-# COCO photos, of the full-resolution value), which makes the rule 2x faster on large masks.
+# COCO photos, of the full-resolution value): the distance transform dominated the rule's cost (the rule is 1.3x
+# faster overall on the val2017 slice, with the same verdicts).
 THICKNESS_GRID = 256
 
 CAUSES = ("empty", "truncated", "small", "container", "occluded", "fragment", "sliver")
