@@ -48,7 +48,8 @@ def _build_msi(out: Path) -> Path:
     from mscustomnet.data.build import BuildConfig, build_msi
 
     if not (out / "manifest.jsonl").is_file():
-        build_msi(BuildConfig(coco_root=COCO, split="val2017", out=out, alpha=8, pool_size=2), progress=False)
+        # Default pools: a scene never gets the same reference twice, and pools of 2 would leave few scenes.
+        build_msi(BuildConfig(coco_root=COCO, split="val2017", out=out, alpha=8), progress=False)
     return out
 
 
