@@ -276,6 +276,9 @@ def _register_optional_commands() -> None:
         return
     for command in commands.COMMANDS:
         main.add_command(command)
+    from msibench.report.command import report_command
+
+    main.add_command(report_command)
 
 
 _register_optional_commands()

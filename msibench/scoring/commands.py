@@ -180,17 +180,36 @@ def plot_group() -> None:
     """Figures (PNG + PDF) from scored runs."""
 
 
+_WIDTH_HELP = "column (3.5 in), page (7.16 in) or a width in inches."
+
+
+def _parse_width(value: str) -> str | float:
+    if value in ("column", "page"):
+        return value
+    try:
+        return float(value)
+    except ValueError as err:
+        raise click.BadParameter(
+            f"{value!r}: expected column, page or a number of inches", param_hint="--width"
+        ) from err
+
+
 @plot_group.command("ablation")
 @click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR, in the order of the x axis.")
 @click.option("--track", type=click.Choice(["multi", "single"]), default="multi", show_default=True)
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Bars (default: all).")
+@click.option("--width", default="column", show_default=True, help=_WIDTH_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/ablation"), show_default=True)
-def plot_ablation_command(runs, track, metrics, out) -> None:
-    """Fig. 5: grouped bars per configuration, one bar per metric, 95% CIs."""
+def plot_ablation_command(runs, track, metrics, width, out) -> None:
+    """Fig. 5: grouped bars per configuration, 95% CIs; CLIP-B on its own axis; YOLO-L n/a without layout.
+
+    Writes OUT.png, OUT.pdf (TrueType fonts) and OUT.csv (the plotted values)."""
     from msibench.scoring.plot import plot_ablation
 
     try:
-        paths = plot_ablation(_load_runs(runs), out, track=track, metrics=list(metrics) or None)
+        paths = plot_ablation(
+            _load_runs(runs), out, track=track, metrics=list(metrics) or None, width=_parse_width(width)
+        )
     except ValueError as err:
         raise _fail(err) from err
     click.echo("wrote " + ", ".join(map(str, paths)))
@@ -199,14 +218,59 @@ def plot_ablation_command(runs, track, metrics, out) -> None:
 @plot_group.command("by-k")
 @click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR (repeatable).")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Panels (default: all).")
+@click.option("--width", default="column", show_default=True, help=_WIDTH_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/by_k"), show_default=True)
-def plot_by_k_command(runs, metrics, out) -> None:
-    """Each metric against subject count K, one line per run."""
+def plot_by_k_command(runs, metrics, width, out) -> None:
+    """Each metric against subject count K (K = 1: single track, not joined), one series per run.
+
+    Writes OUT.png, OUT.pdf (TrueType fonts) and OUT.csv (the plotted values)."""
     from msibench.scoring.plot import plot_by_k
 
     try:
-        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None)
+        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None, width=_parse_width(width))
     except ValueError as err:
+        raise _fail(err) from err
+    click.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@plot_group.command("qualitative")
+@click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR, one column each (repeatable).")
+@click.option("--tasks", default=None, help="Comma-separated task ids, one row each (msibench ls tasks).")
+@click.option("--pick", type=click.IntRange(min=1), default=None, help="Pick N tasks spread over track and K.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --pick.")
+@click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True, help="Sample index shown.")
+@click.option("--width", default="page", show_default=True, help=_WIDTH_HELP)
+@click.option("--no-row-labels", is_flag=True, help="No task ids left of the rows.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/qualitative"), show_default=True)
+def plot_qualitative_command(runs, tasks, pick, seed, sample, width, no_row_labels, manifest, coco_root, out) -> None:
+    """Figs. 3/4/6: references and layout on the left, one column per run (scored or not).
+
+    Writes OUT.png, OUT.pdf and OUT.csv (task ids, seeds and image paths of every cell)."""
+    from msibench.scoring.plot import plot_qualitative
+    from msibench.scoring.scorer import ScoreError
+    from msibench.scoring.table import parse_run_spec
+
+    specs = []
+    for spec in runs:
+        label, path = parse_run_spec(spec)
+        specs.append((label or path.name, path))
+    task_ids = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    try:
+        paths = plot_qualitative(
+            specs,
+            out,
+            tasks=task_ids,
+            pick=pick,
+            seed=seed,
+            sample=sample,
+            width=_parse_width(width),
+            manifest=manifest,
+            coco_root=coco_root,
+            row_labels=not no_row_labels,
+        )
+    except (ValueError, ScoreError) as err:
         raise _fail(err) from err
     click.echo("wrote " + ", ".join(map(str, paths)))
 

@@ -225,12 +225,15 @@ def render_table(
     digits: int = 3,
     ci: bool = False,
 ) -> str:
-    """Table I as Markdown (``md``), LaTeX (``tex``) or CSV (``csv``, full precision, CIs and n included)."""
+    """Table I as Markdown (``md``), LaTeX (``tex``), CSV (``csv``, full precision, CIs and n included) or an HTML
+    ``<table>`` fragment (``html``, for ``msibench report``)."""
     rows = build_rows(runs, paper)
     if fmt == "csv":
         return _render_csv(rows, runs, paper is not None)
+    if fmt == "html":
+        return _render_html(rows, _notes(runs, paper), digits, ci, paper is not None)
     if fmt not in ("md", "tex"):
-        raise TableError(f"unknown table format {fmt!r}; choose md, tex or csv")
+        raise TableError(f"unknown table format {fmt!r}; choose md, tex, csv or html")
     texts = [[_cell_text(c, digits, ci, paper is not None) for c in row.cells] for row in rows]
     notes = _notes(runs, paper)
     if fmt == "md":
@@ -315,3 +318,26 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
+
+
+def _render_html(rows: list[Row], notes: list[str], digits: int, ci: bool, with_paper: bool) -> str:
+    from html import escape
+
+    head = (
+        '<tr><th rowspan="2">Method</th><th colspan="3">Single-subject</th><th colspan="6">Multi-subject</th></tr><tr>'
+        + "".join(f"<th>{escape(METRICS[m].label)}</th>" for _, m in COLUMNS)
+        + "</tr>"
+    )
+    body = []
+    for row in rows:
+        cells = []
+        for (track, metric), cell in zip(COLUMNS, row.cells, strict=True):
+            text = escape(_cell_text(cell, digits, False, with_paper))
+            if ci and cell.stat is not None and cell.stat.ci_low is not None:
+                text += f'<span class="ci">[{cell.stat.ci_low:.{digits}f}, {cell.stat.ci_high:.{digits}f}]</span>'
+            cells.append(f'<td data-col="{track}_{metric}">{text}</td>')
+        body.append(f'<tr data-method="{escape(row.method or "")}"><td>{escape(row.label)}</td>{"".join(cells)}</tr>')
+    notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    return f'<table class="table1"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>' + (
+        f'<ul class="table-notes">{notes_html}</ul>' if notes else ""
+    )

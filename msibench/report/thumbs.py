@@ -1,0 +1,169 @@
+"""Thumbnails of generated images and references, made once and cached.
+
+A thumbnail is keyed by the sha256 of the source file's bytes, its long-edge size and :data:`THUMB_VERSION`, so it
+is made once per (content, size) whatever the path or the run it comes from. It lives in
+``$MSIBENCH_CACHE/thumbs/`` and is copied into the report's ``assets/thumbs/``; a rebuilt report skips every
+thumbnail it already holds. New thumbnails are made in a process pool (decoding the PNG dominates the cost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from msibench.cache import atomic_write_bytes, cache_dir
+
+logger = logging.getLogger(__name__)
+
+# Bump when the way a thumbnail is made changes (filter, format, quality): it is part of every key.
+THUMB_VERSION = "1"
+THUMBS_DIR = "thumbs"
+JPEG_QUALITY = 88
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """A thumbnail in a report: its path relative to the report folder and its pixel size."""
+
+    rel: str
+    width: int
+    height: int
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def thumb_name(sha256: str, size: int) -> str:
+    return f"{sha256[:24]}-{size}-v{THUMB_VERSION}.jpg"
+
+
+def make_thumbnail(source: str | Path, size: int) -> bytes:
+    """JPEG bytes of ``source`` scaled so its long edge is at most ``size`` (never enlarged)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(source) as im:
+        im.draft("RGB", (size, size))  # JPEG sources decode at a reduced scale directly
+        im = im.convert("RGB")
+        im.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+    return buf.getvalue()
+
+
+def _make_into_cache(job: tuple[str, str, int, str]) -> tuple[str, int, int]:
+    source, sha, size, cached = job
+    data = make_thumbnail(source, size)
+    atomic_write_bytes(cached, data)
+    return sha, *_jpeg_size(data)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+class ThumbnailStore:
+    """Thumbnails for one report folder: ``add`` sources, then ``build`` makes the missing ones.
+
+    ``workers`` processes make new thumbnails (default: the CPU count); 1 makes them in this process.
+    """
+
+    def __init__(self, out_dir: str | Path, size: int, workers: int | None = None) -> None:
+        if size < 16:
+            raise ValueError(f"thumbnail size must be at least 16 px, got {size}")
+        self.out_dir = Path(out_dir)
+        self.size = size
+        self.workers = workers
+        self._sources: dict[str, Path] = {}  # sha256 -> a source file with that content
+        self._by_path: dict[Path, str] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+        self.made = 0
+        self.from_cache = 0
+        self.present = 0
+
+    @property
+    def cache(self) -> Path:
+        return cache_dir() / THUMBS_DIR
+
+    def add(self, source: str | Path) -> str:
+        """Register a source file; returns its sha256 (computed once per path)."""
+        path = Path(source)
+        sha = self._by_path.get(path)
+        if sha is None:
+            sha = file_sha256(path)
+            self._by_path[path] = sha
+            self._sources.setdefault(sha, path)
+        return sha
+
+    def rel(self, sha: str) -> str:
+        return f"assets/{THUMBS_DIR}/{thumb_name(sha, self.size)}"
+
+    def thumb(self, sha: str) -> Thumb:
+        w, h = self.sizes.get(sha, (self.size, self.size))
+        return Thumb(self.rel(sha), w, h)
+
+    def build(self, progress: bool = False) -> None:
+        """Make every registered thumbnail that neither the report folder nor the cache holds yet."""
+        dest_dir = self.out_dir / "assets" / THUMBS_DIR
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for sha, source in self._sources.items():
+            name = thumb_name(sha, self.size)
+            dest, cached = dest_dir / name, self.cache / name
+            if dest.is_file():
+                self.present += 1
+                self.sizes[sha] = _jpeg_size(dest.read_bytes())
+            elif cached.is_file():
+                shutil.copyfile(cached, dest)
+                self.from_cache += 1
+                self.sizes[sha] = _jpeg_size(dest.read_bytes())
+            else:
+                jobs.append((str(source), sha, self.size, str(cached)))
+        for sha, w, h in self._run(jobs, progress):
+            self.sizes[sha] = (w, h)
+            name = thumb_name(sha, self.size)
+            shutil.copyfile(self.cache / name, dest_dir / name)
+            self.made += 1
+        logger.info(
+            "thumbnails: %d made, %d from the cache, %d already in the report",
+            self.made,
+            self.from_cache,
+            self.present,
+        )
+
+    def _run(self, jobs: list[tuple[str, str, int, str]], progress: bool) -> Iterable[tuple[str, int, int]]:
+        from tqdm import tqdm
+
+        workers = self.workers or os.cpu_count() or 1
+        bar = tqdm(total=len(jobs), desc="thumbnails", unit="img", disable=not progress or not jobs, leave=False)
+        try:
+            if workers <= 1 or len(jobs) < 8:
+                for job in jobs:
+                    yield _make_into_cache(job)
+                    bar.update(1)
+                return
+            chunk = max(1, min(32, len(jobs) // (workers * 4)))
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(_make_into_cache, jobs, chunksize=chunk):
+                    yield result
+                    bar.update(1)
+        finally:
+            bar.close()
