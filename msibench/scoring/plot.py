@@ -584,8 +584,9 @@ def _reference_tile(refs, task, px: int):
     for j, ((rgb, _), color) in enumerate(zip(refs, _subject_colors(task), strict=True)):
         r, c = divmod(j, per_row)
         inner = max(slot - 8, 4)
-        im = rgb.copy()
-        im.thumbnail((inner, inner), Image.Resampling.LANCZOS)
+        scale = min(inner / rgb.width, inner / rgb.height)  # small cut-outs are enlarged to fill their slot
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        im = rgb.resize(size, Image.Resampling.LANCZOS)
         x0, y0 = c * slot + (slot - im.width) // 2, top + r * slot + (slot - im.height) // 2
         canvas.paste(im, (x0, y0))
         draw.rectangle((c * slot + 1, top + r * slot + 1, (c + 1) * slot - 2, top + (r + 1) * slot - 2),
