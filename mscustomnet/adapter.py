@@ -1,7 +1,12 @@
 """``mscustomnet``: the msibench method running MS-CustomNet (K subject tokens + the layout map M_L, DDIM + CFG).
 
 Construction is cheap and imports no torch (``msibench ls`` lists methods without it); ``setup`` loads the model
-folder written by ``mscustomnet train`` (or any folder in our format, or a hub id + revision).
+folder written by ``mscustomnet train`` (or any folder in our format, or a hub id + revision), reporting each
+loading stage (a progress bar on a terminal, INFO log lines).
+
+Resolution: by default the method generates at the resolution the model was trained at (its ``config.json``): the
+fingerprint records it for a local folder (read without torch); for a hub id it records "model", which the pinned
+weights and revision determine. ``-M resolution=N`` overrides it, and setup then says that it differs and why.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class MSCustomNetMethod(Method):
         # CustomNet's DDIM schedule (customnet/ddim.py): 49 timesteps 961 ... 1 for 50 steps; or "all-steps".
         "schedule": "official",
         "guidance": 3.0,
-        "resolution": 256,
+        "resolution": 0,  # 0: the model's own resolution (its config.json)
         "dtype": "float32",
     }
     DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
@@ -47,8 +52,8 @@ class MSCustomNetMethod(Method):
         if self.options["dtype"] not in self.DTYPES:
             raise ValueError(f"{self.name} option 'dtype': {self.options['dtype']!r} is not one of {self.DTYPES}")
         check_sampler_options(self.options, self.name)
-        if int(self.options["resolution"]) < 8:
-            raise ValueError(f"{self.name} option 'resolution': must be at least 8")
+        if int(self.options["resolution"]) != 0 and int(self.options["resolution"]) < 8:
+            raise ValueError(f"{self.name} option 'resolution': must be at least 8 (or 0: the model's own)")
         self._pipeline = None
 
     @property
@@ -94,7 +99,7 @@ class MSCustomNetMethod(Method):
             "training": self._training_summary(),
             "steps": int(o["steps"]),
             "guidance": float(o["guidance"]),
-            "resolution": int(o["resolution"]),
+            "resolution": self._fingerprint_resolution(),
             "dtype": o["dtype"],
             "sampler": sampler_description(o["schedule"]),
             "cfg": "one scale over text+subjects+layout; uncond = zero layout latent, no subject, empty prompt",
@@ -108,21 +113,47 @@ class MSCustomNetMethod(Method):
             "version": 2,
         }
 
+    def _fingerprint_resolution(self) -> int | str:
+        # Not the loaded model's: the fingerprint must be the same before and after setup.
+        if int(self.options["resolution"]):
+            return int(self.options["resolution"])
+        info = self._model_info()
+        if info and "resolution" in (info.get("config") or {}):
+            return int(info["config"]["resolution"])
+        return "model"
+
     def setup(self, device: str) -> None:
         import torch
+        from tqdm import tqdm
 
-        from mscustomnet.model.io import load_model
+        from mscustomnet.model.io import LOAD_STAGES, load_model
         from mscustomnet.model.pipeline import MSCustomNetPipeline
 
         expected = self._weights_sha256()
-        model = load_model(
-            self.options["weights"],
-            revision=self.options["revision"] or None,
-            device=device,
-            dtype=getattr(torch, self.options["dtype"]),
-            what="MS-CustomNet",
-            hint=_HINT,
-        )
+        # A bar on a terminal (tqdm hides it elsewhere); the stages are logged at INFO either way.
+        bar = tqdm(total=len(LOAD_STAGES), desc=f"{self.name}: loading", unit="stage", disable=None, leave=False)
+
+        started: list[str] = []
+
+        def stage(text: str) -> None:
+            if started:  # the previous stage is done
+                bar.update(1)
+            started.append(text)
+            bar.set_postfix_str(text[:80], refresh=True)
+
+        try:
+            model = load_model(
+                self.options["weights"],
+                revision=self.options["revision"] or None,
+                device=device,
+                dtype=getattr(torch, self.options["dtype"]),
+                what="MS-CustomNet",
+                hint=_HINT,
+                progress=stage,
+            )
+            bar.update(bar.total - bar.n)
+        finally:
+            bar.close()
         if not model.config.multi_subject:
             raise ValueError(
                 f"{self.options['weights']}: holds a {model.config.name} model without a category encoder; "
@@ -131,6 +162,16 @@ class MSCustomNetMethod(Method):
         if self._weights_sha256() != expected:
             raise RuntimeError(f"{self.options['weights']}: weights changed while the method was being set up")
         self._pipeline = MSCustomNetPipeline(model)
+        trained = int(model.config.resolution)
+        asked = int(self.options["resolution"])
+        if asked and asked != trained:
+            log.warning(
+                "%s: generating at %d px as -M resolution=%d asks, although the model was trained at %d px (its "
+                "config.json); leave the option out to generate at %d",
+                self.name, asked, asked, trained, trained,
+            )  # fmt: skip
+        else:
+            log.info("%s: generating at %d px, the resolution of the model (its config.json)", self.name, trained)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         from mscustomnet.model.pipeline import Subject
@@ -161,7 +202,7 @@ class MSCustomNetMethod(Method):
             [r.seed for r in requests],
             steps=int(o["steps"]),
             guidance=float(o["guidance"]),
-            resolution=int(o["resolution"]),
+            resolution=int(o["resolution"]) or None,  # None: the model's own
             schedule=o["schedule"],
         )
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="msibench", prog_name="mscustomnet")
 def main() -> None:
     """MS-CustomNet: the MSI dataset, training and checkpoint tools."""
 
@@ -75,6 +76,57 @@ def build_msi_command(
         f"{summary.scenes_written} written, {summary.scenes_skipped} skipped; filter {summary.filter_seconds:.1f} s"
     )
     click.echo(f"output: {summary.out} (manifest.jsonl, pool/, layouts/, stats.json)")
+
+
+@data.command("info")
+@click.argument("msi_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--check", is_flag=True, help="Also check that every file the manifest names exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info_command(msi_dir: Path, check: bool, as_json: bool) -> None:
+    """Summarize an MSI dataset folder written by build-msi: build settings, scenes, subjects, prompts, pools."""
+    import json
+
+    from mscustomnet.data.info import MSIInfoError, msi_info
+
+    try:
+        info = msi_info(msi_dir, check_files=check)
+    except MSIInfoError as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(info, indent=1, sort_keys=True))
+    else:
+        click.echo(format_info(info))
+    if check and info["files"]["missing"]:
+        raise SystemExit(1)
+
+
+def format_info(info: dict) -> str:
+    c = info["config"]
+    lines = [
+        f"MSI dataset {info['path']}" + ("" if info["complete"] else "  (build not finished: resume with build-msi)"),
+        f"  built from {c.get('coco_root')} {c.get('split')}: alpha {c.get('alpha')}, beta {c.get('beta')}, "
+        f"pool size {c.get('pool_size')}, seed {c.get('seed')}",
+        f"  scenes: {info['scenes']} written" + (
+            f" of {info['scenes_kept']} kept, {info['scenes_skipped']} skipped" if info["complete"] else " so far"
+        ),
+        f"  subjects: {info['subjects']}; subjects per scene: "
+        + ", ".join(f"{k}:{v}" for k, v in info["subjects_per_scene"].items()),
+        f"  prompts: {info['captions'].get('coco', 0)} COCO captions, {info['captions'].get('categories', 0)} from "
+        "category names",
+        f"  categories: {info['categories']} with subjects; most frequent "
+        + ", ".join(f"{name} {n}" for name, n in info["top_categories"]),
+        f"  reference pools: {info['pools']['categories']} categories, {info['pools']['entries']} references "
+        f"(median {info['pools']['median']:g} per category), {info['pools']['cut_by_border']} cut by the border",
+    ]  # fmt: skip
+    files = info["files"]
+    line = f"  files: {files['layouts']} layout maps, {files['pool_images']} pool images"
+    if files["checked"]:
+        missing = files["missing"]
+        line += (
+            "; every file the manifest names exists" if not missing else f"; {len(missing)} missing, e.g. {missing[0]}"
+        )
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def _register_model_commands() -> None:

@@ -35,24 +35,20 @@ def main(verbose: int) -> None:
 
 
 @main.command("ls")
-@click.argument("what", type=click.Choice(["methods", "tracks"]), default="methods")
-def ls_command(what: str) -> None:
-    """List registered methods (with their capabilities) or the benchmark tracks."""
+@click.argument("what", type=click.Choice(["methods", "tracks", "tasks"]), default="methods")
+@click.option("--track", type=click.Choice(["single", "multi"]), default=None, help="tasks: only this track.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=None, help="tasks: only tasks with K subjects.")
+@click.option("--manifest", default=None, help="tracks, tasks: a manifest file, or a packaged name: v2 (default), v1.")
+def ls_command(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
+    """List registered methods (with their capabilities), the benchmark's tracks, or its tasks (id, K,
+    categories, prompt; filter with --track and --k)."""
     from msibench import registry
 
-    if what == "tracks":
-        from collections import Counter
-
-        from msibench.bench.manifest import load_manifest
-
-        manifest = load_manifest()
-        per = Counter((t.track, t.k) for t in manifest.tasks)
-        multi = sorted((k, n) for (track, k), n in per.items() if track == "multi")
-        click.echo(f"single  {per[('single', 1)]} tasks, one subject each (DINO-I, CLIP-I, CLIP-B)")
-        counts = ", ".join(f"{n} with {k}" for k, n in multi)
-        click.echo(f"multi   {sum(n for _, n in multi)} tasks: {counts} subjects (all metrics)")
-        click.echo(f"(manifest {manifest.name}; --manifest v1 selects the older one)")
+    if what in ("tracks", "tasks"):
+        _ls_benchmark(what, track, k, manifest)
         return
+    if track is not None or k is not None:
+        raise click.UsageError("--track and --k filter `msibench ls tasks`")
     click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}module")
     for name, target in registry.METHODS.items():
         try:
@@ -64,6 +60,35 @@ def ls_command(what: str) -> None:
             f"{name:<16}{caps.max_subjects:>13}  {'yes' if caps.uses_layout else 'no':<7}"
             f"{'yes' if caps.uses_zorder else 'no':<8}{','.join(caps.tracks):<14}{target}"
         )
+
+
+def _ls_benchmark(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
+    from collections import Counter
+
+    from msibench.bench.manifest import ManifestError, load_manifest
+
+    try:
+        bench = load_manifest(manifest)
+    except ManifestError as err:
+        raise click.ClickException(str(err)) from err
+    tasks = [t for t in bench.tasks if (track is None or t.track == track) and (k is None or t.k == k)]
+    if what == "tracks":
+        metrics = {"single": "DINO-I, CLIP-I, CLIP-B", "multi": "YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B, Z-Acc"}
+        for name in ("single", "multi"):
+            per_k = Counter(t.k for t in tasks if t.track == name)
+            if per_k:
+                ks = ", ".join(f"{n} with K={kk}" for kk, n in sorted(per_k.items()))
+                click.echo(f"{name:<7} {sum(per_k.values())} tasks ({ks}); metrics: {metrics[name]}")
+        click.echo(f"(manifest {bench.name}; --manifest v1 selects the older one)")
+        return
+    if not tasks:
+        raise click.ClickException(f"no task of {bench.path} has track={track} and K={k}")
+    width = max(len(t.id) for t in tasks)
+    cat_width = min(48, max(len(", ".join(s.category for s in t.subjects)) for t in tasks))
+    click.echo(f"{'task':<{width}}  {'K':>2}  {'categories':<{cat_width}}  prompt")
+    for t in tasks:
+        cats = ", ".join(s.category for s in t.subjects)
+        click.echo(f"{t.id:<{width}}  {t.k:>2}  {cats:<{cat_width}}  {t.prompt}")
 
 
 @main.group("bench")
@@ -268,6 +293,63 @@ def run_command(
     sys.exit(summary.exit_code)
 
 
+def _exit_code(ctx: click.Context, command: click.Command, **params) -> int:
+    """Invoke ``command`` with ``params``; its exit code (the commands end with sys.exit)."""
+    try:
+        ctx.invoke(command, **params)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
+
+
+def _make_eval_command(score_command: click.Command) -> click.Command:
+    """``msibench eval``: ``run``, then ``score`` on its run folder, then Table I. Its options are those of the two
+    commands (shared ones such as --device once), so it stays in step with them; resumable as they are."""
+    run_names = {p.name for p in run_command.params}
+    score_params = [p for p in score_command.params if p.name not in run_names and p.name not in ("run_dirs", "limit")]
+    paper = click.Option(["--paper"], is_flag=True, help="Show the paper's reported numbers in Table I.")
+
+    @click.pass_context
+    def callback(ctx: click.Context, **kw) -> None:
+        from msibench import registry
+        from msibench.runner import parse_shard, run_dir_for
+
+        try:
+            if parse_shard(kw["shard"]) != (0, 1):
+                raise click.UsageError(
+                    "eval runs in one process: use `msibench run --shard` and then `msibench score`"
+                )
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--shard") from err
+        run_code = _exit_code(ctx, run_command, **{p.name: kw[p.name] for p in run_command.params})
+        run_dir = kw["run_dir"]
+        if run_dir is None:
+            run_dir = run_dir_for(registry.build(kw["method_name"], _parse_options(kw["method_options"])), kw["out"])
+        score_kw = {p.name: kw[p.name] for p in score_command.params if p.name in kw and p.name != "limit"}
+        score_code = _exit_code(ctx, score_command, **score_kw, run_dirs=(Path(run_dir),), limit=None)
+        from msibench.scoring.table import TableError, load_paper_table, load_run, render_table
+
+        try:
+            table = render_table(
+                [load_run(str(run_dir))], "md", paper=load_paper_table() if kw["paper"] else None, ci=True
+            )
+        except TableError as err:
+            raise click.ClickException(str(err)) from err
+        click.echo("\nTable I\n" + table, nl=False)
+        ctx.exit(run_code or score_code)
+
+    return click.Command(
+        "eval",
+        callback=callback,
+        params=[*run_command.params, *score_params, paper],
+        help="Generate (run), score and print Table I for one method, in one command; resumable like its parts "
+        "(re-running it skips the images and scores already done). Exit code: failed generations, else failed "
+        "scorings.",
+        short_help="Run, score and print Table I for one method.",
+        context_settings={"show_default": True},
+    )
+
+
 def _register_optional_commands() -> None:
     # Scoring, table and plot commands live with the scorers; their module imports only click at top level.
     try:
@@ -276,6 +358,7 @@ def _register_optional_commands() -> None:
         return
     for command in commands.COMMANDS:
         main.add_command(command)
+    main.add_command(_make_eval_command(commands.score_command))
     from msibench.report.command import report_command
 
     main.add_command(report_command)

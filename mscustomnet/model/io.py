@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,9 @@ def resolve_weights(source: str, revision: str | None = None, what: str = "model
         ) from err
 
 
+LOAD_STAGES = ("locate weights", "read weights", "build network", "load weights", "move to device")
+
+
 def load_model(
     source: str | Path,
     revision: str | None = None,
@@ -147,21 +151,35 @@ def load_model(
     dtype: torch.dtype | None = None,
     what: str = "model",
     hint: str = "",
+    progress: Callable[[str], None] | None = None,
 ) -> CustomNetModel:
-    """Build the model from its folder (local path or hub id) without random init, in eval mode."""
+    """Build the model from its folder (local path or hub id) without random init, in eval mode.
+
+    ``progress`` is called with a description as each of the :data:`LOAD_STAGES` starts."""
     from safetensors.torch import load_file
 
     from mscustomnet.model.network import CustomNetModel
 
+    def stage(i: int, detail: str = "") -> None:
+        text = LOAD_STAGES[i] + (f": {detail}" if detail else "")
+        log.info("%s: %s", what, text)
+        if progress is not None:
+            progress(text)
+
+    stage(0, str(source) + (f"@{revision}" if revision else ""))
     folder = resolve_weights(str(source), revision, what=what, hint=hint)
     info = _read_info(folder)
     config = ModelConfig.from_dict(info["config"])
     weights = folder / info.get("weights_file", WEIGHTS_FILE)
+    stage(1, f"{weights} ({weights.stat().st_size / 2**20:,.0f} MiB)")
     state = load_file(str(weights), device=str(device))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    stage(2, f"{config.name}, {config.resolution} px")
     model = CustomNetModel.empty(config)
+    stage(3, f"{len(state)} tensors")
     model.load_weights(state, where=str(weights))
+    stage(4, str(device))
     model.to(device)
     model.eval()
     log.info("loaded %s (%s) from %s", what, config.name, folder)
@@ -171,6 +189,7 @@ def load_model(
 __all__ = [
     "CONFIG_FILE",
     "FORMAT",
+    "LOAD_STAGES",
     "WEIGHTS_FILE",
     "WeightsNotFoundError",
     "load_model",

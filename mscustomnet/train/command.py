@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import click
@@ -62,4 +63,7 @@ def train_command(
         )
         click.echo(f"training {state}: epoch {result.epoch}, {result.global_step} steps; run folder {result.out}")
         if result.model_dir is not None:
-            click.echo(f"model: {result.model_dir} (msibench run -m mscustomnet -M weights={result.model_dir})")
+            weights = shlex.quote(str(result.model_dir))
+            click.echo(f"model: {result.model_dir}")
+            click.echo(f"generate with it: msibench run --method mscustomnet -M weights={weights}")
+            click.echo(f"generate and score: msibench eval --method mscustomnet -M weights={weights}")

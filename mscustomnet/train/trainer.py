@@ -55,9 +55,96 @@ from mscustomnet.train.samples import sample_grid, save_grid
 from msibench.coco import CATEGORY_INDEX
 
 log = logging.getLogger(__name__)
+# One line per logged step, to train.log only (the console has the progress bar).
+steps_log = logging.getLogger(__name__ + ".steps")
+steps_log.propagate = False
 
 MODEL_DIR = "model"
 RUN_FILE = "run.json"
+TRAIN_LOG = "train.log"
+LOSS_SMOOTHING = 0.9  # exponential moving average of the bar's loss (bias-corrected, as TensorBoard's smoothing)
+
+
+@contextlib.contextmanager
+def train_log_file(path: Path):
+    """Log this package's (and msibench's) INFO messages and the step lines to ``path`` (appended across resumes),
+    whatever the console's level: the console handlers keep showing exactly what they showed before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    loggers = [logging.getLogger("mscustomnet"), logging.getLogger("msibench")]
+    saved = [lg.level for lg in loggers]
+    shown = {lg.name: lg.getEffectiveLevel() for lg in loggers}  # what reached the console until now
+
+    def console_filter(record: logging.LogRecord) -> bool:
+        level = shown.get(record.name.split(".", 1)[0])
+        return level is None or record.levelno >= level
+
+    root_handlers = list(root.handlers)
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)  # INFO reaches the file ...
+    for h in root_handlers:
+        h.addFilter(console_filter)  # ... and the console as before
+    steps_log.addHandler(handler)
+    steps_log.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        steps_log.removeHandler(handler)
+        for h in root_handlers:
+            h.removeFilter(console_filter)
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+
+
+class TrainProgress:
+    """One progress bar over the whole run (global step, smoothed loss, lr, K, epoch; tqdm's rate and ETA). While
+    it is open, log messages (checkpoints, sample grids) are printed above the bar, not through it."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool, epochs: int) -> None:
+        self.total, self.initial, self.enabled, self.epochs = total, initial, enabled, epochs
+        self._ema: float | None = None
+        self._weight = 0.0
+        self._bar = None
+        self._redirect = None
+
+    def __enter__(self) -> TrainProgress:
+        if self.enabled:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            self._bar = tqdm(total=self.total, initial=self.initial, desc="train", unit="step", dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(*exc)
+
+    def step(self, global_step: int, loss: float, *, lr: float, k: int, epoch: int, stage: int) -> float:
+        """Record a finished optimiser step; returns the smoothed loss."""
+        if math.isfinite(loss):
+            self._weight = LOSS_SMOOTHING * self._weight + (1 - LOSS_SMOOTHING)
+            prev = 0.0 if self._ema is None else self._ema
+            self._ema = LOSS_SMOOTHING * prev + (1 - LOSS_SMOOTHING) * loss
+        smoothed = self._ema / self._weight if self._ema is not None else float("nan")
+        if self._bar is not None:
+            self._bar.update(global_step - self._bar.n)
+            self._bar.set_postfix_str(
+                f"step {global_step}, loss {smoothed:.4f}, lr {lr:.2g}, K={k}, epoch {epoch}/{self.epochs} "
+                f"(stage {stage})",
+                refresh=False,
+            )
+        return smoothed
 
 
 @dataclass(frozen=True)
@@ -379,8 +466,6 @@ class Trainer:
             epoch, steps_done, global_step = p["epoch"], p["steps_done_in_epoch"], p["global_step"]
             rngs = state["rng"]
             ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
-            log.info("resumed from %s at step %d (epoch %d, %d steps into it)", resumed_from, global_step, epoch,
-                     steps_done)  # fmt: skip
 
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -399,9 +484,6 @@ class Trainer:
         losses: list[float] = []
         last_checkpoint: Path | None = None
         stopped = t.max_steps is not None and global_step >= t.max_steps
-        log.info("%d scenes, %d step(s) per epoch of %d samples (%d x %d GPU(s) x %d accumulation), %d epoch(s)",
-                 n, steps_per_epoch, t.effective_batch, t.per_gpu_batch, env.world_size, self.grad_accum,
-                 config.total_epochs)  # fmt: skip
 
         def save(epoch_now: int, done_in_epoch: int) -> Path | None:
             self._check_ranks_in_sync(trainable)
@@ -428,95 +510,107 @@ class Trainer:
             barrier(env)
             return path
 
-        loader_gen = torch.Generator()
-        while epoch <= config.total_epochs and not stopped:
-            stage = config.stage_of_epoch(epoch)
-            lr = config.lr_for_epoch(epoch)
-            set_stage_lr(optimizer, lr)
-            dataset.set_epoch(epoch)
-            k = dataset.k_for_epoch(epoch)
-            sampler = DistributedSampler(
-                range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=t.seed, drop_last=False
+        total_steps = steps_per_epoch * config.total_epochs
+        if t.max_steps is not None:
+            total_steps = min(total_steps, t.max_steps)
+        with contextlib.ExitStack() as stack:  # the bar, and train.log, for the loop and the final model
+            bar_on = self.progress and env.is_main
+            progress = stack.enter_context(
+                TrainProgress(total_steps, global_step, enabled=bar_on, epochs=config.total_epochs)
             )
-            sampler.set_epoch(epoch)
-            per_step = t.per_gpu_batch * self.grad_accum
-            indices = list(sampler)[steps_done * per_step : steps_per_epoch * per_step]
-            loader_gen.manual_seed(t.seed + epoch)  # worker seeds only; the samples do not depend on them
-            loader = DataLoader(
-                dataset,
-                batch_size=t.per_gpu_batch,
-                sampler=indices,
-                num_workers=config.data.workers,
-                collate_fn=collate_msi,
-                pin_memory=self.device.type == "cuda",
-                drop_last=True,
-                generator=loader_gen,
-            )
-            batches = iter(loader)
-            bar = None
-            if self.progress and env.is_main:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps_per_epoch, initial=steps_done, desc=f"epoch {epoch}/{config.total_epochs} "
-                           f"(stage {stage + 1}, K={k}, lr {lr:g})")  # fmt: skip
-            while steps_done < steps_per_epoch:
-                start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(self.grad_accum)]
-                # Most subjects of any sample of the step on this rank (K(e) unless scenes have fewer).
-                subjects = max(int(raw["num_subjects"].max()) for raw in micro_batches)
-                loss_value = mean_over_ranks(env, step(micro_batches, global_step), self.device)
-                global_step += 1
-                steps_done += 1
-                if not math.isfinite(loss_value) and t.mixed_precision != "fp16":
-                    raise FloatingPointError(f"loss is {loss_value} at step {global_step} (epoch {epoch})")
-                losses.append(loss_value)
-                elapsed = time.perf_counter() - start
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
-                if logger is not None and global_step % t.log_every == 0:
-                    logger.log({"step": global_step, "epoch": epoch, "stage": stage + 1, "lr": lr, "loss": loss_value,
-                                "k": k, "subjects": subjects, "samples_per_s": t.effective_batch / elapsed,
-                                "grad_scale": float(scaler.get_scale()) if scaler.is_enabled() else 1.0,
-                                "time_s": elapsed})  # fmt: skip
-                every = config.samples.every
-                if every is not None and global_step % every == 0 and env.is_main:
-                    grid = sample_grid(model, dataset, config, config.samples.count)
-                    log.info("sample grid: %s", save_grid(grid, self.out, global_step))
-                at_max = t.max_steps is not None and global_step >= t.max_steps
-                periodic = t.checkpoint_every is not None and global_step % t.checkpoint_every == 0
-                if at_max or periodic or steps_done == steps_per_epoch:
-                    last_checkpoint = save(epoch, steps_done) or last_checkpoint
-                if at_max:
-                    stopped = True
-                    break
-            if bar is not None:
-                bar.close()
-            if not stopped:
+            if env.is_main:  # after the bar: its console handler gets the filter too
+                stack.enter_context(train_log_file(self.out / TRAIN_LOG))
+            if resumed_from is not None:
+                log.info("resumed from %s at step %d (epoch %d, %d steps into it)", resumed_from, global_step, epoch,
+                         steps_done)  # fmt: skip
+            log.info("%d scenes, %d step(s) per epoch of %d samples (%d x %d GPU(s) x %d accumulation), %d epoch(s), "
+                     "%d steps in all", n, steps_per_epoch, t.effective_batch, t.per_gpu_batch, env.world_size,
+                     self.grad_accum, config.total_epochs, total_steps)  # fmt: skip
+            loader_gen = torch.Generator()
+            while epoch <= config.total_epochs and not stopped:
+                stage = config.stage_of_epoch(epoch)
+                lr = config.lr_for_epoch(epoch)
+                set_stage_lr(optimizer, lr)
+                dataset.set_epoch(epoch)
+                k = dataset.k_for_epoch(epoch)
+                sampler = DistributedSampler(
+                    range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=t.seed, drop_last=False
+                )
+                sampler.set_epoch(epoch)
+                per_step = t.per_gpu_batch * self.grad_accum
+                indices = list(sampler)[steps_done * per_step : steps_per_epoch * per_step]
+                loader_gen.manual_seed(t.seed + epoch)  # worker seeds only; the samples do not depend on them
+                loader = DataLoader(
+                    dataset,
+                    batch_size=t.per_gpu_batch,
+                    sampler=indices,
+                    num_workers=config.data.workers,
+                    collate_fn=collate_msi,
+                    pin_memory=self.device.type == "cuda",
+                    drop_last=True,
+                    generator=loader_gen,
+                )
+                batches = iter(loader)
+                while steps_done < steps_per_epoch:
+                    start = time.perf_counter()
+                    micro_batches = [next(batches) for _ in range(self.grad_accum)]
+                    # Most subjects of any sample of the step on this rank (K(e) unless scenes have fewer).
+                    subjects = max(int(raw["num_subjects"].max()) for raw in micro_batches)
+                    loss_value = mean_over_ranks(env, step(micro_batches, global_step), self.device)
+                    global_step += 1
+                    steps_done += 1
+                    if not math.isfinite(loss_value) and t.mixed_precision != "fp16":
+                        raise FloatingPointError(f"loss is {loss_value} at step {global_step} (epoch {epoch})")
+                    losses.append(loss_value)
+                    elapsed = time.perf_counter() - start
+                    smoothed = progress.step(global_step, loss_value, lr=lr, k=k, epoch=epoch, stage=stage + 1)
+                    if logger is not None and global_step % t.log_every == 0:
+                        row = {"step": global_step, "epoch": epoch, "stage": stage + 1, "lr": lr, "loss": loss_value,
+                               "k": k, "subjects": subjects, "samples_per_s": t.effective_batch / elapsed,
+                               "grad_scale": float(scaler.get_scale()) if scaler.is_enabled() else 1.0,
+                               "time_s": elapsed}  # fmt: skip
+                        logger.log(row)
+                        steps_log.info(
+                            "step %d/%d epoch %d/%d stage %d K=%d lr %g loss %.5f (smoothed %.5f) %.2f samples/s",
+                            global_step, progress.total, epoch, config.total_epochs, stage + 1, k, lr, loss_value,
+                            smoothed, row["samples_per_s"],
+                        )  # fmt: skip
+                    every = config.samples.every
+                    if every is not None and global_step % every == 0 and env.is_main:
+                        grid = sample_grid(model, dataset, config, config.samples.count)
+                        log.info("sample grid: %s", save_grid(grid, self.out, global_step))
+                    at_max = t.max_steps is not None and global_step >= t.max_steps
+                    periodic = t.checkpoint_every is not None and global_step % t.checkpoint_every == 0
+                    if at_max or periodic or steps_done == steps_per_epoch:
+                        last_checkpoint = save(epoch, steps_done) or last_checkpoint
+                    if at_max:
+                        stopped = True
+                        break
+                if not stopped:
+                    epoch, steps_done = epoch + 1, 0
+            if steps_done >= steps_per_epoch:
                 epoch, steps_done = epoch + 1, 0
-        if steps_done >= steps_per_epoch:
-            epoch, steps_done = epoch + 1, 0
-        finished = epoch > config.total_epochs
-        model_dir = None
-        if env.is_main:
-            from mscustomnet.model.io import save_model
+            finished = epoch > config.total_epochs
+            model_dir = None
+            if env.is_main:
+                from mscustomnet.model.io import save_model
 
-            model_dir = save_model(
-                model,
-                self.out / MODEL_DIR,
-                training={
-                    "config": config.to_dict(),
-                    "config_file": config.source,
-                    "global_step": global_step,
-                    "epoch": min(epoch, config.total_epochs),
-                    "finished": finished,
-                    "init_weights_sha256": init_sha,
-                },  # fmt: skip
-            )
-            log.info("model written to %s", model_dir)
-        barrier(env)
-        if logger is not None:
-            logger.close()
+                model_dir = save_model(
+                    model,
+                    self.out / MODEL_DIR,
+                    training={
+                        "config": config.to_dict(),
+                        "config_file": config.source,
+                        "global_step": global_step,
+                        "epoch": min(epoch, config.total_epochs),
+                        "finished": finished,
+                        "init_weights_sha256": init_sha,
+                    },  # fmt: skip
+                )
+                log.info("model written to %s", model_dir)
+            barrier(env)
+            if logger is not None:
+                logger.close()
         return TrainResult(
             out=self.out,
             global_step=global_step,
@@ -584,6 +678,8 @@ def train(
 __all__ = [
     "MODEL_DIR",
     "RUN_FILE",
+    "TRAIN_LOG",
+    "TrainProgress",
     "TrainResult",
     "TrainStep",
     "Trainer",

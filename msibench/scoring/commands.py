@@ -138,7 +138,34 @@ def score_command(
         )
         for failure in summary.failures[:20]:
             click.echo(f"  failed {failure}", err=True)
+        click.echo(run_summary(run_dir))
     sys.exit(min(failed, 125))
+
+
+def run_summary(run_dir: Path) -> str:
+    """The scored run's summary, per track: tasks, images, failures and each Table I metric with its 95 % CI."""
+    from msibench.scoring.aggregate import METRICS, find_group
+    from msibench.scoring.table import COLUMNS, load_run
+
+    result = load_run(str(run_dir))
+    lines = []
+    for track in ("single", "multi"):
+        group = find_group(result.summary, track, None)
+        if group is None:
+            continue
+        parts = []
+        for t, metric in COLUMNS:
+            stat = group.metrics.get(metric) if t == track else None
+            if stat is None or stat.mean is None:
+                continue
+            ci = f" [{stat.ci_low:.3f}, {stat.ci_high:.3f}]" if stat.ci_low is not None else ""
+            parts.append(f"{METRICS[metric].label} {stat.mean:.3f}{ci}")
+        head = (
+            f"  {track}: {group.n_tasks} tasks, {group.n_images} images scored, {group.n_failed} failed, "
+            f"{group.n_skipped} skipped"
+        )
+        lines.append(head + ("\n    " + "; ".join(parts) if parts else ""))
+    return "\n".join(lines) if lines else "  no scores yet"
 
 
 def _load_runs(specs):

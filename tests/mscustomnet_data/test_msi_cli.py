@@ -43,3 +43,48 @@ def test_build_msi_command(tiny_coco: Path, tiny_build: Path, tmp_path: Path) ->
 def test_help_lists_the_data_group() -> None:
     result = CliRunner().invoke(main, ["data", "--help"])
     assert result.exit_code == 0 and "build-msi" in result.output
+
+
+def test_help_and_version() -> None:
+    from importlib.metadata import version
+
+    for flag in ("-h", "--help"):
+        result = CliRunner().invoke(main, [flag])
+        assert result.exit_code == 0 and "data" in result.output and "train" in result.output
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"mscustomnet, version {version('msibench')}"
+    assert CliRunner().invoke(main, ["data", "-h"]).exit_code == 0
+
+
+def test_data_info_summarizes_a_build_without_writing(tiny_build: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "msi"
+    shutil.copytree(tiny_build, folder)
+    stats = json.loads((folder / "stats.json").read_text())
+    manifest = (folder / "manifest.jsonl").read_bytes()
+    result = CliRunner().invoke(main, ["data", "info", str(folder), "--check"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"scenes: {stats['scenes_written']} written of {stats['scenes_kept']} kept" in out
+    assert f"subjects: {stats['subjects_written']};" in out
+    per_scene = ", ".join(f"{k}:{v}" for k, v in stats["subjects_per_scene"].items())
+    assert f"subjects per scene: {per_scene}" in out
+    assert f"{stats['captions']['coco']} COCO captions, {stats['captions']['categories']} from category names" in out
+    assert "every file the manifest names exists" in out
+
+    as_json = json.loads(CliRunner().invoke(main, ["data", "info", str(folder), "--json"]).output)
+    assert as_json["scenes"] == stats["scenes_written"] and as_json["complete"]
+
+    # an interrupted build: a partial last line is ignored (and left alone), a missing layout is reported
+    (folder / "stats.json").unlink()
+    (folder / "manifest.jsonl").write_bytes(manifest + b'{"image_id": 1, "subj')
+    layout = json.loads(manifest.splitlines()[0])["layout_map"]
+    (folder / layout).unlink()
+    result = CliRunner().invoke(main, ["data", "info", str(folder), "--check"])
+    assert result.exit_code == 1
+    assert "build not finished" in result.output and f"1 missing, e.g. {layout}" in result.output
+    assert (folder / "manifest.jsonl").read_bytes().endswith(b'"subj')
+
+    result = CliRunner().invoke(main, ["data", "info", str(tmp_path)])
+    assert result.exit_code == 1 and "not an MSI dataset folder" in result.output and "build-msi" in result.output

@@ -38,7 +38,10 @@ def test_options_capabilities_and_fingerprint(tiny_weights, monkeypatch):
     caps = method.capabilities
     assert (caps.max_subjects, caps.uses_layout, caps.uses_zorder) == (5, True, True)
     cfg = method.config()
-    assert cfg["steps"] == 20 and cfg["guidance"] == 2.5 and cfg["resolution"] == 256 and cfg["dtype"] == "float32"
+    # the resolution is the model's own (its config.json: the tiny model is trained at 32 px), read without torch
+    assert cfg["steps"] == 20 and cfg["guidance"] == 2.5 and cfg["resolution"] == 32 and cfg["dtype"] == "float32"
+    assert build("mscustomnet", {"weights": str(tiny_weights), "resolution": "64"}).config()["resolution"] == 64
+    assert MSCustomNetMethod(weights="someone/a-hub-model", revision="abc").config()["resolution"] == "model"
     sha = json.loads((tiny_weights / "config.json").read_text())["weights_sha256"]
     assert cfg["weights_sha256"] == sha
     assert (
@@ -150,3 +153,30 @@ def test_the_fingerprint_states_the_papers_training_switches(tiny_ms, tmp_path):
         "curriculum": False,
     }
     assert MSCustomNetMethod(weights=str(save_model(tiny_ms, tmp_path / "plain"))).config()["training"] is None
+
+
+def test_generates_at_the_model_resolution_or_says_why_not(tiny_weights, caplog):
+    import logging
+
+    from mscustomnet.model.io import LOAD_STAGES
+
+    task = next(t for t in load_manifest().tasks if t.k == 2)
+    method = MSCustomNetMethod(weights=str(tiny_weights), steps=2)
+    with caplog.at_level(logging.INFO, logger="mscustomnet"):
+        method.setup("cpu")
+    # loading reports each stage, in order, then the resolution it generates at and why
+    messages = [r.getMessage() for r in caplog.records]
+    stages = [m for m in messages if m.startswith("MS-CustomNet: ")]
+    assert [s.split(": ")[1] for s in stages] == list(LOAD_STAGES)
+    assert any("generating at 32 px, the resolution of the model" in m for m in messages)
+    assert method.generate([_request(task, 3)])[0].size == (32, 32)
+
+    caplog.clear()
+    method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=48)
+    with caplog.at_level(logging.INFO, logger="mscustomnet"):
+        method.setup("cpu")
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert "generating at 48 px as -M resolution=48 asks, although the model was trained at 32 px" in warning.message
+    assert method.generate([_request(task, 3)])[0].size == (48, 48)
+    with pytest.raises(ValueError, match="resolution"):
+        MSCustomNetMethod(weights=str(tiny_weights), resolution=4)
