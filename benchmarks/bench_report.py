@@ -10,6 +10,10 @@ own cost is not what is measured here. Measured in the same run, interleaved rou
   warm           the thumbnail cache filled (a report of the same runs made before), a new report folder
   rebuild        the same report folder again (thumbnails already there)
 
+Wall-clock times depend on what else runs on the machine; the CPU seconds (of this process, and of the thumbnail
+worker processes) do not, and bound the wall time on 2 idle cores from below by max(CPU here, (CPU here + CPU in
+workers) / 2).
+
 Usage: python benchmarks/bench_report.py [--workers 2] [--rounds 2] [--resolution 512] [--workdir DIR]
            [--coco-root ../shared/data/coco2017-mini] [--json-out F]
 The issue's target: a 5-method x 200-task report "in well under a minute on 2 cores".
@@ -126,6 +130,15 @@ def make_runs(workdir: Path, resolution: int, coco_root: Path) -> list[Path]:
     return runs
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(user + system CPU seconds of this process, of its finished children): meaningful when other processes
+    share the cores and the wall clock is not."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     args = parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-report-"))
@@ -149,27 +162,31 @@ def main() -> None:
         if kind.startswith("cold"):
             shutil.rmtree(thumbs, ignore_errors=True)
         workers = 1 if kind == "cold-serial" else args.workers
+        before = cpu_seconds()
         start = time.perf_counter()
         summary = build_report(specs, out, workers=workers)
         seconds = time.perf_counter() - start
-        return seconds, summary
+        after = cpu_seconds()
+        return seconds, (after[0] - before[0], after[1] - before[1]), summary
 
     build("warm")  # fills the cache and imports everything once, untimed
     build("rebuild")
     kinds = ["cold-serial", "cold-parallel", "warm", "rebuild"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     last = None
     for r in range(args.rounds):
         order = kinds if r % 2 == 0 else kinds[::-1]
         for kind in order:
             if kind in ("warm", "rebuild") and not thumbs.is_dir():
                 build("warm")  # a cold build just emptied the cache: refill it (untimed)
-            seconds, summary = build(kind)
+            seconds, (cpu_main, cpu_workers), summary = build(kind)
             times[kind].append(seconds)
+            cpus[kind].append((cpu_main, cpu_workers))
             last = summary
             print(
-                f"  round {r + 1} {kind:<14} {seconds:6.2f} s  ({summary.thumbnails_made} thumbnails made, "
-                f"{summary.thumbnails_cached} reused)"
+                f"  round {r + 1} {kind:<14} {seconds:6.2f} s wall, CPU {cpu_main:6.2f} s here + {cpu_workers:6.2f} s "
+                f"in workers ({summary.thumbnails_made} thumbnails made, {summary.thumbnails_cached} reused)"
             )
     base = statistics.median(times["cold-serial"])
     result = {
@@ -179,13 +196,21 @@ def main() -> None:
         "workers": args.workers,
         "cpus": os.cpu_count(),
         "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "cpu_seconds_main": {k: statistics.median(c[0] for c in v) for k, v in cpus.items()},
+        "cpu_seconds_workers": {k: statistics.median(c[1] for c in v) for k, v in cpus.items()},
+        "load_average_1min": os.getloadavg()[0],
         "speedup_vs_cold_serial": {k: base / statistics.median(v) for k, v in times.items()},
         "index_html_bytes": (workdir / "reports" / "rebuild" / "index.html").stat().st_size,
     }
     print(f"\n{result['runs']} runs x {result['tasks']} tasks = {result['images']} images (median of {args.rounds})")
     for kind in kinds:
         s = result["seconds"][kind]
-        print(f"  {kind:<14} {s:6.2f} s   {result['speedup_vs_cold_serial'][kind]:5.2f}x the cold serial build")
+        main_cpu, workers_cpu = result["cpu_seconds_main"][kind], result["cpu_seconds_workers"][kind]
+        print(
+            f"  {kind:<14} {s:6.2f} s wall ({result['speedup_vs_cold_serial'][kind]:5.2f}x the cold serial build); "
+            f"CPU {main_cpu:.2f} s here + {workers_cpu:.2f} s in thumbnail workers"
+        )
+    print(f"  load average during the run: {result['load_average_1min']:.1f} (other processes share the cores)")
     print(f"  index.html {result['index_html_bytes'] / 1e6:.1f} MB")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -165,7 +165,7 @@ class ThumbnailStore:
         workers = self.workers or os.cpu_count() or 1
         bar = tqdm(total=len(jobs), desc="thumbnails", unit="img", disable=not progress or not jobs, leave=False)
         try:
-            if workers <= 1 or len(jobs) < 8:
+            if workers <= 1 or len(jobs) < 64:  # a pool costs more than it saves on a few images
                 for job in jobs:
                     yield _make_into_cache(job)
                     bar.update(1)
