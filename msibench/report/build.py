@@ -558,6 +558,9 @@ class _Page:
         else:
             overlay = self._detections(task, rec)
             details = self._scores(task, rec)
+            if rec.get("image_sha256") and rec["image_sha256"] != sha:
+                details += '<p class="reason status-failed">these scores are of an earlier image: re-run score</p>'
+
         img = (
             f'<img loading="lazy" src="{_e(th.rel)}" width="{th.width}" height="{th.height}" '
             f'alt="{_e(run.label)} {_e(task.id)} sample {key[1]}">'

@@ -204,7 +204,7 @@ def table_command(runs, fmt, paper, ci, digits, out) -> None:
 
 @click.group("plot")
 def plot_group() -> None:
-    """Figures (PNG + PDF) from scored runs."""
+    """Paper figures (PNG + PDF + CSV of the plotted values) from run folders."""
 
 
 _WIDTH_HELP = "column (3.5 in), page (7.16 in) or a width in inches."

@@ -215,3 +215,17 @@ def test_table_html_is_the_table_module_rendering(report_runs):
     md = render_table([load_run(str(report_runs["scored"]))], "md")
     cell = md.splitlines()[2].split("|")[5].strip()  # multi YOLO-Subj of the first row
     assert f'<td data-col="multi_yolo_subj">{cell}<span class="ci">' in html
+
+
+def test_scores_of_an_earlier_image_are_flagged(report_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(report_runs["scored"], run)
+    rec = next(r for r in read_records(run) if r["status"] == "ok")
+    from PIL import Image
+
+    with Image.open(run / rec["image"]) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(run / rec["image"])
+    _, page = build([run], tmp_path / "r")
+    assert "these scores are of an earlier image" in page.text_of(rec["task_id"])
+    others = [t for t in page.articles if t != rec["task_id"]]
+    assert all("earlier image" not in page.text_of(t) for t in others)
