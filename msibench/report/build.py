@@ -357,9 +357,27 @@ class _Page:
             count_text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             items.append(
                 f'<li data-run="{run.index}"><b>{_e(run.label)}</b> <code>{_e(run.path)}</code> '
-                f"({_e(run.method)}, {_e(count_text or 'no records')}; {state})</li>"
+                f"({_e(run.method)}, {_e(count_text or 'no records')}; {state})"
+                f'<br><span class="note coverage">{_e(self._coverage(run))}</span></li>'
             )
         return f'<section id="runs"><h2>Runs</h2><ol>{"".join(items)}</ol></section>'
+
+    def _coverage(self, run: RunData) -> str:
+        """Per track: tasks of the benchmark the run holds, its images and how many of them are scored."""
+        parts = []
+        for track in ("single", "multi"):
+            total = sum(1 for t in run.manifest.tasks if t.track == track)
+            recs = [(k, r) for k, r in run.records.items() if r.get("track") == track]
+            if not total:
+                continue
+            tasks = len({k[0] for k, _ in recs})
+            ok = [k for k, r in recs if r.get("status") == "ok"]
+            scored = sum(1 for k in ok if (run.scores.get(k) or {}).get("status") == "ok")
+            text = f"{track}: {tasks} of {total} tasks, {len(ok)} images"
+            if run.scored:
+                text += f", {scored} scored"
+            parts.append(text)
+        return "coverage: " + "; ".join(parts)
 
     def _table(self) -> str:
         scored = [r.result for r in self.runs if r.result is not None]

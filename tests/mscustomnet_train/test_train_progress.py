@@ -20,7 +20,7 @@ from mscustomnet.train.trainer import TrainProgress
 
 
 def test_one_bar_checkpoint_lines_train_log_and_a_hint_that_works(msi_val, tiny_customnet_dir, tmp_path, coco_root):
-    data = tiny_dict(msi_val, tiny_customnet_dir, train={"checkpoint_every": 1})
+    data = tiny_dict(msi_val, tiny_customnet_dir, train={"checkpoint_every": 1}, data={"max_scenes": 2})
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
@@ -29,7 +29,7 @@ def test_one_bar_checkpoint_lines_train_log_and_a_hint_that_works(msi_val, tiny_
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = len(read_log(out / "log.csv"))
-    assert steps == 6  # 3 epochs x 2 steps
+    assert steps == 3  # 3 epochs x 1 step
 
     err = proc.stderr
     # one bar for the whole run: every bar state counts the global step out of the run's total
@@ -46,7 +46,7 @@ def test_one_bar_checkpoint_lines_train_log_and_a_hint_that_works(msi_val, tiny_
 
     train_log = (out / "train.log").read_text()
     assert train_log.count("saved checkpoint") == steps
-    assert len(re.findall(r"mscustomnet\.train\.trainer\.steps: step \d+/6 epoch \d/3 stage \d K=\d", train_log)) == 6
+    assert len(re.findall(r"mscustomnet\.train\.trainer\.steps: step \d/3 epoch \d/3 stage \d K=\d", train_log)) == 3
     assert "model written to" in train_log
 
     # the closing hint: its command works as printed, and generates at the model's resolution

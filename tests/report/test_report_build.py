@@ -68,6 +68,11 @@ def test_report_shows_table_tasks_images_scores_and_reasons(report_runs, tmp_pat
     rows = [a for t, a in page.tags if t == "tr" and "data-method" in a]
     assert len(rows) == 2
     assert "Not scored (not in the table)" in html
+    n_multi = sum(1 for t in load_manifest().tasks if t.track == "multi")
+    limited_multi = [r for r in read_records(report_runs["limited"]) if r["track"] == "multi"]
+    ok = sum(r["status"] == "ok" for r in limited_multi)
+    expected = f"multi: {len({r['task_id'] for r in limited_multi})} of {n_multi} tasks, {ok} images, {ok} scored"
+    assert expected in html
     # every task of the runs has a card with its prompt; every image reference is a file inside the folder
     tasks = {r["task_id"] for r in read_records(report_runs["scored"])}
     assert set(page.articles) == tasks and summary.tasks == len(tasks)
