@@ -374,10 +374,10 @@ def by_k_figure(runs: Sequence[RunResult], *, metrics: Sequence[str] | None = No
         ax.set_ylabel(METRICS[metric].label)
         stats = [s for _, _, pts in series for _, _, s in pts]
         ax.set_ylim(*_value_limits(stats, bounded=metric not in OWN_AXIS_METRICS))
-        if p // cols == nrows - 1 or p + cols >= len(panels):
-            ax.set_xlabel("subjects K (1 = single track)" if 1 in all_ks else "subjects K")
     for p in range(len(panels), nrows * cols):
         axes[p // cols][p % cols].set_visible(False)
+    any_single = any(track == "single" for _, series in panels for _, _, pts in series for _, track, _ in pts)
+    fig.supxlabel("subjects K" + (" (K = 1: the single-subject track)" if any_single else ""), fontsize=FONT_PT)
     fig.legend(handles=list(handles.values()), labels=list(handles), loc="outside upper center",
                ncol=min(len(handles), 4), frameon=False, handlelength=1.5, columnspacing=1.0)  # fmt: skip
     return fig, rows
