@@ -156,8 +156,8 @@ def _value_limits(stats: Sequence[Stat | None], bounded: bool) -> tuple[float, f
     lo, hi = min(lows), max(highs)
     pad = max(0.05 * (hi - lo), 0.01)
     lo, hi = lo - pad, hi + pad
-    if bounded:
-        lo, hi = max(lo, 0.0), min(max(hi, lo + 0.05), 1.0)
+    if bounded:  # a 0-1 metric: never far beyond its range, but markers at 0 or 1 stay whole
+        lo, hi = max(lo, -0.03), min(max(hi, lo + 0.05), 1.03)
     return lo, hi
 
 
@@ -378,8 +378,10 @@ def by_k_figure(runs: Sequence[RunResult], *, metrics: Sequence[str] | None = No
         axes[p // cols][p % cols].set_visible(False)
     any_single = any(track == "single" for _, series in panels for _, _, pts in series for _, track, _ in pts)
     fig.supxlabel("subjects K" + (" (K = 1: the single-subject track)" if any_single else ""), fontsize=FONT_PT)
+    n = len(handles)
     fig.legend(handles=list(handles.values()), labels=list(handles), loc="outside upper center",
-               ncol=min(len(handles), 4), frameon=False, handlelength=1.5, columnspacing=1.0)  # fmt: skip
+               ncol=n if n <= (3 if fig_w < 5 else 6) else math.ceil(n / 2), frameon=False, handlelength=1.5,
+               columnspacing=1.0)  # fmt: skip
     return fig, rows
 
 
