@@ -139,8 +139,9 @@ def run_uses_layout(run_dir: str | Path) -> bool | None:
     if isinstance(caps, dict) and "uses_layout" in caps:
         return bool(caps["uses_layout"])
     config = (info.get("fingerprint") or {}).get("config") or {}
-    if "use_layout" in config:
-        return bool(config["use_layout"])
+    for section in (config, config.get("training") or {}):  # mscustomnet records its training switches
+        if isinstance(section, dict) and "use_layout" in section:
+            return bool(section["use_layout"])
     return None
 
 

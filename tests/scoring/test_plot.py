@@ -113,6 +113,10 @@ def test_run_uses_layout_reads_capabilities_then_the_config(tmp_path):
     assert run_uses_layout(tmp_path / "a") is False
     assert run_uses_layout(tmp_path / "b") is True
     assert run_uses_layout(tmp_path / "missing") is None
+    (tmp_path / "c").mkdir()
+    training = {"fingerprint": {"config": {"training": {"use_layout": False}}}}
+    (tmp_path / "c" / "run.json").write_text(json.dumps(training))
+    assert run_uses_layout(tmp_path / "c") is False
 
 
 def test_by_k_keeps_k1_apart_and_offsets_error_bars(ablation_runs, tmp_path):
