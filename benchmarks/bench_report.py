@@ -1,4 +1,5 @@
-"""Benchmark: ``msibench report`` over 5 methods x 200 tasks (1,000 generated 512² images plus the references).
+"""Benchmark: ``msibench report`` over 5 methods x 200 tasks (1,000 generated 512² images plus the references), on the
+200 tasks of MSIBench v1 by default (``--manifest v2`` for its 194).
 
 The five runs are real ``paste`` runs of the whole benchmark with five configurations (background, filter), each
 scored with injected cheap backbones (a detector reading the task layout, with a miss and a wrong-category
@@ -46,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="thumbnail processes of the parallel builds")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--resolution", type=int, default=512, help="paste image size (the method's default)")
+    p.add_argument("--manifest", default="v1", help="v1 has the 200 tasks of the target (v2: 194)")
     p.add_argument("--coco-root", type=Path, default=REPO.parent / "shared" / "data" / "coco2017-mini")
     p.add_argument("--workdir", type=Path, default=None, help="runs and caches (kept: a second call reuses the runs)")
     p.add_argument("--json-out", type=Path, default=None)
@@ -92,7 +94,7 @@ def layout_detector(manifest, runs: list[Path]):
     return CallableDetector(detect, name="bench-layout-detector", has_masks=True)
 
 
-def make_runs(workdir: Path, resolution: int, coco_root: Path) -> list[Path]:
+def make_runs(workdir: Path, resolution: int, coco_root: Path, manifest_name: str) -> list[Path]:
     from msibench.bench.manifest import load_manifest
     from msibench.methods.paste import PasteMethod
     from msibench.runner import run_method
@@ -100,13 +102,13 @@ def make_runs(workdir: Path, resolution: int, coco_root: Path) -> list[Path]:
     from msibench.scoring.score import score_run
     from msibench.scoring.scorer import Scorer, ScorerConfig
 
-    manifest = load_manifest()
+    manifest = load_manifest(manifest_name)
     runs = []
     for name, options in CONFIGS.items():
         run_dir = workdir / "runs" / f"paste-{name}"
         start = time.perf_counter()
         s = run_method(PasteMethod(resolution=resolution, **options), run_dir=run_dir, coco_root=coco_root,
-                       progress=False)  # fmt: skip
+                       manifest=manifest, progress=False)  # fmt: skip
         if s.ok:
             print(f"  generated {run_dir.name}: {s.ok} images in {time.perf_counter() - start:.1f} s")
         runs.append(run_dir)
@@ -124,7 +126,7 @@ def make_runs(workdir: Path, resolution: int, coco_root: Path) -> list[Path]:
     )
     for run_dir in runs:
         start = time.perf_counter()
-        s = score_run(run_dir, scorer, coco_root=coco_root, progress=False)
+        s = score_run(run_dir, scorer, manifest=manifest, coco_root=coco_root, progress=False)
         if s.scored:
             print(f"  scored {run_dir.name}: {s.scored} images in {time.perf_counter() - start:.1f} s")
     return runs
@@ -151,7 +153,7 @@ def main() -> None:
     from msibench.report.build import build_report
 
     print(f"workdir {workdir}; {os.cpu_count()} CPUs; {args.workers} thumbnail workers")
-    runs = make_runs(workdir, args.resolution, args.coco_root)
+    runs = make_runs(workdir, args.resolution, args.coco_root, args.manifest)
     specs = [f"{name}={run}" for name, run in zip(CONFIGS, runs, strict=True)]
     thumbs = cache_dir() / "thumbs"
 
