@@ -11,12 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mscustomnet.model.config import ModelConfig
+from msibench.cache import file_mode
+from msibench.cache import mkstemp as umask_mkstemp
 from msibench.methods.base import WeightsUnavailableError
 
 if TYPE_CHECKING:
@@ -46,10 +47,11 @@ def save_state(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
+    fd, tmp = umask_mkstemp(path, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT})
+        os.chmod(tmp, file_mode())  # safetensors recreates the file with its own (private) mode
         digest = _sha256(tmp)
         os.replace(tmp, path / WEIGHTS_FILE)
     except BaseException:
@@ -63,7 +65,7 @@ def save_state(
         "weights_sha256": digest,
         "metadata": metadata or {},
     }
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+    fd, tmp = umask_mkstemp(path, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(info, f, indent=1, sort_keys=True)
         f.write("\n")

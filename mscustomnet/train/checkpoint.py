@@ -12,12 +12,14 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from msibench.cache import mkdtemp as umask_mkdtemp
+from msibench.cache import mkstemp as umask_mkstemp
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def save_checkpoint(out: str | Path, global_step: int, state: dict[str, Any], ke
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{global_step:08d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    tmp = Path(umask_mkdtemp(root, prefix=f".{name}.", suffix=".tmp"))
     try:
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)
         if final.exists():  # the same step saved again (e.g. end of epoch == max_steps): replace it
@@ -75,7 +77,7 @@ def save_checkpoint(out: str | Path, global_step: int, state: dict[str, Any], ke
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fd, pointer = tempfile.mkstemp(dir=root, prefix=f".{LATEST}.", suffix=".tmp")
+    fd, pointer = umask_mkstemp(root, prefix=f".{LATEST}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(name + "\n")
     os.replace(pointer, root / LATEST)

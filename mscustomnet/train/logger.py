@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from msibench.cache import mkstemp as umask_mkstemp
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class StepLogger:
         if not rows or tuple(rows[0]) != COLUMNS:
             raise ValueError(f"{self.path}: not a training log with columns {COLUMNS}")
         kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{LOG_FILE}.", suffix=".tmp")
+        fd, tmp = umask_mkstemp(self.path.parent, prefix=f".{LOG_FILE}.", suffix=".tmp")
         with os.fdopen(fd, "w", newline="") as f:
             csv.writer(f).writerows(kept)
         os.replace(tmp, self.path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from mscustomnet.data.dataset import MSIDataset
 from mscustomnet.model.network import CustomNetModel
 from mscustomnet.model.pipeline import MSCustomNetPipeline, Subject, layout_map
 from mscustomnet.train.config import TrainConfig
+from msibench.cache import mkstemp as umask_mkstemp
 from msibench.coco import CATEGORY_INDEX
 
 SAMPLES_DIR = "samples"
@@ -93,7 +93,7 @@ def save_grid(grid: Image.Image, out: str | Path, global_step: int) -> Path:
     folder = Path(out) / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{global_step:08d}.png"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".grid.", suffix=".png")
+    fd, tmp = umask_mkstemp(folder, prefix=".grid.", suffix=".png")
     os.close(fd)
     try:
         grid.save(tmp, format="PNG")

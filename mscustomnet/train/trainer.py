@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -52,6 +51,7 @@ from mscustomnet.train.distributed import (
 )
 from mscustomnet.train.logger import StepLogger
 from mscustomnet.train.samples import sample_grid, save_grid
+from msibench.cache import mkstemp as umask_mkstemp
 from msibench.coco import CATEGORY_INDEX
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ class Trainer:
             "resumed_from": str(resumed_from) if resumed_from else None,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{RUN_FILE}.", suffix=".tmp")
+        fd, tmp = umask_mkstemp(self.out, prefix=f".{RUN_FILE}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(info, f, indent=1)
             f.write("\n")
