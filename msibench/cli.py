@@ -102,7 +102,7 @@ _MANIFEST_HELP = "Manifest file, or a packaged name: v2 (default) or v1."
 @bench_group.command("build")
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--split", default="val2017", show_default=True)
 @click.option(
     "--review",
@@ -192,22 +192,33 @@ def data_group() -> None:
 def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
     """Materialize every reference into $MSIBENCH_CACHE, checking each source file's sha256."""
     from msibench.bench.manifest import ManifestError, load_manifest
-    from msibench.bench.prepare import PrepareError, prepare, references_dir
+    from msibench.bench.prepare import PrepareError, damaged_references, prepare, references_dir
 
     try:
         m = load_manifest(manifest)
+        damaged = sum(1 for *_, problem in damaged_references(m) if problem != "missing")
         written = prepare(m, coco_root)
-    except (ManifestError, PrepareError) as err:
+    except (ManifestError, PrepareError, OSError) as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"{written} references written, all {len(m.sources)} source files verified -> {references_dir()}")
+    click.echo(
+        f"{written} references written ({damaged} of them found damaged and rebuilt from COCO); all references "
+        f"checked against their recorded sha256, all {len(m.sources)} source files verified -> {references_dir()}"
+    )
 
 
 @main.command("run", context_settings={"show_default": True})
 @click.option("--method", "method_name", required=True, help="Registered method name (msibench ls).")
 @click.option("--track", type=click.Choice(["multi", "single", "all"]), default="all")
-@click.option("--seeds", type=int, default=1, help="Samples per task.")
-@click.option("--seed", "base_seed", type=int, default=0, help="Base seed; per-sample seeds derive from it.")
-@click.option("--limit", type=int, default=None, help="At most N tasks per track.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, help="Samples per task.")
+@click.option(
+    "--seed", "base_seed", type=click.IntRange(min=0), default=0, help="Base seed; per-sample seeds derive from it."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most N tasks per track, stratified over K (the first tasks of each K, taking turns).",
+)
 @click.option("--shard", default=None, help="I/N: this process's share (default: torchrun RANK/WORLD_SIZE).")
 @click.option(
     "--out",
@@ -222,7 +233,7 @@ def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
     help="Exact run folder (overrides --out).",
 )
 @click.option("-M", "method_options", multiple=True, metavar="KEY=VALUE", help="Method option (repeatable).")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available).")
 @click.option(
     "--coco-root",
     type=click.Path(file_okay=False, path_type=Path),
@@ -250,15 +261,31 @@ def run_command(
     retry_failed,
     no_progress,
 ) -> None:
-    """Generate images for the benchmark tasks; resumable. Exit code = number of failed samples."""
-    from msibench import registry
+    """Generate images for the benchmark tasks; resumable.
+
+    Exit codes: 0 all done, 1 error, 2 usage, 3 failed samples recorded, 4 shard busy (see msibench.exitcodes)."""
+    from msibench import exitcodes, registry
     from msibench.bench.manifest import ManifestError
     from msibench.bench.prepare import PrepareError
-    from msibench.runner import MethodSetupError, RunConflictError, default_device, parse_shard, run_method
+    from msibench.records import LockBusyError
+    from msibench.runner import (
+        MethodSetupError,
+        OptionError,
+        RunConflictError,
+        parse_shard,
+        resolve_device,
+        run_method,
+        torchrun_env,
+    )
 
     try:
-        method = registry.build(method_name, _parse_options(method_options))
+        under_torchrun = torchrun_env() is not None and not shard
         shard_spec = parse_shard(shard)
+        resolved_device = resolve_device(device)
+    except OptionError as err:
+        raise click.UsageError(str(err)) from err
+    try:
+        method = registry.build(method_name, _parse_options(method_options))
     except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     try:
@@ -272,13 +299,19 @@ def run_command(
             seeds=seeds,
             base_seed=base_seed,
             shard=shard_spec,
-            device=default_device(device),
+            device=resolved_device,
             coco_root=coco_root,
             overwrite=overwrite,
             retry_failed=retry_failed,
             progress=not no_progress,
             argv=sys.argv,
+            wait_for_peers=under_torchrun,
         )
+    except LockBusyError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(exitcodes.BUSY)
+    except OptionError as err:
+        raise click.UsageError(str(err)) from err
     except (RunConflictError, ManifestError, PrepareError, MethodSetupError) as err:
         logging.getLogger(__name__).debug("run failed", exc_info=True)
         raise click.ClickException(str(err)) from err
@@ -288,8 +321,18 @@ def run_command(
         f"{summary.run_dir}: {summary.ok} generated, {summary.failed} failed, {summary.skipped} skipped, "
         f"{summary.done_before} already done (of {summary.total} in shard {shard_spec[0]}/{shard_spec[1]})"
     )
+    if summary.repaired:
+        click.echo(f"  {summary.repaired} recorded images were missing or changed: generated again", err=True)
+    if summary.by_other_writer:
+        click.echo(f"  {summary.by_other_writer} samples were recorded meanwhile by another process", err=True)
     for failure in summary.failures[:20]:
         click.echo(f"  failed {failure}", err=True)
+    if summary.failed_recorded:
+        click.echo(
+            f"  {summary.failed_recorded} samples of this selection are recorded as failed "
+            "(--retry-failed generates them again); exit code 3",
+            err=True,
+        )
     sys.exit(summary.exit_code)
 
 

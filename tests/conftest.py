@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,3 +51,33 @@ def checkpoint_keys_dir(shared_dir: Path) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own MSIBENCH_CACHE so nothing leaks between tests or into ~/.cache."""
     monkeypatch.setenv("MSIBENCH_CACHE", str(tmp_path_factory.mktemp("msibench_cache")))
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    """MSIBench v1, loaded by name: the runner tests count its tasks (200, 25 per K) and name them."""
+    from msibench.bench.manifest import load_manifest
+
+    return load_manifest("v1")
+
+
+@pytest.fixture(scope="session")
+def prepared_cache(coco_root, manifest, tmp_path_factory):
+    """References materialized once per session; each test gets its own copy (tests corrupt files)."""
+    from msibench.bench.prepare import prepare
+
+    cache = tmp_path_factory.mktemp("prepared_cache")
+    old = os.environ.get("MSIBENCH_CACHE")
+    os.environ["MSIBENCH_CACHE"] = str(cache)
+    try:
+        prepare(manifest, coco_root, verify_all=False)
+    finally:
+        os.environ["MSIBENCH_CACHE"] = old or ""
+    return cache
+
+
+@pytest.fixture
+def prepared(manifest, prepared_cache):
+    """The packaged manifest with every reference already in this test's MSIBENCH_CACHE."""
+    shutil.copytree(prepared_cache / "references", Path(os.environ["MSIBENCH_CACHE"]) / "references")
+    return manifest

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from msibench.coco import CATEGORY_ID, CATEGORY_NAME
+
 MANIFEST_FORMAT = "msibench-manifest"
 # Manifests shipped in the package, loadable by name (``--manifest v1``). v1 (builder 1): references ranked by
 # border and mask area only; v2 (builder 2, the default): references from the reference-quality rule + hand review.
@@ -103,15 +105,38 @@ class Manifest:
         return {t.id: t for t in self.tasks}
 
     def select(self, track: str = "all", limit: int | None = None) -> list[Task]:
+        """The tasks of ``track`` (or all), in manifest order; ``limit``: at most that many per track, a sample
+        stratified over the subject count K (see :func:`stratified_by_k`)."""
         if track not in (*TRACKS, "all"):
             raise ValueError(f"unknown track {track!r}; choose single, multi or all")
-        tasks = [t for t in self.tasks if track == "all" or t.track == track]
-        if limit is not None:
-            if track == "all":
-                tasks = [t for tr in TRACKS for t in [t for t in tasks if t.track == tr][:limit]]
-            else:
-                tasks = tasks[:limit]
-        return tasks
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive number of tasks per track, got {limit!r}")
+        if limit is None:
+            return [t for t in self.tasks if track == "all" or t.track == track]
+        chosen = {
+            t.id
+            for tr in TRACKS
+            if track in ("all", tr)
+            for t in stratified_by_k([x for x in self.tasks if x.track == tr], limit)
+        }
+        return [t for t in self.tasks if t.id in chosen]
+
+
+def stratified_by_k(tasks: list[Task], limit: int) -> list[Task]:
+    """At most ``limit`` of ``tasks``, spread over their subject counts: K groups take turns (smallest K first),
+    each giving its next task in manifest order. ``--limit 4`` on the multi track is one task of each K = 2..5,
+    ``--limit 6`` two of K = 2 and 3 and one of K = 4 and 5. Deterministic: the first tasks of each K."""
+    groups: dict[int, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.k, []).append(task)
+    chosen: list[Task] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(g) for g in groups.values()):
+        for k in sorted(groups):
+            if depth < len(groups[k]) and len(chosen) < limit:
+                chosen.append(groups[k][depth])
+        depth += 1
+    return chosen
 
 
 def packaged_manifest_path(name: str) -> Path:
@@ -220,7 +245,10 @@ def parse_manifest(raw: Any, path: str, sha256: str) -> Manifest:
 
     tasks: list[Task] = []
     seen: set[str] = set()
-    for i, raw_task in enumerate(top.get(raw, "tasks", list)):
+    raw_tasks = top.get(raw, "tasks", list)
+    if not raw_tasks:
+        raise top.fail("tasks", "empty: a manifest needs at least one task")
+    for i, raw_task in enumerate(raw_tasks):
         task_id = raw_task.get("id") if isinstance(raw_task, dict) else None
         chk = _Checker(f"{path}: task {task_id!r}" if isinstance(task_id, str) else f"{path}: tasks[{i}]")
         task = _parse_task(raw_task, chk, sources)
@@ -287,10 +315,20 @@ def _parse_task(raw: Any, chk: _Checker, sources: dict[int, Source]) -> Task:
         )
         scene_ann = sub.get("scene_annotation_id")
         scene_area = sub.get("scene_mask_area")
+        category, category_id = chk.get(sub, "category", str, p), chk.get(sub, "category_id", int, p)
+        if category not in CATEGORY_ID:
+            raise chk.fail(f"{p}category", f"{category!r} is not a COCO-80 category name")
+        if category_id not in CATEGORY_NAME:
+            raise chk.fail(f"{p}category_id", f"{category_id} is not a COCO-80 category id")
+        if CATEGORY_ID[category] != category_id:
+            raise chk.fail(
+                f"{p}category_id",
+                f"{category_id} is {CATEGORY_NAME[category_id]!r}, not {category!r} (id {CATEGORY_ID[category]})",
+            )
         subjects.append(
             Subject(
-                category=chk.get(sub, "category", str, p),
-                category_id=chk.get(sub, "category_id", int, p),
+                category=category,
+                category_id=category_id,
                 box=(x0, y0, x1, y1),
                 z=chk.get(sub, "z", int, p),
                 scene_annotation_id=scene_ann if isinstance(scene_ann, int) else None,

@@ -3,6 +3,11 @@
 Source images come from a local COCO root (``--coco-root`` / ``MSIBENCH_COCO_ROOT``) or, when none is given,
 are downloaded from their ``coco_url`` into the cache. Every source file is checked against the manifest's
 sha256 before it is used.
+
+Each reference is three files: the cut-out, its mask, and ``<key>.json`` holding the sha256 of both, written last
+(the commit marker). A reference counts as present only when both files match their recorded checksums; a
+missing, truncated or altered one is cut out of COCO again. Writers hold the cache's lock, under which the temp
+files of killed writers are removed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 from msibench.bench.build import sha256_file
 from msibench.bench.manifest import Manifest, Reference, Source
-from msibench.cache import atomic_write_bytes, cache_dir
+from msibench.cache import atomic_write_bytes, cache_dir, remove_stale_temp_files
+from msibench.records import locked
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,11 @@ class ChecksumError(PrepareError):
 class ReferencePaths:
     image: Path
     mask: Path
+
+    @property
+    def checksums(self) -> Path:
+        """``<key>.json``: the sha256 of the cut-out and the mask as written (the reference's commit marker)."""
+        return self.image.with_suffix(".json")
 
 
 def references_dir() -> Path:
@@ -75,7 +86,31 @@ def resolve_coco_root(coco_root: str | Path | None) -> Path | None:
     return root
 
 
+def reference_problem(paths: ReferencePaths) -> str | None:
+    """Why a cached reference cannot be used (missing, no checksum record, altered), or None when it is intact."""
+    try:
+        recorded = json.loads(paths.checksums.read_text())
+        expected = {"image": recorded["image"], "mask": recorded["mask"]}
+    except FileNotFoundError:
+        return "missing" if not paths.image.exists() else "no checksum recorded"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"checksum record unreadable ({type(err).__name__})"
+    for part, path in (("image", paths.image), ("mask", paths.mask)):
+        try:
+            actual = sha256_file(path)
+        except OSError:
+            return f"{part} file missing"
+        if actual != expected[part]:
+            return f"{part} file altered (sha256 {actual[:12]}, recorded {str(expected[part])[:12]})"
+    return None
+
+
 def missing_references(manifest: Manifest, tasks=None) -> list[tuple[Reference, Source]]:
+    """The references of ``tasks`` (default: all) that are not in the cache intact (see :func:`reference_problem`)."""
+    return [(ref, source) for ref, source, _ in damaged_references(manifest, tasks)]
+
+
+def damaged_references(manifest: Manifest, tasks=None) -> list[tuple[Reference, Source, str]]:
     out = []
     seen: set[Path] = set()
     for task in tasks if tasks is not None else manifest.tasks:
@@ -85,8 +120,9 @@ def missing_references(manifest: Manifest, tasks=None) -> list[tuple[Reference, 
             if paths.image in seen:
                 continue
             seen.add(paths.image)
-            if not (paths.image.is_file() and paths.mask.is_file()):
-                out.append((subject.reference, source))
+            problem = reference_problem(paths)
+            if problem is not None:
+                out.append((subject.reference, source, problem))
     return out
 
 
@@ -97,18 +133,28 @@ def prepare(manifest: Manifest, coco_root: str | Path | None = None, tasks=None,
     """
     root = resolve_coco_root(coco_root)
     tasks = list(tasks) if tasks is not None else list(manifest.tasks)
-    todo = missing_references(manifest, tasks)
-    needed = {s.image_id: s for t in tasks for s in (manifest.sources[x.reference.image_id] for x in t.subjects)}
-    to_check = needed if verify_all else {src.image_id: src for _, src in todo}
-    verified: dict[int, Path] = {}
-    for image_id in sorted(to_check):
-        verified[image_id] = _source_file(to_check[image_id], root)
-    written = 0
-    for ref, source in todo:
-        _materialize(ref, source, verified[source.image_id])
-        written += 1
-    logger.info("prepared %d references; %d source files verified", written, len(verified))
-    return written
+    folder = references_dir()
+    with locked(folder / ".prepare.lock"):
+        remove_stale_temp_files([folder])
+        remove_stale_temp_files([cache_dir() / "coco"], recursive=True)
+        todo = damaged_references(manifest, tasks)
+        rebuilt = [(ref.annotation_id, problem) for ref, _, problem in todo if problem != "missing"]
+        for annotation_id, problem in rebuilt:
+            logger.warning("reference of annotation %d: %s; cutting it out of COCO again", annotation_id, problem)
+        needed = {s.image_id: s for t in tasks for s in (manifest.sources[x.reference.image_id] for x in t.subjects)}
+        to_check = needed if verify_all else {src.image_id: src for _, src, _ in todo}
+        verified: dict[int, Path] = {}
+        for image_id in sorted(to_check):
+            verified[image_id] = _source_file(to_check[image_id], root)
+        for ref, source, _ in todo:
+            _materialize(ref, source, verified[source.image_id])
+    logger.info(
+        "prepared %d references (%d of them damaged before); %d source files verified",
+        len(todo),
+        len(rebuilt),
+        len(verified),
+    )
+    return len(todo)
 
 
 def _source_file(source: Source, root: Path | None) -> Path:
@@ -171,7 +217,11 @@ def _materialize(ref: Reference, source: Source, path: Path) -> None:
         if image.size != (source.width, source.height):
             raise PrepareError(f"{path}: size {image.size} differs from the manifest's {source.width}x{source.height}")
         cutout, mask = cut_out(image, ref.segmentation, ref.crop)
-    for img, target in ((mask, paths.mask), (cutout, paths.image)):
+    checksums = {}
+    for part, img, target in (("mask", mask, paths.mask), ("image", cutout, paths.image)):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         atomic_write_bytes(target, buf.getvalue())
+        checksums[part] = hashlib.sha256(buf.getvalue()).hexdigest()
+    blob = json.dumps({**checksums, "v": MATERIALIZE_VERSION}, sort_keys=True, indent=1) + "\n"
+    atomic_write_bytes(paths.checksums, blob.encode())

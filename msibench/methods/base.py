@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -121,39 +122,97 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def coerce_options(defaults: dict[str, Any], options: dict[str, Any], where: str) -> dict[str, Any]:
+# Ranges of options that several methods share, checked for every method at construction (an option outside them
+# would fail every sample later, or ask for a 10^12-pixel canvas); a method narrows or adds ranges with ``bounds``.
+COMMON_BOUNDS: dict[str, tuple[float, float]] = {
+    "resolution": (8, 4096),
+    "steps": (1, 1000),
+    "guidance": (0.0, 100.0),
+}
+
+
+def coerce_options(
+    defaults: dict[str, Any],
+    options: dict[str, Any],
+    where: str,
+    bounds: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, Any]:
     """Merge ``-M key=value`` options into ``defaults``, converting strings to each default's type.
 
-    Unknown keys raise ``ValueError`` naming the key and the valid ones, so a typo never runs silently.
+    Every value is checked against its default: the same type (an int option takes no 2.5), a list or tuple the
+    same length with numbers of the same kind (``background=[1,2]`` for an RGB default is refused), and numbers
+    within ``bounds`` (inclusive; :data:`COMMON_BOUNDS` plus the method's own), each element of a list too. Unknown
+    keys raise ``ValueError`` naming the key and the valid ones, so a typo never runs silently.
     """
+    limits = {**COMMON_BOUNDS, **(bounds or {})}
     merged = dict(defaults)
     for key, value in options.items():
         if key not in defaults:
             raise ValueError(f"{where}: unknown option {key!r}; valid options: {', '.join(sorted(defaults))}")
         merged[key] = _coerce(value, defaults[key], f"{where} option {key!r}")
+    for key, value in merged.items():
+        if key in limits and key in options:
+            _check_bounds(value, limits[key], f"{where} option {key!r}")
     return merged
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
+    if isinstance(default, str) or default is None:
         return value
-    try:
-        if isinstance(default, bool):
-            lowered = value.lower()
-            if lowered in {"1", "true", "yes", "on"}:
-                return True
-            if lowered in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError(value)
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, (list, tuple)):
-            return type(default)(json.loads(value))
-    except ValueError as err:
-        raise ValueError(f"{where}: cannot read {value!r} as {type(default).__name__}") from err
+    if isinstance(value, str):
+        try:
+            if isinstance(default, bool):
+                lowered = value.lower()
+                if lowered in {"1", "true", "yes", "on"}:
+                    return True
+                if lowered in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            if isinstance(default, int):
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            elif isinstance(default, (list, tuple)):
+                value = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"{where}: cannot read {value!r} as {type(default).__name__}") from err
+    return _check_type(value, default, where)
+
+
+def _is_number(value: Any, integral: bool) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integral else isinstance(value, (int, float))
+
+
+def _check_type(value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        integral = isinstance(default, int)
+        if not _is_number(value, integral):
+            raise ValueError(f"{where}: expected {'an integer' if integral else 'a number'}, got {value!r}")
+        if not integral and not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        return value if integral else float(value)
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list like {list(default)}, got {value!r}")
+        if default and len(value) != len(default):
+            raise ValueError(f"{where}: expected {len(default)} values like {list(default)}, got {list(value)!r}")
+        if default:
+            value = [_check_type(v, d, where) for v, d in zip(value, default, strict=True)]
+        return type(default)(value)
     return value
+
+
+def _check_bounds(value: Any, bounds: tuple[float, float], where: str) -> None:
+    low, high = bounds
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if _is_number(v, integral=False) and not low <= v <= high:
+            raise ValueError(f"{where}: {v!r} is outside the allowed range {low}..{high}")
 
 
 __all__ = [

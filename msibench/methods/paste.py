@@ -18,11 +18,11 @@ class PasteMethod(Method):
     DEFAULTS: ClassVar[dict[str, Any]] = {"resolution": 512, "background": [127, 127, 127], "resample": "lanczos"}
 
     def __init__(self, **options: Any) -> None:
-        self.options = coerce_options(self.DEFAULTS, options, "paste")
+        self.options = coerce_options(
+            self.DEFAULTS, options, "paste", bounds={"resolution": (8, 4096), "background": (0, 255)}
+        )
         if self.options["resample"] not in ("lanczos", "bicubic", "bilinear", "nearest"):
             raise ValueError(f"paste option 'resample': unknown filter {self.options['resample']!r}")
-        if int(self.options["resolution"]) < 8:
-            raise ValueError("paste option 'resolution': must be at least 8")
 
     @property
     def capabilities(self) -> Capabilities:
