@@ -374,7 +374,11 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
 
         try:
             table = render_table(
-                [load_run(str(run_dir))], "md", paper=load_paper_table() if kw["paper"] else None, ci=True
+                [load_run(str(run_dir))],
+                "md",
+                paper=load_paper_table() if kw["paper"] else None,
+                ci=True,
+                allow_partial=kw["limit"] is not None,  # a subset asked for: shown, marked with its coverage
             )
         except TableError as err:
             raise click.ClickException(str(err)) from err
@@ -386,8 +390,8 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
         callback=callback,
         params=[*run_command.params, *score_params, paper],
         help="Generate (run), score and print Table I for one method, in one command; resumable like its parts "
-        "(re-running it skips the images and scores already done). Exit code: failed generations, else failed "
-        "scorings.",
+        "(re-running it skips the images and scores already done). Exit code: run's, else score's (3: failed "
+        "samples recorded, 4: busy; see msibench.exitcodes). With --limit, Table I shows the subset marked partial.",
         short_help="Run, score and print Table I for one method.",
         context_settings={"show_default": True},
     )

@@ -388,7 +388,9 @@ class _Page:
             )
         from msibench.scoring.table import load_paper_table, render_table
 
-        table = render_table(scored, "html", paper=load_paper_table() if self.paper else None, ci=True)
+        # the report shows every run, an incomplete one with its coverage in the row's label
+        paper = load_paper_table() if self.paper else None
+        table = render_table(scored, "html", paper=paper, ci=True, allow_partial=True)
         unscored = [r.label for r in self.runs if not r.scored]
         note = f'<p class="note">Not scored (not in the table): {_e(", ".join(unscored))}.</p>' if unscored else ""
         return f'<section id="table1"><h2>Table I</h2>{table}{note}</section>'

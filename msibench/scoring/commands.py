@@ -29,10 +29,15 @@ def _fail(err: Exception) -> click.ClickException:
     default=None,
     help="YOLO11-seg weights for Z-Acc masks when --detector has no masks (e.g. yolo11x-seg.pt with yolo11x.pt).",
 )
-@click.option("--conf", type=float, default=0.25, help="Detector confidence threshold.")
-@click.option("--iou", type=float, default=0.7, help="Detector NMS IoU threshold.")
-@click.option("--imgsz", type=int, default=640, help="Detector input size (letterboxed square).")
-@click.option("--max-det", type=int, default=300, help="Detections kept per image.")
+@click.option("--conf", type=click.FloatRange(0.0, 1.0), default=0.25, help="Detector confidence threshold.")
+@click.option("--iou", type=click.FloatRange(0.0, 1.0), default=0.7, help="Detector NMS IoU threshold.")
+@click.option(
+    "--imgsz",
+    type=click.IntRange(32, 4096),
+    default=640,
+    help="Detector input size (letterboxed square, multiple of 32).",
+)
+@click.option("--max-det", type=click.IntRange(min=1), default=300, help="Detections kept per image.")
 @click.option(
     "--dino-weights",
     default=None,
@@ -53,12 +58,19 @@ def _fail(err: Exception) -> click.ClickException:
     help="Comma-separated subset of " + ", ".join(_METRIC_CHOICES) + ".",
 )
 @click.option(
-    "--batch-size", type=int, default=8, help="Images per detector batch (crops are batched per image batch)."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    help="Images per detector batch (crops are batched per image batch).",
 )
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--rescore", is_flag=True, help="Archive scores of another scorer version and score again.")
-@click.option("--limit", type=int, default=None, help="Score at most N pending images per run.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)."
+)
+@click.option(
+    "--rescore", is_flag=True, help="Archive scores of another scorer version or generation run and score again."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score at most N pending images per run.")
 @click.option("--manifest", default=None, help="Manifest file or packaged name (v2, v1); default: run.json's.")
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--no-progress", is_flag=True)
@@ -84,10 +96,23 @@ def score_command(
     coco_root,
     no_progress,
 ) -> None:
-    """Score generated images of RUN_DIRS into scores.jsonl (resumable; re-scores only what changed)."""
+    """Score generated images of RUN_DIRS into scores.jsonl (resumable; re-scores only what changed).
+
+    Exit codes: 0 all scored, 1 error, 2 usage, 3 failed samples recorded, 4 another pass is scoring the run."""
+    from msibench import exitcodes
+    from msibench.runner import OptionError, resolve_device, torchrun_env
+
+    try:
+        torchrun_env()  # ultralytics parses WORLD_SIZE/RANK at import: check them first, naming the variable
+        device = resolve_device(device)
+    except OptionError as err:
+        raise click.UsageError(str(err)) from err
+    if imgsz % 32:
+        raise click.BadParameter(f"{imgsz} is not a multiple of 32 (the detector's stride)", param_hint="--imgsz")
+
     from msibench.bench.manifest import ManifestError
     from msibench.bench.prepare import PrepareError
-    from msibench.runner import default_device
+    from msibench.records import LockBusyError
     from msibench.scoring.backbones import BackboneError
     from msibench.scoring.score import score_run
     from msibench.scoring.scorer import ScoreError, Scorer, ScorerConfig
@@ -111,11 +136,11 @@ def score_command(
             metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
             batch_size=batch_size,
         )
-        scorer = Scorer(config, device=default_device(device))
+        scorer = Scorer(config, device=device)
         scorer.setup()
     except (ValueError, BackboneError, ScoreError) as err:
         raise _fail(err) from err
-    failed = 0
+    code = exitcodes.OK
     for run_dir in run_dirs:
         try:
             summary = score_run(
@@ -128,9 +153,11 @@ def score_command(
                 progress=not no_progress,
                 argv=sys.argv,
             )
-        except (ScoreError, ManifestError, PrepareError) as err:
+        except LockBusyError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(exitcodes.BUSY)
+        except (ScoreError, ManifestError, PrepareError, OSError) as err:
             raise _fail(err) from err
-        failed += summary.failed
         rate = f", {summary.scored / summary.seconds:.2f} img/s" if summary.seconds > 0 and summary.scored else ""
         click.echo(
             f"{run_dir}: scorer {summary.scorer_hash}: {summary.scored} scored, {summary.reused} already current, "
@@ -139,7 +166,16 @@ def score_command(
         for failure in summary.failures[:20]:
             click.echo(f"  failed {failure}", err=True)
         click.echo(run_summary(run_dir))
-    sys.exit(min(failed, 125))
+        if summary.damaged:
+            click.echo(
+                f"  {summary.damaged} images are missing or changed since they were generated: not scored; run "
+                "`msibench run` again with the same options to generate them again, then score",
+                err=True,
+            )
+        if summary.failed_recorded:
+            click.echo(f"  {run_dir} holds {summary.failed_recorded} failed samples; exit code 3", err=True)
+        code = max(code, summary.exit_code)
+    sys.exit(code)
 
 
 def run_summary(run_dir: Path) -> str:
@@ -174,7 +210,7 @@ def _load_runs(specs):
 
     try:
         return [load_run(spec) for spec in specs]
-    except (ScoreError, OSError) as err:
+    except (ScoreError, ValueError, OSError) as err:
         raise _fail(err) from err
 
 
@@ -183,23 +219,41 @@ def _load_runs(specs):
 @click.option("--format", "fmt", type=click.Choice(["md", "tex", "csv"]), default="md", show_default=True)
 @click.option("--paper", is_flag=True, help="Show the paper's reported numbers beside ours.")
 @click.option("--ci", is_flag=True, help="Add 95% bootstrap intervals to md/tex cells.")
-@click.option("--digits", type=int, default=3, show_default=True)
+@click.option("--digits", type=click.IntRange(0, 12), default=3, show_default=True)
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Show runs whose tracks are not fully generated and scored, marked with their coverage.",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
-def table_command(runs, fmt, paper, ci, digits, out) -> None:
-    """Table I (rows: methods) from scored RUNS, each DIR or LABEL=DIR."""
+def table_command(runs, fmt, paper, ci, digits, allow_partial, out) -> None:
+    """Table I (rows: methods) from scored RUNS, each DIR or LABEL=DIR.
+
+    A run whose generated tracks do not cover every task of its manifest, or whose images are not all scored, is
+    refused unless --allow-partial (then its row says what it covers)."""
     from msibench.cache import atomic_write_bytes
     from msibench.scoring.table import TableError, load_paper_table, render_table
 
     results = _load_runs(runs)
     try:
-        text = render_table(results, fmt, paper=load_paper_table() if paper else None, digits=digits, ci=ci)
+        text = render_table(
+            results,
+            fmt,
+            paper=load_paper_table() if paper else None,
+            digits=digits,
+            ci=ci,
+            allow_partial=allow_partial,
+        )
     except TableError as err:
         raise _fail(err) from err
     if out is None:
         click.echo(text, nl=False)
-    else:
+        return
+    try:
         atomic_write_bytes(out, text.encode("utf-8"))
-        click.echo(f"wrote {out}")
+    except OSError as err:
+        raise click.ClickException(f"--out {out}: cannot write the table there: {err}") from err
+    click.echo(f"wrote {out}")
 
 
 @click.group("plot")
@@ -239,6 +293,8 @@ def plot_ablation_command(runs, track, metrics, width, out) -> None:
         )
     except ValueError as err:
         raise _fail(err) from err
+    except OSError as err:  # e.g. --out under a path that is a file
+        raise click.ClickException(f"--out {out}: cannot write the figure there: {err}") from err
     click.echo("wrote " + ", ".join(map(str, paths)))
 
 
@@ -257,6 +313,8 @@ def plot_by_k_command(runs, metrics, width, out) -> None:
         paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None, width=_parse_width(width))
     except ValueError as err:
         raise _fail(err) from err
+    except OSError as err:  # e.g. --out under a path that is a file
+        raise click.ClickException(f"--out {out}: cannot write the figure there: {err}") from err
     click.echo("wrote " + ", ".join(map(str, paths)))
 
 

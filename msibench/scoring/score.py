@@ -5,6 +5,11 @@ Scoring is a stage of its own: it reads ``run.json`` and ``records.jsonl`` of a 
 images are re-scored after a scorer change without regenerating them. A score record is appended and flushed per
 image, so a killed pass loses at most the batch in flight; the next pass skips every image whose score is current
 (same scorer hash, same image sha256).
+
+An image that is missing, or whose sha256 differs from the one its generation record holds (altered after it was
+generated), is not scored: it is recorded as a scoring failure that says so, and ``msibench run`` with the same
+options generates it again. An image that cannot be decoded is a scoring failure with the decoder's reason. One
+scoring pass per run folder at a time (a second one is refused with :class:`~msibench.records.LockBusyError`).
 """
 
 from __future__ import annotations
@@ -16,11 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from msibench.bench.manifest import PACKAGED_MANIFESTS, Manifest, ManifestError, Task, load_manifest
+from msibench import exitcodes
+from msibench.bench.manifest import Manifest, Task
 from msibench.bench.prepare import missing_references, prepare, reference_paths
-from msibench.records import RECORDS_FILE, append_record, locked, read_records, record_key
+from msibench.cache import remove_stale_temp_files
+from msibench.records import (
+    RECORDS_FILE,
+    FolderWriters,
+    append_record,
+    exclusive_or_busy,
+    read_records,
+    record_key,
+)
 from msibench.scoring.scorer import IDENTITY_METRICS, ScoreError, ScoreItem, Scorer, base_record
-from msibench.scoring.store import RUN_FILE, SCORES_FILE, finish_scores, open_scores, read_run_info
+from msibench.scoring.store import (
+    SCORES_FILE,
+    finish_scores,
+    open_scores,
+    read_run_info,
+    resolve_run_manifest,
+    score_is_current,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,8 +58,16 @@ class ScoreSummary:
     reused: int = 0
     failed: int = 0
     not_generated: int = 0
+    damaged: int = 0  # images missing, or changed since their generation record: not scored
+    # current score records that are failures (generation or scoring), and damaged images, after this pass
+    failed_recorded: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """:data:`msibench.exitcodes.FAILURES` while the run folder holds failed samples, else OK."""
+        return exitcodes.FAILURES if self.failed_recorded else exitcodes.OK
 
 
 def score_run(
@@ -53,10 +82,21 @@ def score_run(
     argv: list[str] | None = None,
 ) -> ScoreSummary:
     """Score every generated image of ``run_dir`` whose score is not current; see the module docstring."""
-    from tqdm import tqdm
-
     run_path = Path(run_dir)
     info = read_run_info(run_path)
+    with (
+        exclusive_or_busy(run_path / ".score.lock", f"scoring of {run_path}", "wait for that pass to end or stop it"),
+        FolderWriters(run_path) as writers,
+    ):
+        if writers.alone:  # nobody generates or scores here: temp files are leftovers of killed writers
+            remove_stale_temp_files([run_path, run_path / "images"])
+        writers.share()
+        return _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, progress, argv)
+
+
+def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, progress, argv) -> ScoreSummary:
+    from tqdm import tqdm
+
     manifest = resolve_run_manifest(run_path, info, manifest)
     generated = sorted(read_records(run_path / RECORDS_FILE), key=record_key)
     if not generated:
@@ -65,7 +105,7 @@ def score_run(
     scorer_hash = scorer.version_hash()
     open_scores(run_path, info, version, scorer_hash, scorer.device, rescore, argv)
     scores_path = run_path / SCORES_FILE
-    current = {record_key(r): r for r in read_records(scores_path) if r.get("scorer") == scorer_hash}
+    previous = {record_key(r): r for r in read_records(scores_path) if r.get("scorer") == scorer_hash}
     summary = ScoreSummary(run_dir=run_path, scorer_hash=scorer_hash)
 
     pending: list[tuple[dict[str, Any], Task, Path, str]] = []
@@ -75,19 +115,39 @@ def score_run(
         if task is None:
             raise ScoreError(f"{run_path / RECORDS_FILE}: task {gen['task_id']!r} is not in manifest {manifest.path}")
         summary.total += 1
-        old = current.get(key)
+        old = previous.get(key)
+        if old is not None and not score_is_current(old, gen):
+            old = None
         if gen.get("status") != "ok":
-            if old is not None and old.get("status") == gen.get("status"):
+            if old is not None:
                 summary.reused += 1
                 continue
             append_record(scores_path, _not_generated(gen, task, scorer_hash))
             summary.not_generated += 1
             continue
         image_path = run_path / str(gen.get("image"))
+        regenerate = "run `msibench run` again with the same options to generate it again"
         try:
             sha = hashlib.sha256(image_path.read_bytes()).hexdigest()
         except OSError as err:
-            _fail(scores_path, gen, task, scorer_hash, None, f"image unreadable: {err}", summary)
+            summary.damaged += 1
+            _fail(
+                scores_path,
+                gen,
+                task,
+                scorer_hash,
+                None,
+                f"image missing or unreadable ({err}); {regenerate}",
+                summary,
+            )
+            continue
+        expected = gen.get("image_sha256")
+        if expected is not None and sha != expected:
+            summary.damaged += 1
+            reason = (
+                f"image changed since it was generated (sha256 {sha[:12]}, recorded {expected[:12]}); {regenerate}"
+            )
+            _fail(scores_path, gen, task, scorer_hash, sha, reason, summary)
             continue
         if old is not None and old.get("status") == "ok" and old.get("image_sha256") == sha:
             summary.reused += 1
@@ -96,15 +156,14 @@ def score_run(
     if limit is not None:
         pending = pending[: max(0, limit)]
     if not pending:
-        finish_scores(run_path, scorer_hash)
+        summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged + summary.damaged
         return summary
 
     start = time.perf_counter()  # from here on: reference features (cached or computed) count as scoring time
     if any(m in IDENTITY_METRICS for m in scorer.config.metrics):
         tasks = list({task.id: task for _, task, _, _ in pending}.values())
-        with locked(run_path / ".prepare.lock"):
-            if missing_references(manifest, tasks):
-                prepare(manifest, coco_root, tasks=tasks, verify_all=False)
+        if missing_references(manifest, tasks):  # missing or damaged: cut out of COCO again
+            prepare(manifest, coco_root, tasks=tasks, verify_all=False)
     ref_sha: dict[Path, str] = {}
     uses_references = any(m in IDENTITY_METRICS for m in scorer.config.metrics)
 
@@ -130,9 +189,14 @@ def score_run(
             items = []
             for gen, task, image_path, sha in chunk:
                 try:
-                    items.append(ScoreItem(task, gen, _load_image(image_path), sha, references(task)))
-                except (OSError, ValueError) as err:
-                    _fail(scores_path, gen, task, scorer_hash, sha, f"image or reference unreadable: {err}", summary)
+                    image = _load_image(image_path)
+                except Exception as err:  # PIL raises many kinds for a damaged file (see _load_image)
+                    _fail(scores_path, gen, task, scorer_hash, sha, f"image cannot be decoded: {_why(err)}", summary)
+                    continue
+                try:
+                    items.append(ScoreItem(task, gen, image, sha, references(task)))
+                except OSError as err:
+                    _fail(scores_path, gen, task, scorer_hash, sha, f"reference unreadable: {err}", summary)
             for rec in _score_isolating_failures(scorer, items, scorer_hash, summary):
                 append_record(scores_path, rec)
                 if rec["status"] == "ok":
@@ -141,7 +205,7 @@ def score_run(
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - start
-    finish_scores(run_path, scorer_hash)
+    summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged
     logger.info(
         "%s: %d scored, %d current, %d failed, %d not generated (scorer %s)",
         run_path,
@@ -179,11 +243,24 @@ def _score_isolating_failures(scorer: Scorer, items: list[ScoreItem], scorer_has
 
 
 def _load_image(path: Path) -> Image.Image:
+    """The fully decoded RGB image. Anything can come out of a damaged file: OSError, ValueError, SyntaxError,
+    DecompressionBombError, and with ultralytics imported (it wraps ``PIL.Image.open`` to add HEIF on the first
+    unidentified file) even a ModuleNotFoundError for pi_heif; callers catch them all."""
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB")
+
+
+def _why(err: BaseException) -> str:
+    """A readable reason: the decoder's own error, not what a wrapper raised while handling it."""
+    from PIL import UnidentifiedImageError
+
+    cause = err.__context__ if isinstance(err, ImportError) and err.__context__ is not None else err
+    if isinstance(cause, UnidentifiedImageError):
+        return f"not a readable image ({cause})"
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _not_generated(gen: dict[str, Any], task: Task, scorer_hash: str) -> dict[str, Any]:
@@ -225,32 +302,3 @@ def _fail(scores_path, gen, task, scorer_hash, sha, reason: str, summary: ScoreS
     append_record(scores_path, rec)
     summary.failed += 1
     summary.failures.append(f"{task.id}#{gen['sample_index']}: {reason}")
-
-
-def resolve_run_manifest(run_path: Path, info: dict[str, Any], override: Manifest | str | Path | None) -> Manifest:
-    """The manifest a run was generated from: the override, else the recorded path, else the recorded packaged name,
-    else any packaged manifest; the sha256 recorded in run.json must match."""
-    expected = info.get("manifest_sha256") or (info.get("manifest") or {}).get("sha256")
-    if isinstance(override, Manifest):
-        candidates: list[Any] = [override]
-    elif override is not None:
-        candidates = [Path(override)]
-    else:
-        recorded = info.get("manifest") or {}
-        candidates = [Path(recorded["path"])] if recorded.get("path") else []
-        names = [recorded["name"]] if recorded.get("name") in PACKAGED_MANIFESTS else []
-        candidates += [*names, *(n for n in PACKAGED_MANIFESTS if n not in names)]
-    tried = []
-    for cand in candidates:
-        try:
-            manifest = cand if isinstance(cand, Manifest) else load_manifest(cand)
-        except ManifestError as err:
-            tried.append(f"{cand} ({err})")
-            continue
-        if expected is None or manifest.sha256 == expected:
-            return manifest
-        tried.append(f"{manifest.path} (sha256 {manifest.sha256[:12]})")
-    raise ScoreError(
-        f"{run_path / RUN_FILE}: the run was made from manifest sha256 {str(expected)[:12]}, "
-        f"not found in: {'; '.join(tried)}. Pass --manifest PATH to that manifest."
-    )

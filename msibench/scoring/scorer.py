@@ -81,6 +81,16 @@ class ScorerConfig:
             raise ValueError(f"identity_crop must be one of {CROP_MODES}, got {self.identity_crop!r}")
         if self.clip_b_mode not in CLIP_B_MODES:
             raise ValueError(f"clip_b_mode must be one of {CLIP_B_MODES}, got {self.clip_b_mode!r}")
+        for name, low, high in (("conf", 0.0, 1.0), ("iou", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        for name, low in (("imgsz", 32), ("max_det", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.imgsz % 32:
+            raise ValueError(f"imgsz must be a multiple of 32 (the detector's stride), got {self.imgsz}")
         unknown = [m for m in self.metrics if m not in METRIC_GROUPS]
         if unknown or not self.metrics:
             raise ValueError(f"metrics must be a non-empty subset of {METRIC_GROUPS}, got {list(self.metrics)}")

@@ -1,8 +1,11 @@
 """The score files of a run folder: ``scores.jsonl`` (one record per image) and ``scores.json`` (the header: scorer
 version, packages, date, command and, once a pass ends, the aggregate summary).
 
-Scoring a run whose ``scores.json`` has another scorer version is refused unless ``rescore=True``, which archives
-the old files as ``scores-<old hash>.json[l]`` (nothing is lost) and starts afresh.
+Scoring a run whose ``scores.json`` has another scorer version, or was written for another generation run (another
+method fingerprint, manifest or base seed than ``run.json`` now holds), is refused unless ``rescore=True``, which
+archives the old files as ``scores-<old hash>.json[l]`` (nothing is lost) and starts afresh. Readers
+(:func:`load_scored_run`) refuse such scores too, and only use score records that match the run's current
+generation records: same unit, same fingerprint, same image sha256.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import logging
 import platform
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from msibench.bench.manifest import PACKAGED_MANIFESTS, TRACKS, Manifest, ManifestError, load_manifest
 from msibench.cache import atomic_write_bytes
-from msibench.records import locked, read_records
+from msibench.records import RECORDS_FILE, locked, read_records, record_key
 from msibench.scoring.scorer import ScoreConflictError, ScoreError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,23 @@ def read_run_info(run_path: Path) -> dict[str, Any]:
         raise ScoreError(f"{run_file}: not valid JSON: {err}") from err
 
 
+# What identifies the generation run that scores belong to (copied from run.json into scores.json).
+RUN_IDENTITY = ("method", "fingerprint_hash", "manifest_sha256", "base_seed")
+
+
+def run_identity(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: info.get(k) for k in RUN_IDENTITY}
+
+
+def _run_mismatch(header: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """How the run that ``header``'s scores were made from differs from the run in ``run.json`` (None: the same).
+    Keys the header does not hold (scores written before base_seed was recorded) are not compared."""
+    scored = header.get("run") or {}
+    current = run_identity(info)
+    diffs = [f"{k}: {scored[k]!r} -> {current[k]!r}" for k in RUN_IDENTITY if k in scored and scored[k] != current[k]]
+    return ", ".join(diffs) or None
+
+
 def open_scores(run_path, info, version, scorer_hash, device, rescore, argv) -> None:
     header_path = run_path / SCORES_HEADER
     with locked(run_path / ".scores.lock"):
@@ -48,9 +70,16 @@ def open_scores(run_path, info, version, scorer_hash, device, rescore, argv) -> 
             except json.JSONDecodeError as err:
                 raise ScoreConflictError(f"{header_path}: unreadable ({err}); move it away or use --rescore") from err
             old = header.get("scorer_hash")
-            if old == scorer_hash:
+            mismatch = _run_mismatch(header, info)
+            if old == scorer_hash and mismatch is None:
                 return
             if not rescore:
+                if mismatch is not None:
+                    raise ScoreConflictError(
+                        f"{header_path} holds scores of another generation run than {run_path / RUN_FILE} "
+                        f"({mismatch}): the run was generated again since. Use --rescore to archive the old scores "
+                        "as scores-<hash>.json[l] and score the current images."
+                    )
                 diff = _version_diff(header.get("scorer") or {}, version)
                 raise ScoreConflictError(
                     f"{run_path} holds scores of scorer {old} ({diff}); this scorer is {scorer_hash}. "
@@ -67,11 +96,7 @@ def open_scores(run_path, info, version, scorer_hash, device, rescore, argv) -> 
             "format": SCORES_FORMAT,
             "scorer_hash": scorer_hash,
             "scorer": version,
-            "run": {
-                "method": info.get("method"),
-                "fingerprint_hash": info.get("fingerprint_hash"),
-                "manifest_sha256": info.get("manifest_sha256"),
-            },
+            "run": run_identity(info),
             "packages": _package_versions(),
             "device": device,
             "python": sys.version.split()[0],
@@ -100,23 +125,84 @@ def _archive(run_path: Path, old_hash: str) -> None:
     logger.warning("%s: archived scores of scorer %s as scores-%s.json[l]", run_path, old_hash, suffix)
 
 
-def finish_scores(run_path: Path, scorer_hash: str) -> None:
-    """Store the aggregate of the current scores in scores.json (a convenience; tables recompute it)."""
+def score_is_current(score: dict[str, Any], gen: dict[str, Any]) -> bool:
+    """Whether a score record still describes the generation record ``gen`` of its unit: same fingerprint, same
+    status (an ok generation may have been scored ok or failed by the scorer) and, for an image, the same sha256."""
+    if score.get("fingerprint") != gen.get("fingerprint"):
+        return False
+    if gen.get("status") != "ok":
+        return score.get("status") == gen.get("status")
+    if score.get("status") not in ("ok", "failed") or score.get("stage") == "generation":
+        return False
+    expected = gen.get("image_sha256")
+    return expected is None or score.get("image_sha256") == expected
+
+
+def finish_scores(run_path: Path, scorer_hash: str) -> Counter:
+    """Store the aggregate of the current scores in scores.json (a convenience; tables recompute it); return the
+    count of each status among them."""
     from msibench.scoring.aggregate import aggregate, summary_to_json
 
     header_path = run_path / SCORES_HEADER
+    generated = {record_key(r): r for r in read_records(run_path / RECORDS_FILE)}
     with locked(run_path / ".scores.lock"):
         header = json.loads(header_path.read_text())
         if header.get("scorer_hash") != scorer_hash:
-            return
-        records = [r for r in read_records(run_path / SCORES_FILE) if r.get("scorer") == scorer_hash]
+            return Counter()
+        records = _current(read_records(run_path / SCORES_FILE), scorer_hash, generated)
+        counts = Counter(str(r.get("status")) for r in records)
         header["summary"] = summary_to_json(aggregate(records))
-        header["counts"] = dict(Counter(str(r.get("status")) for r in records))
+        header["counts"] = dict(counts)
         atomic_write_bytes(header_path, (json.dumps(header, indent=2, sort_keys=True) + "\n").encode())
+    return counts
 
 
-def load_scores(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(scores.json header, current score records) of a scored run folder."""
+def _current(scores, scorer_hash, generated) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in scores
+        if r.get("scorer") == scorer_hash
+        and record_key(r) in generated
+        and score_is_current(r, generated[record_key(r)])
+    ]
+
+
+@dataclass(frozen=True)
+class TrackCoverage:
+    """What of a track was generated and scored, against the manifest."""
+
+    track: str
+    tasks: int  # tasks of the track in the manifest
+    tasks_generated: int  # of them, with at least one generation record (ok, failed or skipped)
+    images: int  # generation records of the track
+    images_scored: int  # of them, with a current score record (ok, or a failure with its reason)
+
+    @property
+    def complete(self) -> bool:
+        return self.tasks_generated == self.tasks and self.images_scored == self.images
+
+    @property
+    def generated(self) -> bool:
+        return self.images > 0
+
+    def describe(self) -> str:
+        return (
+            f"{self.track} {self.tasks_generated}/{self.tasks} tasks, {self.images_scored}/{self.images} images scored"
+        )
+
+
+@dataclass(frozen=True)
+class ScoredRun:
+    header: dict[str, Any]
+    info: dict[str, Any]
+    records: list[dict[str, Any]]  # current score records only
+    stale: int  # score records of the current scorer that no longer match a generation record
+    coverage: tuple[TrackCoverage, ...]
+
+
+def load_scored_run(run_dir: str | Path, manifest: Manifest | str | Path | None = None) -> ScoredRun:
+    """The current scores of a run folder, checked against its ``run.json`` and ``records.jsonl``, with what they
+    cover of the run's manifest; scores made for another generation run are refused."""
     run_path = Path(run_dir)
     header_path = run_path / SCORES_HEADER
     if not header_path.is_file():
@@ -125,9 +211,72 @@ def load_scores(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
         header = json.loads(header_path.read_text())
     except json.JSONDecodeError as err:
         raise ScoreError(f"{header_path}: not valid JSON: {err}") from err
+    info = read_run_info(run_path)
+    mismatch = _run_mismatch(header, info)
+    if mismatch is not None:
+        raise ScoreError(
+            f"{header_path}: these scores belong to another generation run than {run_path / RUN_FILE} ({mismatch}); "
+            f"score the current images with `msibench score {run_path} --rescore`"
+        )
+    generated = {record_key(r): r for r in read_records(run_path / RECORDS_FILE)}
+    if not generated:
+        raise ScoreError(
+            f"{run_path / RECORDS_FILE}: no generation records; the scores cannot be checked against them"
+        )
     scorer_hash = header.get("scorer_hash")
-    records = [r for r in read_records(run_path / SCORES_FILE) if r.get("scorer") == scorer_hash]
-    return header, records
+    scores = [r for r in read_records(run_path / SCORES_FILE) if r.get("scorer") == scorer_hash]
+    records = _current(scores, scorer_hash, generated)
+    task_manifest = resolve_run_manifest(run_path, info, manifest)
+    scored = {record_key(r) for r in records}
+    coverage = []
+    for track in TRACKS:
+        tasks = {t.id for t in task_manifest.tasks if t.track == track}
+        units = [key for key, gen in generated.items() if key[0] in tasks]
+        coverage.append(
+            TrackCoverage(
+                track=track,
+                tasks=len(tasks),
+                tasks_generated=len({task for task, _ in units}),
+                images=len(units),
+                images_scored=sum(1 for key in units if key in scored),
+            )
+        )
+    return ScoredRun(header, info, records, len(scores) - len(records), tuple(coverage))
+
+
+def load_scores(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(scores.json header, current score records) of a scored run folder (see :func:`load_scored_run`)."""
+    scored = load_scored_run(run_dir)
+    return scored.header, scored.records
+
+
+def resolve_run_manifest(run_path: Path, info: dict[str, Any], override: Manifest | str | Path | None) -> Manifest:
+    """The manifest a run was generated from: the override, else the recorded path, else the recorded packaged name,
+    else any packaged manifest; the sha256 recorded in run.json must match."""
+    expected = info.get("manifest_sha256") or (info.get("manifest") or {}).get("sha256")
+    if isinstance(override, Manifest):
+        candidates: list[Any] = [override]
+    elif override is not None:
+        candidates = [Path(override)]
+    else:
+        recorded = info.get("manifest") or {}
+        candidates = [Path(recorded["path"])] if recorded.get("path") else []
+        names = [recorded["name"]] if recorded.get("name") in PACKAGED_MANIFESTS else []
+        candidates += [*names, *(n for n in PACKAGED_MANIFESTS if n not in names)]
+    tried = []
+    for cand in candidates:
+        try:
+            manifest = cand if isinstance(cand, Manifest) else load_manifest(cand)
+        except ManifestError as err:
+            tried.append(f"{cand} ({err})")
+            continue
+        if expected is None or manifest.sha256 == expected:
+            return manifest
+        tried.append(f"{manifest.path} (sha256 {manifest.sha256[:12]})")
+    raise ScoreError(
+        f"{run_path / RUN_FILE}: the run was made from manifest sha256 {str(expected)[:12]}, "
+        f"not found in: {'; '.join(tried)}. Pass --manifest PATH to that manifest."
+    )
 
 
 def _package_versions() -> dict[str, str | None]:

@@ -7,6 +7,11 @@ cell we could not read and ``(–)`` one the paper leaves empty. Only a run that
 method gets them (:func:`paper_match`: the method name, and every field of the entry's ``configuration.fields``
 equal in the run's fingerprint, ``run.json`` ``fingerprint.config`` by dotted path); an ablation or a run with
 other options shows none, and the paper's numbers get a row of their own.
+
+Only complete rows enter the table: every task of a generated track (one the run has records for) generated, and
+every generated image scored. ``allow_partial=True`` shows incomplete rows too, marked in every format with what
+they cover (md and tex: the label says ``partial: multi 6/100 tasks, 6/6 images scored``; csv: a ``partial`` column
+and the counts per track).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from msibench.scoring.aggregate import METRICS, GroupSummary, Stat, aggregate, find_group
+
+if TYPE_CHECKING:
+    from msibench.scoring.store import TrackCoverage
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("single", "dino_i"),
@@ -58,6 +66,15 @@ class RunResult:
     summary: list[GroupSummary]
     #: the method's fingerprint config from the run folder's run.json (None when absent)
     config: dict[str, Any] | None = None
+    coverage: tuple[TrackCoverage, ...] | None = None  # None: not checked (a RunResult built by hand)
+
+    @property
+    def incomplete(self) -> list[TrackCoverage]:
+        """The generated tracks that miss tasks of the manifest or scores of generated images."""
+        return [c for c in self.coverage or () if c.generated and not c.complete]
+
+    def coverage_note(self) -> str:
+        return ", ".join(c.describe() for c in self.incomplete)
 
 
 @dataclass(frozen=True)
@@ -86,14 +103,22 @@ def parse_run_spec(spec: str) -> tuple[str | None, Path]:
 
 
 def load_run(spec: str | Path, label: str | None = None) -> RunResult:
-    """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated."""
-    from msibench.scoring.store import load_scores
+    """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated, with its coverage of the manifest."""
+    from msibench.scoring.store import load_scored_run
 
     spec_label, path = parse_run_spec(str(spec))
-    header, records = load_scores(path)
-    method = (header.get("run") or {}).get("method")
+    scored = load_scored_run(path)
+    method = (scored.header.get("run") or {}).get("method")
     label = label or spec_label or METHOD_LABELS.get(str(method), str(method or path.name))
-    return RunResult(label, method, str(path), header.get("scorer_hash"), aggregate(records), _run_config(path))
+    return RunResult(
+        label,
+        method,
+        str(path),
+        scored.header.get("scorer_hash"),
+        aggregate(scored.records),
+        config=_run_config(path),
+        coverage=scored.coverage,
+    )
 
 
 def _run_config(run_dir: Path) -> dict[str, Any] | None:
@@ -195,6 +220,24 @@ def build_rows(runs: Sequence[RunResult], paper: dict[str, Any] | None = None) -
     return rows
 
 
+def check_complete(runs: Sequence[RunResult], allow_partial: bool) -> None:
+    """Refuse incomplete runs (see the module docstring) unless ``allow_partial``."""
+    partial = [run for run in runs if run.incomplete]
+    if partial and not allow_partial:
+        details = "; ".join(f"{run.run_dir}: {run.coverage_note()}" for run in partial)
+        raise TableError(
+            f"incomplete runs would enter the table as full rows ({details}). Finish them (`msibench run` and "
+            "`msibench score` with the same options), or pass --allow-partial to show them marked with their coverage."
+        )
+
+
+def _row_label(row: Row, runs: Sequence[RunResult]) -> str:
+    run = next((r for r in runs if r.run_dir == row.run_dir and r.label == row.label), None)
+    if run is None or not run.incomplete:
+        return row.label
+    return f"{row.label} (partial: {run.coverage_note()})"
+
+
 def _fmt(value: float | None, digits: int) -> str:
     return DASH if value is None else f"{value:.{digits}f}"
 
@@ -224,21 +267,27 @@ def render_table(
     paper: dict[str, Any] | None = None,
     digits: int = 3,
     ci: bool = False,
+    allow_partial: bool = False,
 ) -> str:
     """Table I as Markdown (``md``), LaTeX (``tex``), CSV (``csv``, full precision, CIs and n included) or an HTML
-    ``<table>`` fragment (``html``, for ``msibench report``)."""
+    ``<table>`` fragment (``html``, for ``msibench report``).
+
+    Incomplete runs are refused unless ``allow_partial`` (see the module docstring)."""
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 0 <= digits <= 12:
+        raise TableError(f"digits must be an integer in 0..12, got {digits!r}")
+    check_complete(runs, allow_partial)
     rows = build_rows(runs, paper)
     if fmt == "csv":
         return _render_csv(rows, runs, paper is not None)
     if fmt == "html":
-        return _render_html(rows, _notes(runs, paper), digits, ci, paper is not None)
+        return _render_html(rows, runs, _notes(runs, paper), digits, ci, paper is not None)
     if fmt not in ("md", "tex"):
         raise TableError(f"unknown table format {fmt!r}; choose md, tex, csv or html")
     texts = [[_cell_text(c, digits, ci, paper is not None) for c in row.cells] for row in rows]
     notes = _notes(runs, paper)
     if fmt == "md":
         lines = ["| Method | " + " | ".join(_headers()) + " |", "|---|" + "---:|" * len(COLUMNS)]
-        lines += [f"| {row.label} | " + " | ".join(t) + " |" for row, t in zip(rows, texts, strict=True)]
+        lines += [f"| {_row_label(row, runs)} | " + " | ".join(t) + " |" for row, t in zip(rows, texts, strict=True)]
         return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
     labels = [METRICS[m].label for _, m in COLUMNS]
     lines = [
@@ -250,7 +299,8 @@ def render_table(
         r"\midrule",
     ]
     lines += [
-        _tex(row.label) + " & " + " & ".join(_tex(x) for x in t) + r" \\" for row, t in zip(rows, texts, strict=True)
+        _tex(_row_label(row, runs)) + " & " + " & ".join(_tex(x) for x in t) + r" \\"
+        for row, t in zip(rows, texts, strict=True)
     ]
     lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -278,6 +328,9 @@ def _notes(runs: Sequence[RunResult], paper: dict[str, Any] | None) -> list[str]
     if len(hashes) > 1:
         notes.append(f"Warning: runs were scored by different scorer versions: {', '.join(sorted(map(str, hashes)))}.")
     for run in runs:
+        for cov in run.coverage or ():
+            if not cov.generated:
+                notes.append(f"{run.label}: {cov.track} track not generated ({DASH}).")
         for track in ("single", "multi"):
             counts = find_group(run.summary, track, None)
             if counts is not None and (counts.n_failed or counts.n_skipped):
@@ -301,6 +354,10 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
         header += [base, f"{base}_ci_low", f"{base}_ci_high", f"{base}_n"]
         if with_paper:
             header.append(f"{base}_paper")
+    header.append("partial")
+    for track in ("single", "multi"):
+        header += [f"{track}_tasks", f"{track}_tasks_generated", f"{track}_images", f"{track}_images_scored"]
+    by_run = {(run.run_dir, run.label): run for run in runs}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -312,6 +369,12 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
             out.append(s.n if s else "")
             if with_paper:
                 out.append(_num(cell.paper))
+        run = by_run.get((row.run_dir, row.label))
+        coverage = {c.track: c for c in (run.coverage or ())} if run is not None else {}
+        out.append("" if run is None or run.coverage is None else str(bool(run.incomplete)).lower())
+        for track in ("single", "multi"):
+            c = coverage.get(track)
+            out += [c.tasks, c.tasks_generated, c.images, c.images_scored] if c is not None else ["", "", "", ""]
         writer.writerow(out)
     return buf.getvalue()
 
@@ -320,7 +383,9 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
-def _render_html(rows: list[Row], notes: list[str], digits: int, ci: bool, with_paper: bool) -> str:
+def _render_html(
+    rows: list[Row], runs: Sequence[RunResult], notes: list[str], digits: int, ci: bool, with_paper: bool
+) -> str:
     from html import escape
 
     head = (
@@ -336,7 +401,8 @@ def _render_html(rows: list[Row], notes: list[str], digits: int, ci: bool, with_
             if ci and cell.stat is not None and cell.stat.ci_low is not None:
                 text += f'<span class="ci">[{cell.stat.ci_low:.{digits}f}, {cell.stat.ci_high:.{digits}f}]</span>'
             cells.append(f'<td data-col="{track}_{metric}">{text}</td>')
-        body.append(f'<tr data-method="{escape(row.method or "")}"><td>{escape(row.label)}</td>{"".join(cells)}</tr>')
+        label = escape(_row_label(row, runs))
+        body.append(f'<tr data-method="{escape(row.method or "")}"><td>{label}</td>{"".join(cells)}</tr>')
     notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
     return f'<table class="table1"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>' + (
         f'<ul class="table-notes">{notes_html}</ul>' if notes else ""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from scoring_helpers import write_scored_run
 
 from msibench.scoring.aggregate import aggregate, compare, find_group
 from msibench.scoring.table import COLUMNS, load_paper_table, load_run, paper_match, render_table
@@ -78,16 +79,6 @@ def test_compare_gives_paired_differences():
     assert 0 < diffs["z_acc"].ci_low <= 0.5 <= diffs["z_acc"].ci_high
 
 
-def write_scored_run(path: Path, records, method="paste", scorer_hash="abc"):
-    path.mkdir(parents=True)
-    header = {"format": "msibench-scores", "scorer_hash": scorer_hash, "scorer": {}, "run": {"method": method}}
-    (path / "scores.json").write_text(json.dumps(header))
-    with open(path / "scores.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({**r, "scorer": scorer_hash}) + "\n")
-    return path
-
-
 def test_table_numbers_equal_the_aggregated_records(tmp_path):
     run = write_scored_run(tmp_path / "run_a", RECORDS)
     other = [{**r, "metrics": {k: v * 0.5 for k, v in r["metrics"].items()}} for r in RECORDS]
@@ -117,8 +108,8 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
                 assert float(cell) == pytest.approx(expected, abs=1e-12), (row["label"], track, metric)
     md = render_table(results, "md", paper=load_paper_table())
     assert "| Paste (oracle) | 0.600 |" in md  # single DINO-I from the per-task means
-    # MS-CustomNet's reported multi-subject DINO-I / YOLO-L: on the paper's own row (this run has no run.json, so it
-    # cannot be matched to the paper's configuration).
+    # MS-CustomNet's reported multi-subject DINO-I / YOLO-L: on the paper's own row (this run.json has no fingerprint,
+    # so it cannot be matched to the paper's configuration).
     assert "(0.61)" in md and "(0.94)" in md
     assert "Paste (oracle) (single): 1 failed images" in md and "(multi): 0 failed images" in md  # s2, m3
     tex = render_table(results, "tex")
@@ -152,7 +143,9 @@ def test_paper_table_holds_every_cell_of_table_i():
 
 
 def _write_run_json(path: Path, config: dict) -> None:
-    (path / "run.json").write_text(json.dumps({"fingerprint": {"method": "x", "config": config}}))
+    info = json.loads((path / "run.json").read_text())  # the run's identity, written by write_scored_run
+    info["fingerprint"] = {"method": "x", "config": config}
+    (path / "run.json").write_text(json.dumps(info))
 
 
 def test_paper_numbers_stand_only_beside_the_papers_configuration(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scoring_helpers import manifest_with_tasks
 
 from msibench.bench.manifest import load_manifest
 from msibench.bench.prepare import reference_paths
@@ -40,8 +41,18 @@ def identity_run(tmp_path_factory, coco_root: Path) -> Path:
     from msibench.methods.paste import PasteMethod
     from msibench.runner import run_method
 
-    run_dir = tmp_path_factory.mktemp("paste_identity") / "run"
-    run_method(PasteMethod(resolution=256), run_dir=run_dir, coco_root=coco_root, limit=6, progress=False)
+    folder = tmp_path_factory.mktemp("paste_identity")
+    tasks = load_manifest().tasks
+    ids = [t.id for t in tasks if t.track == "single"][:6] + [t.id for t in tasks if t.k == 2][:6]
+    manifest_with_tasks(folder / "manifest.json", ids)  # two-subject tasks: little occlusion in the crops
+    run_dir = folder / "run"
+    run_method(
+        PasteMethod(resolution=256),
+        run_dir=run_dir,
+        manifest=folder / "manifest.json",
+        coco_root=coco_root,
+        progress=False,
+    )
     return run_dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 from scoring_helpers import image_key, stats_encoder
 
 from msibench.bench.manifest import load_manifest
-from msibench.records import read_records
+from msibench.records import append_record, read_records
 from msibench.scoring.detect import CallableDetector, Detections
 from msibench.scoring.score import score_run
 from msibench.scoring.scorer import ScoreConflictError, Scorer, ScorerConfig
@@ -129,6 +130,10 @@ def test_resume_rescore_and_feature_cache(run_copy, coco_root, tmp_path):
     image = Image.open(run_copy / rec["image"]).convert("RGB")
     image.putpixel((0, 0), (255, 0, 0))
     image.save(run_copy / rec["image"])
+    # as `msibench run` records a regenerated image: a new record with the new file's sha256
+    gen = next(g for g in read_records(run_copy) if g["task_id"] == rec["task_id"])
+    gen["image_sha256"] = hashlib.sha256((run_copy / rec["image"]).read_bytes()).hexdigest()
+    append_record(run_copy / "records.jsonl", gen)
     torn = json.loads(lines[-1])
     with open(run_copy / "scores.jsonl", "a") as f:
         f.write('{"task_id": "torn')
