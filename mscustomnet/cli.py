@@ -53,8 +53,12 @@ def build_msi_command(
     workers: int,
     quiet: bool,
 ) -> None:
-    """Build (or resume) the MSI dataset from a COCO split: manifest.jsonl, pool/, layouts/, stats.json."""
+    """Build (or resume) the MSI dataset from a COCO split: manifest.jsonl, pool/, layouts/, stats.json.
+
+    Exit codes: 0 done, 1 error, 2 usage, 4 another build is writing --out (see msibench.exitcodes)."""
     from mscustomnet.data.build import BuildConfig, build_msi
+    from msibench import exitcodes
+    from msibench.records import LockBusyError
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = BuildConfig(
@@ -69,7 +73,10 @@ def build_msi_command(
     )
     try:
         summary = build_msi(config, progress=not quiet)
-    except (FileNotFoundError, ValueError) as e:
+    except LockBusyError as e:
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(exitcodes.BUSY) from e
+    except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(
         f"MSI {split}: {summary.scenes_kept} scenes kept (alpha={alpha}, beta={beta}), "

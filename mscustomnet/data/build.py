@@ -15,6 +15,12 @@ Stages, each resumable:
 
 Everything is at the original image size (the paper does no resizing or cropping); the training Dataset does that.
 Randomness is drawn per scene from (seed, image id), so the output depends on neither worker count nor resume point.
+
+One build per output folder at a time: a second one is refused (:class:`~msibench.records.LockBusyError`); under
+that lock the temp files of a killed build are removed. ``config.json`` is written only once the inputs have been
+read successfully, and it identifies COCO by content (the sha256 of the annotation files), not by path, so a build
+resumes from a copy of COCO at another path (``config.json`` then records the new path, where the Dataset finds the
+photos).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from tqdm import tqdm
 from mscustomnet.data.coco import ALPHA, BETA, CocoInstances, decode_mask, filter_scenes, load_captions, load_instances
 from mscustomnet.data.layout import Placement, compose_layout_map, paint_order, reference_crop
 from msibench.bench import quality
+from msibench.bench.build import sha256_file
+from msibench.cache import remove_stale_temp_files
+from msibench.records import exclusive_or_busy
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +97,11 @@ class BuildConfig:
         return Path(self.coco_root) / self.split
 
     def identity(self) -> dict[str, Any]:
-        """Everything that changes the output (not ``workers`` or ``out``): a resumed build must match it."""
+        """Everything that changes the output (not ``workers``, ``out`` or where COCO lies): a resumed build must
+        match it. COCO is identified by the content of its annotation files (images, instances and their ids)."""
         return {
             "format_version": FORMAT_VERSION,
-            "coco_root": str(Path(self.coco_root).resolve()),
+            "coco": coco_content_id(self.instances_file, self.captions_file),
             "split": self.split,
             "alpha": self.alpha,
             "beta": self.beta,
@@ -203,17 +213,52 @@ def read_jsonl_committed(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _check_config(config: BuildConfig) -> None:
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def coco_content_id(instances_file: Path, captions_file: Path) -> dict[str, Any]:
+    """COCO as content: the sha256 of the instances file (which lists the split's image ids, sizes and
+    annotations) and of the captions file (None when absent: prompts then come from category names)."""
+    out: dict[str, Any] = {}
+    for key, path, required in (("instances_sha256", instances_file, True), ("captions_sha256", captions_file, False)):
+        try:
+            stat = Path(path).stat()
+        except FileNotFoundError:
+            if required:
+                raise FileNotFoundError(
+                    f"{path}: COCO annotation file not found; --coco-root must be a COCO 2017 root holding "
+                    f"annotations/ and the split's image folder"
+                ) from None
+            out[key] = None
+            continue
+        out[key] = _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+# Written into config.json beside the identity, never compared: where this build last read COCO from.
+_LOCATION_KEYS = ("coco_root",)
+
+
+def _check_config(config: BuildConfig) -> bool:
+    """Refuse a folder holding a build with another identity; return whether config.json must be written."""
     path = Path(config.out) / CONFIG_FILE
     identity = config.identity()
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-        if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}" for k in changed)
-            raise ValueError(f"{Path(config.out)} holds a build with other settings ({details}); use another --out")
-    else:
-        write_json_atomic(path, identity)
+    if not path.is_file():
+        return True
+    previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in _LOCATION_KEYS}
+    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+        raise ValueError(f"{Path(config.out)} holds a build with other settings ({details}); use another --out")
+    return json.loads(path.read_text()).get("coco_root") != str(Path(config.coco_root).resolve())
+
+
+def _write_config(config: BuildConfig) -> None:
+    write_json_atomic(
+        Path(config.out) / CONFIG_FILE, {**config.identity(), "coco_root": str(Path(config.coco_root).resolve())}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- pools
@@ -623,11 +668,12 @@ def compute_stats(
 
 
 @contextlib.contextmanager
-def _ordered_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+def _ordered_map(workers: int, close_fd: int | None = None) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
     """An ordered map over ``workers`` processes (in-process for 1).
 
     The parent's objects are frozen across the fork so the children's garbage collector never touches (and so never
     copies) the pages of the parsed annotations; the children need none of them, their tasks carry their data.
+    ``close_fd`` (the build lock) is closed in the children, so a worker outliving a killed parent never holds it.
     """
     if workers <= 1:
         yield map
@@ -636,7 +682,10 @@ def _ordered_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterat
     gc.collect()
     gc.freeze()
     try:
-        pool = mp.get_context(method).Pool(workers)
+        if close_fd is not None and method == "fork":
+            pool = mp.get_context(method).Pool(workers, initializer=_close_inherited, initargs=(close_fd,))
+        else:
+            pool = mp.get_context(method).Pool(workers)
     finally:
         gc.unfreeze()
     try:
@@ -646,14 +695,32 @@ def _ordered_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterat
         pool.join()
 
 
+def _close_inherited(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
     """Build (or resume) the MSI dataset described by ``config`` into ``config.out``."""
     out = Path(config.out)
+    config.identity()  # the annotation files exist (hashed here, cached): nothing is created before that
+    if not config.image_dir.is_dir():
+        raise FileNotFoundError(f"{config.image_dir}: the split's image folder is not in the COCO root")
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(config)
+    with exclusive_or_busy(
+        out / ".build.lock", f"the MSI build in {out}", "wait for it to end or stop it, or build into another --out"
+    ) as lock_fd:
+        write_config = _check_config(config)
+        remove_stale_temp_files([out, out / LAYOUT_DIR])
+        remove_stale_temp_files([out / POOL_DIR], recursive=True)
+        return _build(config, out, write_config, lock_fd, progress)
 
+
+def _build(config: BuildConfig, out: Path, write_config: bool, lock_fd: int, progress: bool) -> BuildSummary:
     start = time.perf_counter()
     coco = load_instances(config.instances_file, workers=config.workers)
+    if write_config:  # the inputs are readable: from here on this folder holds this build
+        _write_config(config)
     scenes = filter_scenes(coco, alpha=config.alpha, beta=config.beta)
     filter_seconds = time.perf_counter() - start
     log.info(
@@ -670,7 +737,7 @@ def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
     if pool_path.is_file():
         pools, pool_skipped, rule = _load_pools(pool_path)
     else:
-        with _ordered_map(config.workers) as run:
+        with _ordered_map(config.workers, lock_fd) as run:
             verdicts = assess_references(coco, run, progress)
             pools, pool_skipped = build_pools(coco, config, run, progress, verdicts)
         rule = rule_summary(coco, verdicts)
@@ -701,7 +768,7 @@ def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
     # Results come back in scene order, and each one is committed (a flushed line) before the next is read, so an
     # interrupted build leaves a prefix that the next run continues.
     with (
-        _ordered_map(config.workers) as run,
+        _ordered_map(config.workers, lock_fd) as run,
         manifest_path.open("ab") as manifest,
         skipped_path.open("ab") as skipped_file,
     ):
