@@ -30,7 +30,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.version_option(__version__, prog_name="msibench")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """MSIBench: evaluate controllable multi-subject image customization."""
+    """MSIBench: evaluate controllable multi-subject image customization.
+
+    Exit codes: 0 done and ok, 1 error, 2 usage, 3 failed samples recorded in the run folder, 4 busy (another process
+    writes the same shard, scoring pass or build)."""
     _setup_logging(verbose)
 
 
@@ -315,8 +318,12 @@ def run_command(
     except (RunConflictError, ManifestError, PrepareError, MethodSetupError) as err:
         logging.getLogger(__name__).debug("run failed", exc_info=True)
         raise click.ClickException(str(err)) from err
-    except OSError as err:  # disk errors and the like
-        raise click.ClickException(f"{type(err).__name__}: {err}") from err
+    except OSError as err:  # a full disk and the like: what was committed before stays, the same command resumes
+        where = run_dir or out
+        raise click.ClickException(
+            f"{type(err).__name__}: {err} (writing into {where}); the samples recorded so far are kept: fix the cause "
+            "and run the same command again"
+        ) from err
     click.echo(
         f"{summary.run_dir}: {summary.ok} generated, {summary.failed} failed, {summary.skipped} skipped, "
         f"{summary.done_before} already done (of {summary.total} in shard {shard_spec[0]}/{shard_spec[1]})"

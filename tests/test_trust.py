@@ -376,3 +376,83 @@ def test_model_and_checkpoint_writers_respect_the_umask(tmp_path, umask_022):
     assert {_mode(folder / name) for name in ("model.safetensors", "config.json")} == {0o644}
     final = save_checkpoint(tmp_path / "run", 1, {"step": 1}, keep=2)
     assert _mode(final) == 0o755 and _mode(final.parent / "latest") == 0o644
+
+
+# -------------------------------------------------------------------------------------------- a full disk
+
+
+def test_full_disk_keeps_what_was_committed_and_the_same_command_resumes(tmp_path, prepared, monkeypatch):
+    import errno
+
+    from msibench import cache, runner
+
+    writes = []
+    real = cache.atomic_write_bytes
+
+    def fills_up(path, data):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(runner, "atomic_write_bytes", fills_up)
+    run_dir = tmp_path / "r"
+    res = _paste(run_dir, "-M", "resolution=32", "--limit", "2")
+    assert res.exit_code == exitcodes.ERROR and "No space left on device" in res.output
+    assert "run the same command again" in res.output
+    assert len(read_records(run_dir)) == 1 and not list(run_dir.rglob(".*.tmp"))
+    monkeypatch.setattr(runner, "atomic_write_bytes", real)  # space again
+    again = _paste(run_dir, "-M", "resolution=32", "--limit", "2")
+    assert again.exit_code == 0 and "3 generated" in again.output, again.output
+    assert len(read_records(run_dir, latest_only=False)) == 4
+
+
+# ----------------------------------------------------------------------------------- torchrun: wait for peers
+
+
+def test_rank_with_failures_waits_for_the_other_ranks(tmp_path, prepared):
+    """torchrun stops every rank when one exits non-zero: a rank that will exit 3 first waits until the other
+    writers of the folder have left (here a peer that itself waits to be alone, as a second failing rank would)."""
+    import threading
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    release = tmp_path / "release"
+    peer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, sys, time\n"
+            "from msibench.records import FolderWriters\n"
+            f"w = FolderWriters({str(run_dir)!r}); w.enter(); w.share()\n"
+            "print('in', flush=True)\n"
+            f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.01)\n"
+            "w.wait_alone(); w.close()\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert peer.stdout.readline().strip() == "in"
+    result = {}
+
+    def rank():
+        result["summary"] = run_method(
+            _FailsOne(resolution=32),
+            run_dir=run_dir,
+            manifest=prepared,
+            track="multi",
+            limit=2,
+            progress=False,
+            wait_for_peers=True,
+        )
+
+    thread = threading.Thread(target=rank)
+    thread.start()
+    while not any(r["status"] == "failed" for r in read_records(run_dir)):
+        thread.join(0.01)
+    thread.join(0.5)
+    assert thread.is_alive()  # done generating, but the peer is still in the folder
+    release.touch()
+    thread.join(60)
+    assert not thread.is_alive() and result["summary"].exit_code == exitcodes.FAILURES
+    assert peer.wait(60) == 0
