@@ -14,10 +14,10 @@ Stages (each against its own uninterrupted reference, made first in the same inv
   build   build-msi of coco2017-mini val2017 with 2 workers, killed KILLS times, then finished. Compared: every file
           of the output folder.
 
-After each finished command no temp file (``.*.tmp``) may remain. Kill times are uniform over [0, 1.2 x the
-uninterrupted duration] (python start-up included, benchmark references already in the cache), from --seed; a kill
-"lands" when the command was still running; attempts go on until KILLS kills have landed (at most 3 x KILLS
-attempts), each attempt's survivors being resumes that ran to the end.
+After each finished command no temp file (``.*.tmp``) may remain. Each attempt restarts the command and kills it
+at a time uniform over [0, 1.2 x (start-up + the uninterrupted duration x the fraction of work left)], from --seed
+(start-up = a resume with nothing to do; benchmark references already in the cache). A kill "lands" when the
+command was still running; attempts go on until KILLS kills have landed or the work is done (at most 3 x KILLS).
 
 Usage: python benchmarks/fault_injection.py [--kills 10] [--trials 1] [--seed 0] [--stages run,run2,score,build]
          [--coco-root ../shared/data/coco2017-mini] [--work DIR] [--keep]
@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,26 @@ def _kill_at(cmds: list[list[str]], env: dict[str, str], delays: list[float]) ->
     for p in procs:
         p.wait(timeout=600)
     return killed
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def _attack(cmds, env, rng, kills: int, seconds: float, startup: float, progress) -> tuple[int, int]:
+    """Kill ``cmds`` at random moments until ``kills`` kills have landed while work remained (at most 3 x kills
+    attempts). A kill time is uniform over [0, 1.2 x the expected time of what remains], from start-up."""
+    landed = attempts = 0
+    while landed < kills and attempts < 3 * kills and progress() < 1.0:
+        horizon = startup + max(seconds - startup, 0.0) * (1.0 - progress())
+        result = _kill_at(cmds, env, [rng.uniform(0, 1.2 * horizon) for _ in cmds])
+        landed += sum(r is not None for r in result)
+        attempts += 1
+    return landed, attempts
+
+
+def _fraction(run_dir: Path, total: int) -> float:
+    return _lines(run_dir / "scores.jsonl") / total
 
 
 def _temp_files(folder: Path) -> list[Path]:
@@ -131,6 +152,7 @@ def stage_run(work: Path, env: dict, rng: random.Random, kills: int, trials: int
         assert code == 0, err
         (work / "run-ref.seconds").write_text(f"{seconds}")
     seconds = float((work / "run-ref.seconds").read_text())
+    startup = _run([*base, "--run-dir", str(ref)], env)[1]  # a resume with nothing left to do
     ref_lines, ref_records = _records(ref)
     ref_images = _images(ref)
     out = []
@@ -141,11 +163,10 @@ def stage_run(work: Path, env: dict, rng: random.Random, kills: int, trials: int
             [*base, "--run-dir", str(run_dir)] + (["--shard", f"{i}/{shards}"] if shards > 1 else [])
             for i in range(shards)
         ]
-        landed = attempts = 0
-        while landed < kills * shards and attempts < 3 * kills:
-            result = _kill_at(cmds, env, [rng.uniform(0, 1.2 * seconds) for _ in cmds])
-            landed += sum(r is not None for r in result)
-            attempts += 1
+        log = run_dir / "records.jsonl"
+        landed, attempts = _attack(
+            cmds, env, rng, kills * shards, seconds, startup, lambda log=log: _lines(log) / ref_lines
+        )
         codes = [_run(c, env)[0] for c in cmds]
         lines, records = _records(run_dir)
         identical = codes == [0] * shards and lines == ref_lines and records == ref_records
@@ -189,16 +210,16 @@ def stage_score(work: Path, env: dict, rng: random.Random, kills: int, trials: i
         assert code == 0, err
         (work / "score-ref.seconds").write_text(f"{seconds}")
     seconds = float((work / "score-ref.seconds").read_text())
+    startup = _run([*score, str(ref)], env)[1]  # models loaded, nothing left to score
     ref_records, ref_summary = _scores(ref)
     out = []
     for trial in range(trials):
         target = work / f"score-trial{trial}"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run, target)
-        landed = attempts = 0
-        while landed < kills and attempts < 3 * kills:
-            landed += _kill_at([[*score, str(target)]], env, [rng.uniform(0, 1.2 * seconds)])[0] is not None
-            attempts += 1
+        landed, attempts = _attack(
+            [[*score, str(target)]], env, rng, kills, seconds, startup, partial(_fraction, target, len(ref_records))
+        )
         code, _, err = _run([*score, str(target)], env)
         records, summary = _scores(target)
         identical = code == 0 and records == ref_records and summary == ref_summary
@@ -224,15 +245,21 @@ def stage_build(work: Path, env: dict, rng: random.Random, kills: int, trials: i
         assert code == 0, err
         (work / "build-ref.seconds").write_text(f"{seconds}")
     seconds = float((work / "build-ref.seconds").read_text())
+    startup = _run([*base, "--out", str(ref)], env)[1]  # annotations read and filtered, nothing left to build
     reference = _tree(ref)
+    scenes = _lines(ref / "manifest.jsonl") + _lines(ref / "skipped.jsonl")
     out = []
     for trial in range(trials):
         target = work / f"build-trial{trial}"
         shutil.rmtree(target, ignore_errors=True)
-        landed = attempts = 0
-        while landed < kills and attempts < 3 * kills:
-            landed += _kill_at([[*base, "--out", str(target)]], env, [rng.uniform(0, 1.2 * seconds)])[0] is not None
-            attempts += 1
+
+        def progress(target=target):
+            if (target / "stats.json").is_file():
+                return 1.0
+            done = _lines(target / "manifest.jsonl") + _lines(target / "skipped.jsonl")
+            return 0.5 * (target / "pool.json").is_file() + 0.5 * min(done / scenes, 0.99)
+
+        landed, attempts = _attack([[*base, "--out", str(target)]], env, rng, kills, seconds, startup, progress)
         code, _, err = _run([*base, "--out", str(target)], env)
         tree = _tree(target)
         differ = sorted(set(tree) ^ set(reference) | {k for k in tree if k in reference and tree[k] != reference[k]})
