@@ -3,7 +3,7 @@ the same command to the end, compared byte for byte with an uninterrupted run of
 
 Stages (each against its own uninterrupted reference, made first in the same invocation):
 
-  run     paste at 64 px, both tracks, 2 seeds (400 images); every trial kills the command at a random moment,
+  run     paste at 128 px, both tracks, 2 seeds (388 images on v2); every trial kills the command at a random moment,
           KILLS times, then lets it finish. Variant `run2`: two shards (0/2, 1/2) at once, each killed at random.
           Compared: every (task, sample) recorded exactly once, records equal except timings, images identical.
           Also: a second identical command started while the first runs exits 4 (busy) or finds all done.
@@ -14,10 +14,11 @@ Stages (each against its own uninterrupted reference, made first in the same inv
   build   build-msi of coco2017-mini val2017 with 2 workers, killed KILLS times, then finished. Compared: every file
           of the output folder.
 
-After each finished command no temp file (``.*.tmp``) may remain. Each attempt restarts the command and kills it
-at a time uniform over [0, 1.2 x (start-up + the uninterrupted duration x the fraction of work left)], from --seed
-(start-up = a resume with nothing to do; benchmark references already in the cache). A kill "lands" when the
-command was still running; attempts go on until KILLS kills have landed or the work is done (at most 3 x KILLS).
+After each finished command no temp file (``.*.tmp``) may remain. Each attempt restarts the command and kills it:
+two attempts in three when its committed progress (record lines, score lines, pool files then scenes) passes the next
+of KILLS points drawn uniformly over the work, the others at a time drawn uniformly within start-up (a resume with
+nothing to do, timed), in shuffled order, all from --seed; benchmark references are in the cache first. A kill
+"lands" when the command was still running (one that ends first is a resume that ran to the end).
 
 Usage: python benchmarks/fault_injection.py [--kills 10] [--trials 1] [--seed 0] [--stages run,run2,score,build]
          [--coco-root ../shared/data/coco2017-mini] [--work DIR] [--keep]
@@ -61,19 +62,21 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[int, float, str]:
     return res.returncode, time.perf_counter() - start, res.stderr[-2000:]
 
 
-def _kill_at(cmds: list[list[str]], env: dict[str, str], delays: list[float]) -> list[int | None]:
-    """Start ``cmds`` at once and SIGKILL each after its delay; None for one that ended before its kill."""
+def _kill_when(cmds: list[list[str]], env: dict[str, str], triggers: list) -> int:
+    """Start ``cmds`` at once; SIGKILL each when its trigger (a no-argument predicate) becomes true. Returns how
+    many were killed while still running."""
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in cmds]
-    start = time.perf_counter()
-    killed: list[int | None] = [None] * len(procs)
-    pending = sorted(range(len(procs)), key=lambda i: delays[i])
-    for i in pending:
-        wait = delays[i] - (time.perf_counter() - start)
-        if wait > 0:
-            time.sleep(wait)
-        if procs[i].poll() is None:
-            procs[i].send_signal(signal.SIGKILL)
-            killed[i] = -signal.SIGKILL
+    killed = 0
+    alive = set(range(len(procs)))
+    while alive:
+        for i in list(alive):
+            if procs[i].poll() is not None:
+                alive.discard(i)
+            elif triggers[i]():
+                procs[i].send_signal(signal.SIGKILL)
+                killed += 1
+                alive.discard(i)
+        time.sleep(0.002)
     for p in procs:
         p.wait(timeout=600)
     return killed
@@ -83,14 +86,32 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.is_file() else 0
 
 
-def _attack(cmds, env, rng, kills: int, seconds: float, startup: float, progress) -> tuple[int, int]:
-    """Kill ``cmds`` at random moments until ``kills`` kills have landed while work remained (at most 3 x kills
-    attempts). A kill time is uniform over [0, 1.2 x the expected time of what remains], from start-up."""
+def _attack(cmds, env, rng, kills: int, startup: float, progress) -> tuple[int, int]:
+    """Kill ``cmds`` ``kills`` times (fewer when the work ends first), each time restarting them.
+
+    Two kills in three happen when a command's progress (a fraction of the work, read from the files it commits)
+    passes the next of its points drawn uniformly over (0, 1); the others at a time drawn uniformly within start-up
+    (imports, locks, temp clean-up, checks), before any work is committed; the order of the two kinds is shuffled."""
+    n_startup = kills // 3
+    points = [sorted(rng.uniform(0.0, 1.0) for _ in range(kills - n_startup)) for _ in cmds]
+    schedule = ["progress"] * (kills - n_startup) + ["startup"] * n_startup
+    rng.shuffle(schedule)
     landed = attempts = 0
-    while landed < kills and attempts < 3 * kills and progress() < 1.0:
-        horizon = startup + max(seconds - startup, 0.0) * (1.0 - progress())
-        result = _kill_at(cmds, env, [rng.uniform(0, 1.2 * horizon) for _ in cmds])
-        landed += sum(r is not None for r in result)
+    for kind in schedule:
+        now = progress()
+        if now >= 1.0:
+            break
+        triggers = []
+        for mine in points:
+            if kind == "startup":
+                deadline = time.perf_counter() + rng.uniform(0.0, startup)
+                triggers.append(lambda deadline=deadline: time.perf_counter() >= deadline)
+            else:
+                while mine and mine[0] <= now:
+                    mine.pop(0)  # passed already (the work moves in steps)
+                target = mine.pop(0) if mine else 2.0
+                triggers.append(lambda target=target: progress() >= target)
+        landed += _kill_when(cmds, env, triggers)
         attempts += 1
     return landed, attempts
 
@@ -144,7 +165,7 @@ def _report(name: str, trials: list[dict]) -> bool:
 
 
 def stage_run(work: Path, env: dict, rng: random.Random, kills: int, trials: int, shards: int, coco: Path) -> bool:
-    base = [*MSIBENCH, "run", "--method", "paste", "--no-progress", "-M", "resolution=64", "--seeds", "2"]
+    base = [*MSIBENCH, "run", "--method", "paste", "--no-progress", "-M", "resolution=128", "--seeds", "2"]
     base += ["--coco-root", str(coco)]
     ref = work / "run-ref"
     if not ref.exists():
@@ -164,9 +185,7 @@ def stage_run(work: Path, env: dict, rng: random.Random, kills: int, trials: int
             for i in range(shards)
         ]
         log = run_dir / "records.jsonl"
-        landed, attempts = _attack(
-            cmds, env, rng, kills * shards, seconds, startup, lambda log=log: _lines(log) / ref_lines
-        )
+        landed, attempts = _attack(cmds, env, rng, kills * shards, startup, lambda log=log: _lines(log) / ref_lines)
         codes = [_run(c, env)[0] for c in cmds]
         lines, records = _records(run_dir)
         identical = codes == [0] * shards and lines == ref_lines and records == ref_records
@@ -218,7 +237,7 @@ def stage_score(work: Path, env: dict, rng: random.Random, kills: int, trials: i
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run, target)
         landed, attempts = _attack(
-            [[*score, str(target)]], env, rng, kills, seconds, startup, partial(_fraction, target, len(ref_records))
+            [[*score, str(target)]], env, rng, kills, startup, partial(_fraction, target, len(ref_records))
         )
         code, _, err = _run([*score, str(target)], env)
         records, summary = _scores(target)
@@ -248,6 +267,7 @@ def stage_build(work: Path, env: dict, rng: random.Random, kills: int, trials: i
     startup = _run([*base, "--out", str(ref)], env)[1]  # annotations read and filtered, nothing left to build
     reference = _tree(ref)
     scenes = _lines(ref / "manifest.jsonl") + _lines(ref / "skipped.jsonl")
+    pool_files = len(list((ref / "pool").rglob("*.png")))
     out = []
     for trial in range(trials):
         target = work / f"build-trial{trial}"
@@ -256,10 +276,12 @@ def stage_build(work: Path, env: dict, rng: random.Random, kills: int, trials: i
         def progress(target=target):
             if (target / "stats.json").is_file():
                 return 1.0
+            if not (target / "pool.json").is_file():
+                return 0.5 * min(len(list((target / "pool").rglob("*.png"))) / pool_files, 0.99)
             done = _lines(target / "manifest.jsonl") + _lines(target / "skipped.jsonl")
-            return 0.5 * (target / "pool.json").is_file() + 0.5 * min(done / scenes, 0.99)
+            return 0.5 + 0.5 * min(done / scenes, 0.99)
 
-        landed, attempts = _attack([[*base, "--out", str(target)]], env, rng, kills, seconds, startup, progress)
+        landed, attempts = _attack([[*base, "--out", str(target)]], env, rng, kills, startup, progress)
         code, _, err = _run([*base, "--out", str(target)], env)
         tree = _tree(target)
         differ = sorted(set(tree) ^ set(reference) | {k for k in tree if k in reference and tree[k] != reference[k]})
