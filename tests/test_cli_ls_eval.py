@@ -55,13 +55,14 @@ def test_eval_runs_scores_and_prints_table_one_resumably(tmp_path, coco_root):
     assert "  multi: 1 tasks, 1 images scored, 0 failed, 0 skipped" in res.output  # score's run summary
     assert "YOLO-Subj 0.000" in res.output  # random weights find nothing at conf 0.25
     table = res.output[res.output.index("Table I") :]
-    assert "| Method | Single DINO-I" in table and "| Paste (oracle) |" in table
+    assert "| Method | Single DINO-I" in table
+    assert "| Paste (oracle) (partial: single 1/" in table  # --limit: a subset, marked with its coverage
     assert (run_dir / "scores.json").is_file() and (run_dir / "records.jsonl").is_file()
 
     again = CliRunner().invoke(main, args)  # resumable: nothing is generated or scored twice
     assert again.exit_code == 0, again.output
     assert "0 generated, 0 failed, 0 skipped, 2 already done" in again.output
-    assert "0 scored, 2 already current" in again.output and "| Paste (oracle) |" in again.output
+    assert "0 scored, 2 already current" in again.output and "| Paste (oracle) (partial:" in again.output
 
     res = CliRunner().invoke(main, [*args[:-2], "--metrics", "nope"])
     assert res.exit_code != 0 and "metrics" in res.output

@@ -31,7 +31,8 @@ CONFIGS = {
 
 
 def write_run(path: Path, means: dict, seed: int, n_per_k: int = 6) -> Path:
-    """A scored run folder (run.json, scores.json, scores.jsonl) with per-task values around ``means``."""
+    """A scored run folder (run.json, records.jsonl, scores.json, scores.jsonl) with per-task values around
+    ``means``."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
     caps = {"max_subjects": 5, "uses_layout": means["layout"], "uses_zorder": means["layout"], "tracks": ["multi"]}
@@ -42,8 +43,12 @@ def write_run(path: Path, means: dict, seed: int, n_per_k: int = 6) -> Path:
     def jitter(v, k=1):
         return float(np.clip(v - 0.03 * (k - 2) + rng.normal(0, 0.05), 0, 1))
 
-    with open(path / "scores.jsonl", "w") as f:
+    with open(path / "scores.jsonl", "w") as f, open(path / "records.jsonl", "w") as gen:
         for i in range(n_per_k):
+            # the generation records the scores belong to (scores are only read against them)
+            for task, track, k in [(f"s{i}", "single", 1), *((f"m{k}-{i}", "multi", k) for k in (2, 3, 4, 5))]:
+                gen.write(json.dumps({"task_id": task, "track": track, "k": k, "sample_index": 0, "status": "ok"}))
+                gen.write("\n")
             m = {x: jitter(means[x]) for x in ("dino_i", "clip_i")}
             m["clip_b"] = float(means["clip_b"] + rng.normal(0, 0.01))
             f.write(json.dumps({"task_id": f"s{i}", "track": "single", "k": 1, "sample_index": 0, "status": "ok",
