@@ -7,13 +7,15 @@
   give the same interval).
 - Z-Acc is a ratio of sums: correct pairs / evaluated pairs over all tasks with overlapping subjects (per task,
   the mean over samples of correct pairs); tasks without overlapping subjects are left out and counted. Its
-  interval resamples tasks and recomputes the ratio.
+  interval resamples tasks and recomputes the ratio. Identity collapse is a ratio of sums in the same way:
+  confused subjects / evaluable subjects (lower is better).
 - :func:`compare` pairs two runs task by task and gives the mean difference (B - A) with a paired bootstrap
   interval per metric.
 
 Failures: an image whose *generation* failed (the method raised, ran out of memory, wrote nothing) scores 0 on
-every metric its track reports and, for Z-Acc, counts all of its task's overlapping pairs as wrong, so a method
-that fails on the hard tasks cannot raise its mean by leaving them out. Skipped images (the method declares it
+every metric its track reports, counts all of its task's Z-Acc pairs as wrong and all of its evaluable subjects
+as collapsed, so a method that fails on the hard tasks cannot raise its mean by leaving them out; a track whose
+generations all failed therefore scores 0 (collapse 1), not "–". Skipped images (the method declares it
 cannot do the task, e.g. K above its ``max_subjects``) and images the *scorer* failed on (unreadable file, a
 scorer error: not the method's fault) carry no values and are only counted.
 """
@@ -47,10 +49,21 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("clip_i", "CLIP-I", ("single", "multi")),
         MetricInfo("clip_b", "CLIP-B", ("single", "multi")),
         MetricInfo("z_acc", "Z-Acc", ("multi",)),
+        MetricInfo("collapse", "Collapse", ("multi",)),
     )
 }
 TRACK_ORDER = ("single", "multi")
-RATIO_METRICS = {"z_acc": ("z_correct", "z_pairs")}
+RATIO_METRICS = {"z_acc": ("z_correct", "z_pairs"), "collapse": ("collapse_confused", "collapse_subjects")}
+# The value a failed generation gets where it is not 0: every subject collapsed.
+_FAILED_VALUE = {"collapse": 1.0}
+
+
+def _track_keys(track: str) -> set[str]:
+    """Every metric key the default scorer writes for ``track`` (for failure records written before
+    ``metrics_expected``)."""
+    from msibench.scoring.scorer import METRIC_KEYS, TRACK_METRICS
+
+    return {key for group in TRACK_METRICS.get(track, ()) for key in METRIC_KEYS[group]}
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class GroupSummary:
     n_skipped: int
     metrics: dict[str, Stat]
     z_tasks_without_overlap: int = 0
+    collapse_tasks_one_category: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,13 +112,16 @@ def is_generation_failure(rec: dict[str, Any]) -> bool:
 def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     """(track, task_id) -> {"k": K, metric: mean over the task's samples, ...}; ratio parts are averaged too.
 
-    Samples whose generation failed count 0 on every metric that the track's ok records carry (see the module
-    docstring); their Z-Acc pairs are the task's overlapping pairs, all wrong."""
+    Samples whose generation failed count 0 on every metric that the track's ok records carry, or that the
+    failure record says the scorer reports (``metrics_expected``; every key of the track for older records), so a
+    track without a single generated image scores 0 rather than nothing (see the module docstring); their Z-Acc
+    pairs are the task's pairs, all wrong, and their evaluable subjects all count as collapsed."""
     records = list(records)
     sums: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     ks: dict[tuple[str, str], int] = {}
     track_metrics: dict[str, set[str]] = defaultdict(set)
     task_pairs: dict[tuple[str, str], float] = {}
+    task_subjects: dict[tuple[str, str], float] = {}
     for rec in records:
         if rec.get("status") != "ok":
             continue
@@ -117,24 +134,35 @@ def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict
         if "z_pairs" in (rec.get("metrics") or {}):
             # overlapping target pairs depend on the task only, so any scored sample gives them
             task_pairs[key] = float(rec["metrics"]["z_pairs"])
-    for rec in records:
-        if not is_generation_failure(rec):
-            continue
+        if "collapse_subjects" in (rec.get("metrics") or {}):
+            task_subjects[key] = float(rec["metrics"]["collapse_subjects"])
+    failures = [rec for rec in records if is_generation_failure(rec)]
+    for track in {str(rec["track"]) for rec in failures}:
+        if not track_metrics[track]:  # no scored image of the track: the failure records say what it reports
+            expected = [rec.get("metrics_expected") for rec in failures if str(rec["track"]) == track]
+            known = [set(e) for e in expected if e is not None]
+            track_metrics[track] = set.union(*known) if known else _track_keys(track)
+    for rec in failures:
         key = (str(rec["track"]), str(rec["task_id"]))
         ks[key] = int(rec["k"])
         pairs = task_pairs.get(key, rec.get("overlap_pairs"))
+        subjects = task_subjects.get(key, rec.get("collapse_subjects"))
         for metric in track_metrics[key[0]]:
-            if metric == "z_pairs":
-                if pairs is not None:
-                    sums[key][metric].append(float(pairs))
-            elif metric == "z_correct":
-                if pairs is not None:
-                    sums[key][metric].append(0.0)
-            elif metric == "z_acc":
-                if pairs:
-                    sums[key][metric].append(0.0)
+            if metric in ("z_pairs", "z_correct", "z_acc"):
+                count, correct = pairs, 0.0
+            elif metric in ("collapse_subjects", "collapse_confused", "collapse"):
+                count, correct = subjects, subjects  # every evaluable subject collapsed
             else:
                 sums[key][metric].append(0.0)
+                continue
+            if count is None:
+                continue
+            if metric in ("z_pairs", "collapse_subjects"):
+                sums[key][metric].append(float(count))
+            elif metric in ("z_correct", "collapse_confused"):
+                sums[key][metric].append(float(correct))
+            elif count:  # the rate itself, only where it is defined
+                sums[key][metric].append(_FAILED_VALUE.get(metric, 0.0))
     out = {}
     for key, k in ks.items():
         row: dict[str, Any] = {"k": k}
@@ -164,6 +192,9 @@ def aggregate(
                 if stat is not None:
                     metrics[info.key] = stat
             no_overlap = sum(1 for row in tasks.values() if "z_pairs" in row and row["z_pairs"] == 0)
+            one_category = sum(
+                1 for row in tasks.values() if "collapse_subjects" in row and row["collapse_subjects"] == 0
+            )
             groups.append(
                 GroupSummary(
                     track=track,
@@ -174,6 +205,7 @@ def aggregate(
                     n_skipped=sum(1 for r in recs if r.get("status") == "skipped"),
                     metrics=metrics,
                     z_tasks_without_overlap=no_overlap,
+                    collapse_tasks_one_category=one_category,
                 )
             )
     return groups

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-_METRIC_CHOICES = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b")
+_METRIC_CHOICES = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b", "collapse")
 
 
 def _fail(err: Exception) -> click.ClickException:
@@ -49,7 +49,15 @@ def _fail(err: Exception) -> click.ClickException:
     default=None,
     help="CLIP ViT-B/32: openai (default), a local open_clip checkpoint file, or random; or $MSIBENCH_CLIP_WEIGHTS.",
 )
-@click.option("--identity-crop", type=click.Choice(["matched", "target", "full"]), default="matched")
+@click.option(
+    "--identity-crop",
+    type=click.Choice(["category", "matched", "target", "full"]),
+    default="category",
+    help="Where DINO-I / CLIP-I / collapse crop each subject: category = found by its category wherever it is "
+    "(IoU with the target first, then the most confident detections left; not found: the whole image); "
+    "matched = the detection overlapping the target box, else the box (scorer code version 1); target = the box; "
+    "full = the whole image.",
+)
 @click.option("--clip-b-mode", type=click.Choice(["full", "masked"]), default="full")
 @click.option(
     "--metrics",

@@ -1,8 +1,17 @@
 """Identity and background similarity: subject crops, reference features (cached on disk) and cosines.
 
 DINO-I and CLIP-I compare a reference cut-out (white background, as materialized by ``msibench data prepare``)
-with the subject's crop in the generated image: the matched detection's box, else the target box
-(``--identity-crop matched``, the default); always the target box (``target``); or the whole image (``full``).
+with the subject's crop in the generated image. Crop modes (``--identity-crop``):
+
+- ``category`` (default, layout-free): the box of the detection that :func:`msibench.scoring.match.find_subjects`
+  assigns to the subject: found by its category wherever it was drawn (the detection overlapping its target box
+  first, else one of the most confident remaining detections of its category). A subject not found at all
+  (fewer instances of its category detected than asked for) is cropped as the *whole image*: the target box would
+  be an arbitrary patch of background for a method that takes no layout, while the whole image is the same for
+  every method and holds the subject if it is there in a form the detector missed.
+- ``matched`` (the layout-bound rule of scorer code version 1): the detection matched to the target box by IoU > 0,
+  else the target box.
+- ``target``: always the target box; ``full``: always the whole image.
 
 Reference features are cached under ``$MSIBENCH_CACHE/features/`` keyed by the encoder identity (model weights +
 preprocessing version) and the sha256 of the reference file, so a changed model, preprocessing or reference
@@ -31,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CROP_MODES = ("matched", "target", "full")
+CROP_MODES = ("category", "matched", "target", "full")
 CLIP_B_MODES = ("full", "masked")
 # Grey that replaces the subjects' boxes for ``--clip-b-mode masked``.
 MASK_GREY = (128, 128, 128)
@@ -40,10 +49,11 @@ MASK_GREY = (128, 128, 128)
 def pixel_box(box: Sequence[float], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Normalized xyxy -> the smallest integer pixel box covering it, clipped, at least 1x1."""
     w, h = image_size
-    x0 = min(max(int(math.floor(box[0] * w)), 0), w - 1)
-    y0 = min(max(int(math.floor(box[1] * h)), 0), h - 1)
-    x1 = max(min(int(math.ceil(box[2] * w)), w), x0 + 1)
-    y1 = max(min(int(math.ceil(box[3] * h)), h), y0 + 1)
+    # 1e-6 px absorbs float noise (0.6 * 10 = 6.000000000000001 must not reach pixel 7)
+    x0 = min(max(math.floor(box[0] * w + 1e-6), 0), w - 1)
+    y0 = min(max(math.floor(box[1] * h + 1e-6), 0), h - 1)
+    x1 = max(min(math.ceil(box[2] * w - 1e-6), w), x0 + 1)
+    y1 = max(min(math.ceil(box[3] * h - 1e-6), h), y0 + 1)
     return x0, y0, x1, y1
 
 

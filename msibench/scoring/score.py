@@ -33,7 +33,8 @@ from msibench.records import (
     read_records,
     record_key,
 )
-from msibench.scoring.scorer import IDENTITY_METRICS, ScoreError, ScoreItem, Scorer, base_record
+from msibench.scoring.metrics import collapse_evaluable, z_pair_indices
+from msibench.scoring.scorer import CROP_METRICS, ScoreError, ScoreItem, Scorer, base_record
 from msibench.scoring.store import (
     SCORES_FILE,
     finish_scores,
@@ -122,7 +123,7 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
             if old is not None:
                 summary.reused += 1
                 continue
-            append_record(scores_path, _not_generated(gen, task, scorer_hash))
+            append_record(scores_path, _not_generated(gen, task, scorer_hash, scorer.config.metric_keys(task.track)))
             summary.not_generated += 1
             continue
         image_path = run_path / str(gen.get("image"))
@@ -160,12 +161,12 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
         return summary
 
     start = time.perf_counter()  # from here on: reference features (cached or computed) count as scoring time
-    if any(m in IDENTITY_METRICS for m in scorer.config.metrics):
+    if any(m in CROP_METRICS for m in scorer.config.metrics):
         tasks = list({task.id: task for _, task, _, _ in pending}.values())
         if missing_references(manifest, tasks):  # missing or damaged: cut out of COCO again
             prepare(manifest, coco_root, tasks=tasks, verify_all=False)
     ref_sha: dict[Path, str] = {}
-    uses_references = any(m in IDENTITY_METRICS for m in scorer.config.metrics)
+    uses_references = any(m in CROP_METRICS for m in scorer.config.metrics)
 
     def references(task: Task) -> list[tuple[str, Path]]:
         if not uses_references:
@@ -263,7 +264,9 @@ def _why(err: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
-def _not_generated(gen: dict[str, Any], task: Task, scorer_hash: str) -> dict[str, Any]:
+def _not_generated(
+    gen: dict[str, Any], task: Task, scorer_hash: str, metric_keys: list[str] | None = None
+) -> dict[str, Any]:
     return {
         "task_id": task.id,
         "sample_index": int(gen["sample_index"]),
@@ -278,22 +281,15 @@ def _not_generated(gen: dict[str, Any], task: Task, scorer_hash: str) -> dict[st
         "scorer": scorer_hash,
         "metrics": {},
         "reason": f"generation {gen.get('status')}: {gen.get('reason')}",
-        # aggregate counts a failed generation as 0 (and its task's overlapping pairs as wrong), not a gap
+        # aggregate counts a failed generation as 0 on these metrics (its task's Z-Acc pairs as wrong, its
+        # subjects as collapsed), not a gap; they come from the task alone, the same as for a scored image
         "stage": "generation",
-        "overlap_pairs": _overlap_pairs(task) if task.track == "multi" else None,
+        "metrics_expected": metric_keys,
+        "overlap_pairs": len(z_pair_indices([s.box for s in task.subjects])) if task.track == "multi" else None,
+        "collapse_subjects": (
+            sum(collapse_evaluable([s.category_id for s in task.subjects])) if task.track == "multi" else None
+        ),
     }
-
-
-def _overlap_pairs(task: Task) -> int:
-    """Pairs of subjects whose target boxes overlap with positive area (the Z-Acc pairs of a missing image)."""
-    subs = task.subjects
-    return sum(
-        1
-        for i in range(len(subs))
-        for j in range(i + 1, len(subs))
-        if min(subs[i].box[2], subs[j].box[2]) > max(subs[i].box[0], subs[j].box[0])
-        and min(subs[i].box[3], subs[j].box[3]) > max(subs[i].box[1], subs[j].box[1])
-    )
 
 
 def _fail(scores_path, gen, task, scorer_hash, sha, reason: str, summary: ScoreSummary) -> None:

@@ -5,13 +5,21 @@ It knows nothing about run folders or files; :mod:`msibench.scoring.score` drive
 
 - The scorer version is everything that changes a score: the detector weights (file name + sha256), confidence,
   NMS IoU, image size, max detections, letterbox version, the identity backbones with their preprocessing, the
-  crop mode, the CLIP-B mode and the metric code version. Its short hash tags every score record.
+  crop mode, the Z-Acc pair rule, the CLIP-B mode and the metric code version. Its short hash tags every score
+  record.
+
+What each image needs (:meth:`Scorer.needs_detection`): a detector pass when a requested metric of its track is a
+detector metric (YOLO-Subj, YOLO-L, Z-Acc: multi track only) or when identity (DINO-I, CLIP-I, collapse) is
+cropped from detections (``--identity-crop category``, the default, and ``matched``): a layout-free crop still has
+to *find* the subject. So with the defaults both tracks need one pass; the single track needs none with
+``--identity-crop target|full`` or with only CLIP-B requested, and CLIP-B never needs one.
 
 Speed: one batched pass of the segmentation detector serves detection, matching and masks (YOLO11x-seg carries a
-full COCO-80 detection head, and the detector costs far more than everything else), crops of a whole batch go
-through each identity backbone in one call, reference features come from the on-disk cache, and the background
-texts are encoded once per run. ``--detector yolo11x.pt --segmenter yolo11x-seg.pt`` gives the two-network
-variant (boxes from the box model, masks from the segmenter, which then runs only on images with overlaps).
+full COCO-80 detection head, and the detector costs far more than everything else), only on the images that need
+it; crops of a whole batch go through each identity backbone in one call, together with the CLIP-B images;
+reference features come from the on-disk cache, and the background texts are encoded once per run.
+``--detector yolo11x.pt --segmenter yolo11x-seg.pt`` gives the two-network variant (boxes from the box model,
+masks from the segmenter, which then runs only on images with Z-Acc pairs).
 """
 
 from __future__ import annotations
@@ -28,9 +36,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from msibench.bench.manifest import Task
+from msibench.coco import CATEGORY_NAME
 from msibench.scoring.identity import CLIP_B_MODES, CROP_MODES, MASK_GREY, FeatureCache, cosine, crop, grey_out
-from msibench.scoring.match import Match, match_targets
-from msibench.scoring.metrics import overlap_rect, yolo_l, yolo_subj, z_order_pairs
+from msibench.scoring.match import Found, Match, find_subjects, match_targets
+from msibench.scoring.metrics import (
+    Z_MIN_OVERLAP,
+    collapse,
+    yolo_l,
+    yolo_subj,
+    z_order_pairs,
+    z_pair_indices,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,13 +57,35 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when a metric's definition or the record layout changes.
-SCORER_CODE_VERSION = "1"
+# 2: layout-free identity crop by default (--identity-crop category), Z-Acc pairs from the manifest's boxes with a
+#    5 % minimum overlap, identity collapse, every detection in the record.
+SCORER_CODE_VERSION = "2"
 
-METRIC_GROUPS = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b")
+METRIC_GROUPS = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b", "collapse")
 DETECTOR_METRICS = ("yolo_subj", "yolo_l", "z_acc")
 IDENTITY_METRICS = ("dino_i", "clip_i")
-# The single-subject track reports identity and background only (as in the paper's Table I).
+# Metrics computed on subject crops (collapse reuses DINO-I's crop and reference features).
+CROP_METRICS = ("dino_i", "clip_i", "collapse")
+# The single-subject track reports identity and background only (as in the paper's Table I); collapse needs a
+# second subject.
 TRACK_METRICS = {"single": ("dino_i", "clip_i", "clip_b"), "multi": METRIC_GROUPS}
+# The keys each metric group writes into a record's "metrics".
+METRIC_KEYS = {
+    "yolo_subj": ("yolo_subj", "yolo_subj_exact"),
+    "yolo_l": ("yolo_l", "yolo_l50"),
+    "z_acc": ("z_acc", "z_correct", "z_pairs"),
+    "dino_i": ("dino_i",),
+    "clip_i": ("clip_i",),
+    "clip_b": ("clip_b",),
+    "collapse": ("collapse", "collapse_confused", "collapse_subjects"),
+}
+CROP_RULES = {
+    "category": "layout-free: the detection find_subjects assigns (IoU matching first, then the most confident "
+    "remaining detections of the category, Hungarian on box-centre distance); not found: the whole image",
+    "matched": "the detection matched to the target box by IoU > 0, else the target box",
+    "target": "the target box",
+    "full": "the whole image",
+}
 
 
 class ScoreError(RuntimeError):
@@ -71,7 +109,7 @@ class ScorerConfig:
     max_det: int = 300
     dino: str | None = None  # spec for backbones.load_dino; None: $MSIBENCH_DINO_WEIGHTS or facebook/dino-vits16
     clip: str | None = None  # spec for backbones.load_clip; None: $MSIBENCH_CLIP_WEIGHTS or openai
-    identity_crop: str = "matched"
+    identity_crop: str = "category"
     clip_b_mode: str = "full"
     metrics: tuple[str, ...] = METRIC_GROUPS
     batch_size: int = 8
@@ -96,11 +134,24 @@ class ScorerConfig:
             raise ValueError(f"metrics must be a non-empty subset of {METRIC_GROUPS}, got {list(self.metrics)}")
         object.__setattr__(self, "metrics", tuple(m for m in METRIC_GROUPS if m in self.metrics))
 
+    def track_metrics(self, track: str) -> tuple[str, ...]:
+        """The requested metric groups that ``track`` reports."""
+        return tuple(m for m in TRACK_METRICS[track] if m in self.metrics)
+
+    def metric_keys(self, track: str) -> list[str]:
+        """The keys an ok record of ``track`` carries in ``metrics`` (a failed generation counts on these)."""
+        return [key for m in self.track_metrics(track) for key in METRIC_KEYS[m]]
+
+    def needs_detection(self, track: str) -> bool:
+        """Whether an image of ``track`` needs a detector pass (see the module docstring)."""
+        tm = self.track_metrics(track)
+        return any(m in DETECTOR_METRICS for m in tm) or (
+            self.identity_crop in ("category", "matched") and any(m in CROP_METRICS for m in tm)
+        )
+
     @property
     def needs_detector(self) -> bool:
-        return any(m in self.metrics for m in DETECTOR_METRICS) or (
-            self.identity_crop == "matched" and any(m in self.metrics for m in IDENTITY_METRICS)
-        )
+        return any(self.needs_detection(track) for track in TRACK_METRICS)
 
 
 @dataclass
@@ -152,16 +203,29 @@ class Scorer:
     # ------------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        """Load every backbone the configured metrics need and that was not injected."""
+        """Load every backbone the configured metrics need and that was not injected.
+
+        Nothing is downloaded (see :mod:`msibench.scoring.backbones`); every backbone that cannot be loaded is
+        reported in one :class:`~msibench.scoring.backbones.BackboneError`, not one per attempt."""
         if self._ready:
             return
         from msibench.scoring import backbones
         from msibench.scoring.detect import YoloDetector
 
         cfg = self.config
+        errors: list[str] = []
 
-        def yolo(spec: str) -> YoloDetector:
-            model = backbones.load_yolo(spec, device=self.device, seed=self.seed)
+        def load(loader, *args, **kwargs):
+            try:
+                return loader(*args, **kwargs)
+            except backbones.BackboneError as err:
+                errors.append(str(err))
+                return None
+
+        def yolo(spec: str | None) -> YoloDetector | None:
+            model = load(backbones.load_yolo, spec, device=self.device, seed=self.seed)
+            if model is None:
+                return None
             return YoloDetector(
                 model, conf=cfg.conf, iou=cfg.iou, imgsz=cfg.imgsz, max_det=cfg.max_det, batch_size=cfg.batch_size
             )
@@ -170,15 +234,21 @@ class Scorer:
             self.detector = yolo(cfg.detector)
         if "z_acc" in cfg.metrics and self.segmenter is None and cfg.segmenter:
             self.segmenter = yolo(cfg.segmenter)
+        if ("dino_i" in cfg.metrics or "collapse" in cfg.metrics) and self.dino is None:
+            self.dino = load(backbones.load_dino, cfg.dino, device=self.device, seed=self.seed)
+        if ("clip_i" in cfg.metrics or "clip_b" in cfg.metrics) and self.clip is None:
+            self.clip = load(backbones.load_clip, cfg.clip, device=self.device, seed=self.seed)
+        if errors:
+            raise backbones.BackboneError(
+                f"{len(errors)} scoring backbone(s) cannot be loaded offline; `msibench weights fetch --scorers` "
+                "downloads every default one (pinned revisions) into the cache that `msibench score` searches:\n"
+                + "\n".join(f"- {e}" for e in errors)
+            )
         if "z_acc" in cfg.metrics and not self._mask_source_has_masks():
             raise ScoreError(
                 f"Z-Acc needs instance masks but detector {self.detector.identity} has none: use a -seg detector "
                 "(--detector yolo11x-seg.pt), add --segmenter yolo11x-seg.pt, or leave z_acc out of --metrics"
             )
-        if "dino_i" in cfg.metrics and self.dino is None:
-            self.dino = backbones.load_dino(cfg.dino, device=self.device, seed=self.seed)
-        if ("clip_i" in cfg.metrics or "clip_b" in cfg.metrics) and self.clip is None:
-            self.clip = backbones.load_clip(cfg.clip, device=self.device, seed=self.seed)
         self._ready = True
 
     def _mask_source(self) -> Detector | None:
@@ -201,9 +271,21 @@ class Scorer:
                 (self.segmenter.config() if self.segmenter is not None else "detector") if "z_acc" in metrics else None
             ),
             "matching": "per category, Hungarian (scipy linear_sum_assignment) on IoU; IoU 0 = unmatched",
+            "z_pairs": (
+                {"from": "manifest boxes", "min_overlap_of_smaller_box": Z_MIN_OVERLAP} if "z_acc" in metrics else None
+            ),
             "dino": self.dino.identity if self.dino is not None else None,
             "clip": self.clip.identity if self.clip is not None else None,
-            "identity_crop": cfg.identity_crop if any(m in metrics for m in IDENTITY_METRICS) else None,
+            "identity_crop": (
+                {"mode": cfg.identity_crop, "rule": CROP_RULES[cfg.identity_crop]}
+                if any(m in metrics for m in CROP_METRICS)
+                else None
+            ),
+            "collapse": (
+                "DINO K x K, confused = closer to another category's reference than to its own (strict)"
+                if "collapse" in metrics
+                else None
+            ),
             "clip_b_mode": cfg.clip_b_mode if "clip_b" in metrics else None,
         }
         if out["clip_b_mode"] == "masked":
@@ -228,7 +310,7 @@ class Scorer:
 
     def _identity_encoders(self) -> list[ImageEncoder]:
         out = []
-        if "dino_i" in self.config.metrics and self.dino is not None:
+        if ("dino_i" in self.config.metrics or "collapse" in self.config.metrics) and self.dino is not None:
             out.append(self.dino)
         if "clip_i" in self.config.metrics and self.clip is not None:
             out.append(self.clip.image)
@@ -250,14 +332,9 @@ class Scorer:
         scorer_hash = scorer_hash or self.version_hash()
         start = time.perf_counter()
         metrics = cfg.metrics
-        track_metrics = [[m for m in TRACK_METRICS[it.task.track] if m in metrics] for it in items]
-        needs_boxes = [
-            any(m in DETECTOR_METRICS for m in tm)
-            or (cfg.identity_crop == "matched" and any(m in IDENTITY_METRICS for m in tm))
-            for tm in track_metrics
-        ]
+        track_metrics = [cfg.track_metrics(it.task.track) for it in items]
         dets: list[Detections | None] = [None] * len(items)
-        box_idx = [i for i, need in enumerate(needs_boxes) if need]
+        box_idx = [i for i, it in enumerate(items) if cfg.needs_detection(it.task.track)]
         if box_idx:
             for i, det in zip(box_idx, self.detector([items[i].image for i in box_idx]), strict=True):
                 dets[i] = det
@@ -267,66 +344,61 @@ class Scorer:
             else None
             for it, det in zip(items, dets, strict=True)
         ]
+        found: list[list[Found] | None] = [None] * len(items)
+        if cfg.identity_crop == "category":
+            for i, it in enumerate(items):
+                if dets[i] is not None:
+                    subs = it.task.subjects
+                    found[i] = find_subjects([s.box for s in subs], [s.category_id for s in subs], dets[i], matches[i])
         mask_dets, mask_matches = self._mask_detections(items, track_metrics, dets, matches)
 
-        crops_per_item = [self._crops(it, m, d) for it, m, d in zip(items, matches, dets, strict=True)]
-        flat_crops = [c for crops in crops_per_item for c, _ in crops]
-        dino_feats = self.dino.encode(flat_crops) if "dino_i" in metrics and flat_crops else None
+        crops_per_item = [
+            self._crops(it, tm, m, f, d)
+            for it, tm, m, f, d in zip(items, track_metrics, matches, found, dets, strict=True)
+        ]
+        flat_crops = [c for crops in crops_per_item for c, _, _ in crops]
+        wants_dino = "dino_i" in metrics or "collapse" in metrics
+        dino_feats = self.dino.encode(flat_crops) if wants_dino and flat_crops else None
         clip_b_images = []
-        if "clip_b" in metrics:
-            for it in items:
-                image = it.image.convert("RGB")
-                if cfg.clip_b_mode == "masked":
-                    image = grey_out(image, [s.box for s in it.task.subjects])
-                clip_b_images.append(image)
-        clip_inputs = (flat_crops if "clip_i" in metrics else []) + clip_b_images
+        clip_b_index: dict[int, int] = {}
+        for i, it in enumerate(items):
+            if "clip_b" not in track_metrics[i]:
+                continue
+            image = it.image.convert("RGB")
+            if cfg.clip_b_mode == "masked":
+                image = grey_out(image, [s.box for s in it.task.subjects])
+            clip_b_index[i] = len(clip_b_images)
+            clip_b_images.append(image)
+        # One CLIP image call for the crops and the CLIP-B images of the whole batch.
+        clip_crops = flat_crops if "clip_i" in metrics else []
+        clip_inputs = clip_crops + clip_b_images
         clip_feats = self.clip.image.encode(clip_inputs) if clip_inputs else None
-        texts = self._texts([it.task.background for it in items]) if "clip_b" in metrics else {}
-        if any(m in IDENTITY_METRICS for m in metrics):
+        texts = self._texts([it.task.background for it in items]) if clip_b_images else {}
+        if any(m in CROP_METRICS for m in metrics):
             self.warm_references({sha: path for it in items for sha, path in it.references})
 
         records = []
         offset = 0
-        n_crops = len(flat_crops)
         for i, it in enumerate(items):
             crops = crops_per_item[i]
+            subs = it.task.subjects
             rec = base_record(it, scorer_hash)
             values: dict[str, Any] = {}
-            subjects = []
             reasons = []
-            for j, subject in enumerate(it.task.subjects):
-                entry: dict[str, Any] = {
-                    "category": subject.category,
-                    "category_id": subject.category_id,
-                    "z": subject.z,
-                    "box": [round(v, 6) for v in subject.box],
-                }
-                if matches[i] is not None:
-                    m = matches[i][j]
-                    entry["matched"] = m.matched
-                    entry["iou"] = round(m.iou, 6)
-                    entry["detection"] = (
-                        {
-                            "box": [round(float(v), 6) for v in dets[i].boxes[m.detection]],
-                            "score": round(float(dets[i].scores[m.detection]), 6),
-                        }
-                        if m.matched
-                        else None
-                    )
-                if crops:
-                    entry["crop"] = crops[j][1]
-                    entry["reference"] = it.references[j][0][:16]
-                subjects.append(entry)
+            assigned = self._assignment(matches[i], found[i])
+            subjects = [self._subject_entry(it, j, matches[i], dets[i], crops, assigned) for j in range(len(subs))]
             tm = track_metrics[i]
+            if dets[i] is not None:
+                rec["detections"] = detection_entries(dets[i], assigned)
             if "yolo_subj" in tm:
-                expected = Counter(s.category_id for s in it.task.subjects)
+                expected = Counter(s.category_id for s in subs)
                 res = yolo_subj(expected, dets[i].counts())
                 values["yolo_subj"] = res.value
                 values["yolo_subj_exact"] = 1.0 if res.exact else 0.0
                 rec["counts"] = {name: [res.expected[name], res.detected[name]] for name in res.expected}
                 reasons.append(res.reason)
             if "yolo_l" in tm:
-                lay = yolo_l(matches[i], [s.category_id for s in it.task.subjects])
+                lay = yolo_l(matches[i], [s.category_id for s in subs])
                 values["yolo_l"] = lay.value
                 values["yolo_l50"] = lay.at50
                 rec["layout_reason"] = lay.reason
@@ -338,7 +410,7 @@ class Scorer:
                 values["z_acc"] = correct / len(pairs) if pairs else None
                 rec["pairs"] = [asdict(p) for p in pairs]
                 if not pairs:
-                    reasons.append("no overlapping subjects: Z-Acc not evaluated")
+                    reasons.append(f"no subjects overlapping by >= {Z_MIN_OVERLAP:.0%}: Z-Acc not evaluated")
                 else:
                     reasons.append(f"z-order {correct}/{len(pairs)} pairs correct")
             # Crops of the whole batch are laid out item after item, in both feature arrays.
@@ -352,13 +424,34 @@ class Scorer:
                     subjects[j][metric] = value
                     per_subject.append(value)
                 values[metric] = float(np.mean(per_subject))
+            if "collapse" in tm and dino_feats is not None:
+                ref_feats = self._ref_feats[self.dino.identity]
+                k = len(crops)
+                sim = np.array(
+                    [
+                        [cosine(dino_feats[offset + j], ref_feats[it.references[r][0]]) for r in range(k)]
+                        for j in range(k)
+                    ]
+                )
+                res = collapse(sim, [s.category_id for s in subs])
+                values["collapse_confused"] = res.n_confused
+                values["collapse_subjects"] = res.n_subjects
+                values["collapse"] = res.n_confused / res.n_subjects if res.n_subjects else None
+                rec["collapse"] = {
+                    "similarity": [[round(float(v), 6) for v in row] for row in sim],
+                    "confused": list(res.confused),
+                    "rival": list(res.rival),
+                    "reason": res.reason,
+                }
+                reasons.append(f"collapse {res.reason}")
             if "clip_b" in tm:
-                image_feat = clip_feats[(n_crops if "clip_i" in metrics else 0) + i]
+                image_feat = clip_feats[len(clip_crops) + clip_b_index[i]]
                 values["clip_b"] = cosine(image_feat, texts[it.task.background])
-            if crops and it.task.track == "single" and matches[i] is not None:
-                s, m = subjects[0], matches[i][0]
-                found = f"matched (IoU {m.iou:.2f})" if m.matched else "not detected"
-                reasons.append(f"{s['category']} {found}; crop from {s['crop']}")
+            if crops:
+                if it.task.track == "single":
+                    reasons.append(f"{subjects[0]['category']}: {subjects[0]['crop_reason']}")
+                else:
+                    reasons.append("identity crops: " + _crop_summary([c for _, c, _ in crops]))
             offset += len(crops)
             rec["metrics"] = values
             rec["subjects"] = subjects
@@ -369,9 +462,50 @@ class Scorer:
             rec["seconds"] = round(seconds, 4)
         return records
 
+    def _assignment(self, matches: list[Match] | None, found: list[Found] | None) -> dict[int, int]:
+        """detection index -> subject index: the identity crop's assignment in the ``category`` mode, else the
+        IoU matching."""
+        if found is not None:
+            return {f.detection: f.target for f in found if f.found}
+        if matches is not None:
+            return {m.detection: m.target for m in matches if m.matched}
+        return {}
+
+    @staticmethod
+    def _subject_entry(item, j, matches, det, crops, assigned) -> dict[str, Any]:
+        subject = item.task.subjects[j]
+        entry: dict[str, Any] = {
+            "category": subject.category,
+            "category_id": subject.category_id,
+            "z": subject.z,
+            "box": [round(v, 6) for v in subject.box],
+        }
+        if matches is not None:
+            m = matches[j]
+            entry["matched"] = m.matched
+            entry["iou"] = round(m.iou, 6)
+            entry["detection"] = (
+                {
+                    "index": int(m.detection),
+                    "box": [round(float(v), 6) for v in det.boxes[m.detection]],
+                    "score": round(float(det.scores[m.detection]), 6),
+                }
+                if m.matched
+                else None
+            )
+        if crops:
+            _, source, reason = crops[j]
+            entry["crop"] = source
+            entry["crop_reason"] = reason
+            entry["crop_detection"] = (
+                next((d for d, t in assigned.items() if t == j), None) if source == "detection" else None
+            )
+            entry["reference"] = item.references[j][0][:16]
+        return entry
+
     def _mask_detections(self, items, track_metrics, dets, matches):
         """Detections (and matches) whose masks judge Z-Acc: the detector's own, or the segmenter's, which then
-        runs only on images with at least one overlapping pair."""
+        runs only on images with at least one Z-Acc pair."""
         n = len(items)
         if "z_acc" not in self.config.metrics:
             return [None] * n, [None] * n
@@ -380,7 +514,9 @@ class Scorer:
         mask_dets: list[Detections | None] = [None] * n
         mask_matches: list[list[Match] | None] = [None] * n
         need = [
-            i for i, it in enumerate(items) if "z_acc" in track_metrics[i] and _has_overlap(it.task, it.image.size)
+            i
+            for i, it in enumerate(items)
+            if "z_acc" in track_metrics[i] and z_pair_indices([s.box for s in it.task.subjects])
         ]
         if need:
             for i, det in zip(need, self.segmenter([items[i].image for i in need]), strict=True):
@@ -400,21 +536,80 @@ class Scorer:
         )
 
     def _crops(
-        self, item: ScoreItem, matches: list[Match] | None, det: Detections | None
-    ) -> list[tuple[Image.Image, str]]:
-        """(crop, where it came from) per subject, or [] when no identity metric applies."""
-        if not any(m in self.config.metrics for m in IDENTITY_METRICS):
+        self,
+        item: ScoreItem,
+        track_metrics: tuple[str, ...],
+        matches: list[Match] | None,
+        found: list[Found] | None,
+        det: Detections | None,
+    ) -> list[tuple[Image.Image, str, str]]:
+        """(crop, where it came from: detection | target | full, why) per subject; [] when no crop metric applies."""
+        if not any(m in CROP_METRICS for m in track_metrics):
             return []
         mode = self.config.identity_crop
+        subs = item.task.subjects
         out = []
-        for j, subject in enumerate(item.task.subjects):
+        for j, subject in enumerate(subs):
+            name = subject.category
             if mode == "full":
-                out.append((crop(item.image, None), "full"))
-            elif mode == "matched" and matches is not None and det is not None and matches[j].matched:
-                out.append((crop(item.image, det.boxes[matches[j].detection]), "matched"))
-            else:
-                out.append((crop(item.image, subject.box), "target"))
+                out.append((crop(item.image, None), "full", "whole image (--identity-crop full)"))
+            elif mode == "target":
+                out.append((crop(item.image, subject.box), "target", "target box (--identity-crop target)"))
+            elif mode == "matched":
+                m = matches[j]
+                if m.matched:
+                    why = _on_target(name, m.detection, det, m.iou)
+                    out.append((crop(item.image, det.boxes[m.detection]), "detection", why))
+                else:
+                    why = f"no {name} detection overlaps the target box: crop from the target box (matched mode)"
+                    out.append((crop(item.image, subject.box), "target", why))
+            else:  # category
+                f = found[j]
+                if f.found:
+                    why = _on_target(name, f.detection, det, f.iou)
+                    if f.rule != "iou":
+                        why = (
+                            f"{name} detection {f.detection} (conf {det.scores[f.detection]:.2f}) away from the "
+                            f"target (IoU {f.iou:.2f}): found by category, the most confident {name} left, "
+                            "nearest centre"
+                        )
+                    out.append((crop(item.image, det.boxes[f.detection]), "detection", why))
+                else:
+                    asked = sum(1 for s in subs if s.category_id == subject.category_id)
+                    seen = int(np.count_nonzero(det.category_ids == subject.category_id))
+                    why = f"{name} not found ({asked} asked, {seen} detected): crop from the whole image"
+                    out.append((crop(item.image, None), "full", why))
         return out
+
+
+def _on_target(name: str, index: int, det: Detections, iou: float) -> str:
+    return f"{name} detection {index} (conf {det.scores[index]:.2f}) on the target, IoU {iou:.2f}"
+
+
+def detection_entries(det: Detections, assigned: dict[int, int]) -> list[dict[str, Any]]:
+    """Every detection of an image, for the record: normalised box, class, confidence and assigned subject."""
+    out = []
+    for d in range(len(det)):
+        cid = int(det.category_ids[d])
+        out.append(
+            {
+                "box": [round(float(v), 6) for v in det.boxes[d]],
+                "category_id": cid,
+                "category": CATEGORY_NAME.get(cid, f"category {cid}"),
+                "score": round(float(det.scores[d]), 6),
+                "subject": assigned.get(d),
+            }
+        )
+    return out
+
+
+def _crop_summary(sources: list[str]) -> str:
+    counts = Counter(sources)
+    return ", ".join(
+        f"{counts[s]} {label}"
+        for s, label in (("detection", "from detections"), ("target", "from target boxes"), ("full", "whole image"))
+        if counts[s]
+    )
 
 
 class _LazyImages(dict):
@@ -430,15 +625,6 @@ class _LazyImages(dict):
             with Image.open(path) as im:
                 im.load()
                 yield sha, im.convert("RGB")
-
-
-def _has_overlap(task: Task, size: tuple[int, int]) -> bool:
-    subs = task.subjects
-    return any(
-        overlap_rect(subs[i].box, subs[j].box, size) is not None
-        for i in range(len(subs))
-        for j in range(i + 1, len(subs))
-    )
 
 
 def base_record(item: ScoreItem, scorer_hash: str) -> dict[str, Any]:

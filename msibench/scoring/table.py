@@ -1,5 +1,6 @@
 """Table I of the paper from scored runs: rows are methods; single-subject DINO-I, CLIP-I, CLIP-B; multi-subject
-YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B; plus Z-Acc. ``–`` marks a method without a value (as in the paper).
+YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B; plus Z-Acc and identity collapse (lower is better), beyond the paper.
+``–`` marks a method without a value (as in the paper).
 
 With ``paper=True`` each cell also shows the number the paper reports, read from
 ``msibench/data/paper_table1.json`` (stored as data with its citation): ``0.613 (0.61)``; ``(?)`` marks a paper
@@ -40,6 +41,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("multi", "clip_i"),
     ("multi", "clip_b"),
     ("multi", "z_acc"),
+    ("multi", "collapse"),  # beyond the paper: identity collapse rate, lower is better
 )
 METHOD_LABELS = {
     "paste": "Paste (oracle)",
@@ -293,7 +295,7 @@ def render_table(
     lines = [
         r"\begin{tabular}{l" + "c" * len(COLUMNS) + "}",
         r"\toprule",
-        r" & \multicolumn{3}{c}{Single-subject} & \multicolumn{5}{c}{Multi-subject} & \\",
+        r" & \multicolumn{3}{c}{Single-subject} & \multicolumn{5}{c}{Multi-subject} & & \\",
         r"\cmidrule(lr){2-4}\cmidrule(lr){5-9}",
         "Method & " + " & ".join(labels) + r" \\",
         r"\midrule",

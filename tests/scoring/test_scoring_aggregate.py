@@ -27,9 +27,51 @@ RECORDS = [
     rec("s1", "single", 1, 0, dino_i=0.9, clip_i=0.8, clip_b=0.30),
     rec("s2", "single", 1, 0, status="failed"),
     # multi track, K=2 and K=3
-    rec("m0", "multi", 2, 0, yolo_subj=1.0, yolo_l=0.8, dino_i=0.6, clip_i=0.7, clip_b=0.2, z_correct=1, z_pairs=1),
-    rec("m1", "multi", 3, 0, yolo_subj=0.5, yolo_l=0.4, dino_i=0.5, clip_i=0.6, clip_b=0.3, z_correct=0, z_pairs=3),
-    rec("m2", "multi", 3, 0, yolo_subj=0.0, yolo_l=0.1, dino_i=0.4, clip_i=0.5, clip_b=0.1, z_correct=0, z_pairs=0),
+    rec(
+        "m0",
+        "multi",
+        2,
+        0,
+        yolo_subj=1.0,
+        yolo_l=0.8,
+        dino_i=0.6,
+        clip_i=0.7,
+        clip_b=0.2,
+        z_correct=1,
+        z_pairs=1,
+        collapse_confused=0,
+        collapse_subjects=2,
+    ),
+    rec(
+        "m1",
+        "multi",
+        3,
+        0,
+        yolo_subj=0.5,
+        yolo_l=0.4,
+        dino_i=0.5,
+        clip_i=0.6,
+        clip_b=0.3,
+        z_correct=0,
+        z_pairs=3,
+        collapse_confused=2,
+        collapse_subjects=3,
+    ),
+    rec(
+        "m2",
+        "multi",
+        3,
+        0,
+        yolo_subj=0.0,
+        yolo_l=0.1,
+        dino_i=0.4,
+        clip_i=0.5,
+        clip_b=0.1,
+        z_correct=0,
+        z_pairs=0,
+        collapse_confused=0,
+        collapse_subjects=0,
+    ),
     rec("m3", "multi", 2, 0, status="skipped"),
 ]
 
@@ -45,6 +87,9 @@ def test_aggregate_averages_seeds_per_task_first():
     multi = find_group(summary, "multi", None)
     assert multi.n_skipped == 1
     assert multi.metrics["yolo_subj"].mean == pytest.approx(0.5)
+    # collapse pools subjects: (0 + 2) / (2 + 3) = 0.4; m2 has one category only (no evaluable subject)
+    assert multi.metrics["collapse"].mean == pytest.approx(0.4) and multi.metrics["collapse"].n == 2
+    assert multi.collapse_tasks_one_category == 1
     # Z-Acc pools pairs: (1 + 0) / (1 + 3) = 0.25 (the mean of per-task rates would be 0.5); m2 has no overlap
     assert multi.metrics["z_acc"].mean == pytest.approx(0.25)
     assert multi.metrics["z_acc"].n == 2
@@ -79,6 +124,9 @@ def test_compare_gives_paired_differences():
     assert 0 < diffs["z_acc"].ci_low <= 0.5 <= diffs["z_acc"].ci_high
 
 
+RATIOS = {"z_acc": ("z_correct", "z_pairs"), "collapse": ("collapse_confused", "collapse_subjects")}
+
+
 def test_table_numbers_equal_the_aggregated_records(tmp_path):
     run = write_scored_run(tmp_path / "run_a", RECORDS)
     other = [{**r, "metrics": {k: v * 0.5 for k, v in r["metrics"].items()}} for r in RECORDS]
@@ -93,12 +141,13 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
             per_task: dict[str, list[float]] = {}
             for r in records:
                 if r["track"] == track and r["status"] == "ok":
-                    if metric == "z_acc":
+                    if metric in RATIOS:
                         continue
                     per_task.setdefault(r["task_id"], []).append(r["metrics"][metric])
-            if metric == "z_acc":
-                ok = [r for r in records if r["track"] == "multi" and r["status"] == "ok" and r["metrics"]["z_pairs"]]
-                expected = sum(r["metrics"]["z_correct"] for r in ok) / sum(r["metrics"]["z_pairs"] for r in ok)
+            if metric in RATIOS:
+                num, den = RATIOS[metric]
+                ok = [r for r in records if r["track"] == "multi" and r["status"] == "ok" and r["metrics"][den]]
+                expected = sum(r["metrics"][num] for r in ok) / sum(r["metrics"][den] for r in ok)
             else:
                 expected = float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else None
             cell = row[f"{track}_{metric}"]
@@ -253,3 +302,40 @@ def test_a_default_run_of_each_baseline_is_the_papers_configuration(tmp_path, mo
         assert paper_match(paper, run) == (True, ""), method.name
     other = IPAdapterMethod(use_layout=True)
     assert not paper_match(paper, RunResult("x", "ip-adapter", "", None, [], other.config()))[0]
+
+
+def failed_gen(task, track, k, **extra):
+    return {
+        **rec(task, track, k, 0, status="failed"),
+        "stage": "generation",
+        "reason": "generation failed: OOM",
+        **extra,
+    }
+
+
+def test_a_track_whose_generations_all_failed_scores_zero(tmp_path):
+    keys = ["yolo_subj", "yolo_subj_exact", "z_acc", "z_correct", "z_pairs", "dino_i"]
+    keys += ["collapse", "collapse_confused", "collapse_subjects"]
+    records = [
+        # multi: every generation failed; the records carry the task's Z-Acc pairs and evaluable subjects
+        failed_gen("m0", "multi", 2, metrics_expected=keys, overlap_pairs=1, collapse_subjects=2),
+        failed_gen("m1", "multi", 3, metrics_expected=keys, overlap_pairs=0, collapse_subjects=3),
+        # single: failures written before metrics_expected: every metric of the track counts
+        failed_gen("s0", "single", 1),
+        failed_gen("s1", "single", 1),
+    ]
+    summary = aggregate(records)
+    multi = find_group(summary, "multi", None)
+    assert multi.metrics["yolo_subj"].mean == 0.0 and multi.metrics["yolo_subj"].n == 2
+    assert multi.metrics["dino_i"].mean == 0.0 and "clip_i" not in multi.metrics  # clip_i was not requested
+    assert multi.metrics["z_acc"].mean == 0.0 and multi.metrics["z_acc"].n == 1  # m1 has no pair
+    assert multi.metrics["collapse"].mean == 1.0 and multi.metrics["collapse"].n == 2  # all collapsed
+    single = find_group(summary, "single", None)
+    assert {m: single.metrics[m].mean for m in ("dino_i", "clip_i", "clip_b")} == {
+        "dino_i": 0.0,
+        "clip_i": 0.0,
+        "clip_b": 0.0,
+    }
+    md = render_table([load_run(write_scored_run(tmp_path / "run", records))], "md")
+    row = next(line for line in md.splitlines() if line.startswith("| Paste"))
+    assert row.split(" | ")[1:4] == ["0.000", "0.000", "0.000"]  # single DINO-I, CLIP-I, CLIP-B: 0, not "–"

@@ -96,3 +96,43 @@ def test_own_reference_beats_another_category(identity_run, dinov2_encoder, coco
         margins.append(own - other)
     assert wins / len(subjects) >= 0.8, (wins, len(subjects), np.round(margins, 3))
     assert float(np.mean(margins)) > 0.05
+
+
+def test_identity_collapse_on_real_references(identity_run, dinov2_encoder, coco_root):
+    """Paste draws every subject from its own reference: (almost) nobody is confused. A clone image, where every
+    box holds the first subject's reference, confuses (almost) every other subject of another category."""
+    from msibench.bench.prepare import prepare
+    from msibench.records import read_records
+    from msibench.scoring.scorer import ScoreItem
+
+    manifest = load_manifest()
+    gen = [r for r in read_records(identity_run / "records.jsonl") if r["track"] == "multi"]
+    tasks = [manifest.by_id[r["task_id"]] for r in gen]
+    prepare(manifest, coco_root, tasks=tasks, verify_all=False)
+    paste_items, clone_items = [], []
+    for r, task in zip(gen, tasks, strict=True):
+        refs = []
+        for s in task.subjects:
+            path = reference_paths(s.reference, manifest.sources[s.reference.image_id]).image
+            refs.append((hashlib.sha256(path.read_bytes()).hexdigest(), path))
+        image = Image.open(identity_run / r["image"]).convert("RGB")
+        paste_items.append(ScoreItem(task, r, image, "paste", refs))
+        clone = Image.new("RGB", image.size, (127, 127, 127))
+        first = Image.open(refs[0][1]).convert("RGB")
+        for s in task.subjects:  # every box holds the first subject's reference
+            x0, y0, x1, y1 = (round(v * image.size[0]) for v in s.box)
+            clone.paste(first.resize((max(1, x1 - x0), max(1, y1 - y0))), (x0, y0))
+        clone_items.append(ScoreItem(task, r, clone, "clone", refs))
+    scorer = Scorer(ScorerConfig(metrics=("collapse",), identity_crop="target"), dino=dinov2_encoder)
+    pasted = scorer.score_batch(paste_items)
+    cloned = scorer.score_batch(clone_items)
+    evaluable = sum(r["metrics"]["collapse_subjects"] for r in pasted)
+    assert evaluable >= 8  # two-subject tasks, mostly of two categories
+    assert sum(r["metrics"]["collapse_confused"] for r in pasted) <= 0.2 * evaluable
+    # in a clone image the first subject is its own reference; the other evaluable subjects are confused (measured:
+    # 0 of 10 paste subjects, 4 of the 5 clones; a lion cut-out can still look more like a lion than like a cup)
+    others = [(r, j) for r in cloned for j, c in enumerate(r["collapse"]["confused"]) if c is not None and j > 0]
+    assert len(others) >= 4 and sum(r["collapse"]["confused"][j] for r, j in others) >= 0.6 * len(others)
+    for r in cloned:
+        sim = np.array(r["collapse"]["similarity"])
+        assert sim.shape == (r["k"], r["k"]) and r["collapse"]["confused"][0] in (False, None)

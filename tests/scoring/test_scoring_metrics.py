@@ -9,8 +9,17 @@ import pytest
 
 from msibench.coco import CATEGORY_ID
 from msibench.scoring.detect import Detections
-from msibench.scoring.match import box_iou, match_targets
-from msibench.scoring.metrics import overlap_rect, yolo_l, yolo_subj, z_order_pairs
+from msibench.scoring.match import box_iou, find_subjects, match_targets
+from msibench.scoring.metrics import (
+    collapse,
+    collapse_evaluable,
+    overlap_fraction,
+    overlap_rect,
+    yolo_l,
+    yolo_subj,
+    z_order_pairs,
+    z_pair_indices,
+)
 
 DOG, CUP, CAT = CATEGORY_ID["dog"], CATEGORY_ID["cup"], CATEGORY_ID["cat"]
 
@@ -108,3 +117,104 @@ def test_z_order_pairs_hand_cases():
     missing = [box_mask(A_BOX), None, box_mask(C_BOX)]
     (p,) = z_order_pairs(boxes, zs, cats, missing, (10, 10))
     assert not p.correct and p.back_pixels is None and "cup (z=0) not found" in p.reason
+
+
+# ----------------------------------------------------------------------------- layout-free identity crop
+
+
+def test_find_subjects_iou_first_then_most_confident_nearest_centre():
+    # three dog targets; T0 is drawn where asked (D0 overlaps it), T1 and T2 were drawn elsewhere
+    targets = [[0.0, 0.0, 0.2, 0.2], [0.8, 0.0, 1.0, 0.2], [0.8, 0.8, 1.0, 1.0]]
+    dets = Detections.build(
+        [
+            [0.0, 0.0, 0.2, 0.2],  # D0: on T0 (IoU 1)
+            [0.3, 0.6, 0.4, 0.7],  # D1: dog, conf 0.9, centre (0.35, 0.65): nearer T2's centre (0.9, 0.9)
+            [0.6, 0.3, 0.7, 0.4],  # D2: dog, conf 0.8, centre (0.65, 0.35): nearer T1's centre (0.9, 0.1)
+            [0.4, 0.4, 0.5, 0.5],  # D3: dog, conf 0.3: the least confident, left out (3 dogs asked, 4 found)
+            [0.8, 0.0, 1.0, 0.2],  # D4: a cat exactly on T1: another category never stands in for a dog
+        ],
+        [DOG, DOG, DOG, DOG, CAT],
+        scores=[0.5, 0.9, 0.8, 0.3, 0.99],
+        image_size=(100, 100),
+    )
+    found = find_subjects(targets, [DOG, DOG, DOG], dets)
+    assert [(f.detection, f.rule) for f in found] == [(0, "iou"), (2, "category"), (1, "category")]
+    assert found[0].iou == pytest.approx(1.0) and found[1].iou == 0.0
+    # the IoU matching of YOLO-L is untouched: T1 and T2 stay unmatched there
+    assert [m.detection for m in match_targets(targets, [DOG, DOG, DOG], dets)] == [0, None, None]
+
+
+def test_find_subjects_confidence_picks_the_instances_and_missing_subjects_are_not_found():
+    # one dog asked and drawn away from its box: the most confident dog is its crop, not the nearest one
+    dets = Detections.build(
+        [[0.5, 0.5, 0.6, 0.6], [0.9, 0.9, 1.0, 1.0]], [DOG, DOG], scores=[0.4, 0.7], image_size=(10, 10)
+    )
+    (f,) = find_subjects([[0.4, 0.4, 0.45, 0.45]], [DOG], dets)
+    assert (f.detection, f.rule) == (1, "category")
+    # equal confidences: the detector's order
+    tied = Detections.build([[0.5, 0.5, 0.6, 0.6], [0.0, 0.0, 0.1, 0.1]], [DOG, DOG], image_size=(10, 10))
+    assert find_subjects([[0.8, 0.8, 0.9, 0.9]], [DOG], tied)[0].detection == 0
+    # two cups asked, one cup found: the cup away from both boxes goes to the nearer target, the other is not found
+    one = Detections.build([[0.0, 0.45, 0.1, 0.55]], [CUP], image_size=(10, 10))
+    found = find_subjects([[0.9, 0.4, 1.0, 0.6], [0.2, 0.4, 0.3, 0.6]], [CUP, CUP], one)
+    assert [f.detection for f in found] == [None, 0] and not found[0].found
+
+
+# ----------------------------------------------------------------------------- Z-Acc pairs
+
+
+def test_z_pairs_come_from_normalised_boxes_with_a_minimum_overlap():
+    a = [0.0, 0.0, 0.5, 0.5]
+    sliver = [0.49, 0.49, 1.0, 1.0]  # 0.01^2 / 0.25 = 0.04 % of the smaller box
+    four = [0.4, 0.4, 1.0, 1.0]  # 0.1^2 / 0.25 = 4 %: below the 5 % minimum
+    six = [0.38, 0.38, 1.0, 1.0]  # 0.12^2 / 0.25 = 5.76 %
+    assert overlap_fraction(a, sliver) == pytest.approx(0.0004)
+    assert (
+        z_pair_indices([a, sliver]) == [] and z_pair_indices([a, four]) == [] and z_pair_indices([a, six]) == [(0, 1)]
+    )
+    # the pair set, and so the denominator, is the same at every output resolution
+    for boxes in ([a, sliver], [a, four], [a, six], [a, six, sliver]):
+        counts = set()
+        for size in ((10, 10), (37, 37), (256, 256), (512, 512), (300, 200)):
+            masks = [box_mask(b, size) for b in boxes]
+            counts.add(len(z_order_pairs(boxes, list(range(len(boxes))), [DOG] * len(boxes), masks, size)))
+        assert len(counts) == 1, boxes
+    # the pixel rectangle of a pair is never empty, even where the overlap is under a pixel
+    (p,) = z_order_pairs([a, six], [1, 0], [DOG, CUP], [box_mask(a, (4, 4)), box_mask(six, (4, 4))], (4, 4))
+    assert p.front_pixels is not None and p.front_pixels + p.back_pixels > 0
+
+
+# ----------------------------------------------------------------------------- identity collapse
+
+
+def test_collapse_from_hand_made_similarity_matrices():
+    # rows: subject crops; columns: the subjects' references
+    sim = [
+        [0.70, 0.50, 0.20],  # dog: closest to its own reference
+        [0.80, 0.60, 0.30],  # cat: closer to the dog's reference (0.80 > 0.60): confused
+        [0.10, 0.40, 0.40],  # cup: tie with the cat's reference (0.40 = 0.40): not closer, not confused
+    ]
+    res = collapse(sim, [DOG, CAT, CUP])
+    assert res.confused == (False, True, False) and res.rival == (1, 0, 1)
+    assert (res.n_confused, res.n_subjects) == (1, 3)
+    assert "cat (subject 1) closer to dog's reference (0.800 > own 0.600)" in res.reason
+    # every subject a clone of the first reference: all confused but the first
+    clones = collapse([[0.9, 0.2], [0.9, 0.3]], [DOG, CAT])
+    assert clones.confused == (False, True)
+
+
+def test_collapse_ignores_same_category_references():
+    # two dogs and a cup: dog 1 is closer to dog 0's reference, which does not count; the cup's reference does
+    sim = [
+        [0.8, 0.9, 0.1],
+        [0.9, 0.7, 0.75],
+        [0.2, 0.2, 0.5],
+    ]
+    res = collapse(sim, [DOG, DOG, CUP])
+    assert res.confused == (False, True, False) and res.rival == (2, 2, 0)
+    # one category only: nothing to confuse with, not evaluated
+    alone = collapse([[0.5, 0.9], [0.9, 0.5]], [DOG, DOG])
+    assert alone.confused == (None, None) and alone.n_subjects == 0 and "not evaluated" in alone.reason
+    assert collapse_evaluable([DOG, DOG, CUP]) == [True, True, True] and collapse_evaluable([DOG, DOG]) == [False] * 2
+    with pytest.raises(ValueError, match="3 x 3"):
+        collapse([[1.0]], [DOG, CAT, CUP])

@@ -46,12 +46,22 @@ def test_random_real_architectures_score_a_run_end_to_end(random_scorer, run_cop
         expected = {"dino_i", "clip_i", "clip_b"}
         if r["track"] == "multi":
             expected |= {"yolo_subj", "yolo_subj_exact", "yolo_l", "yolo_l50", "z_acc", "z_correct", "z_pairs"}
+            expected |= {"collapse", "collapse_confused", "collapse_subjects"}
         assert set(m) == expected, r["task_id"]
         for key in ("dino_i", "clip_i", "clip_b"):
             assert -1.0 - 1e-6 <= m[key] <= 1.0 + 1e-6 and math.isfinite(m[key])
-        for s in r["subjects"]:
-            assert s["crop"] in ("matched", "target")
-            assert (s["crop"] == "matched") == s["matched"]
+        # the layout-free crop: a detection of the subject's category wherever it is, else the whole image
+        dets = r["detections"]
+        assert dets and all(set(d) == {"box", "category_id", "category", "score", "subject"} for d in dets)
+        for j, s in enumerate(r["subjects"]):
+            assert s["crop"] in ("detection", "full") and s["crop_reason"]
+            if s["crop"] == "detection":
+                d = dets[s["crop_detection"]]
+                assert d["subject"] == j and d["category_id"] == s["category_id"]
+            else:
+                assert s["crop_detection"] is None and "not found" in s["crop_reason"]
+            if s["matched"]:  # the IoU match is kept first
+                assert s["crop_detection"] == s["detection"]["index"]
         assert r["reason"]
     # reference features: one cached file per reference and encoder
     refs = {s["reference"] for r in records for s in r["subjects"]}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -15,6 +17,7 @@ from scoring_helpers import image_key, stats_encoder
 from msibench.bench.manifest import load_manifest
 from msibench.records import append_record, read_records
 from msibench.scoring.detect import CallableDetector, Detections
+from msibench.scoring.metrics import z_pair_indices
 from msibench.scoring.score import score_run
 from msibench.scoring.scorer import ScoreConflictError, Scorer, ScorerConfig
 from msibench.scoring.store import load_scores
@@ -79,12 +82,19 @@ def test_oracle_detections_give_perfect_detector_metrics(run_copy, coco_root):
         m = r["metrics"]
         assert (m["yolo_subj"], m["yolo_subj_exact"], m["yolo_l"], m["yolo_l50"]) == (1.0, 1.0, 1.0, 1.0)
         assert m["z_correct"] == m["z_pairs"]
-        assert all(s["crop"] == "matched" and s["iou"] == pytest.approx(1.0) for s in r["subjects"])
+        assert all(s["crop"] == "detection" and s["iou"] == pytest.approx(1.0) for s in r["subjects"])
         assert -1.0 <= m["dino_i"] <= 1.0
+        # the Z-Acc pairs are the task's, from its normalised boxes
+        task = load_manifest().by_id[r["task_id"]]
+        assert m["z_pairs"] == len(z_pair_indices([s.box for s in task.subjects]))
+        # every detection is in the record, with the subject it was assigned to
+        assert [d["subject"] for d in r["detections"]] == list(range(task.k))
+        assert [d["category_id"] for d in r["detections"]] == [s.category_id for s in task.subjects]
+        assert r["detections"][0]["box"] == [round(v, 6) for v in task.subjects[0].box]
     assert sum(r["metrics"]["z_pairs"] for r in multi) > 0
     for r in single:  # the single track reports identity only
         assert set(r["metrics"]) == {"dino_i"}
-        assert r["subjects"][0]["crop"] == "matched"
+        assert r["subjects"][0]["crop"] == "detection" and "on the target" in r["subjects"][0]["crop_reason"]
     assert header["summary"]  # aggregate stored once the pass ends
 
 
@@ -106,11 +116,23 @@ def test_missing_subject_is_counted_and_explained(run_copy, coco_root):
         first = task.subjects[0]
         same = sum(1 for s in task.subjects if s.category_id == first.category_id)
         assert f"expected {same} {first.category}, found {same - 1}" in r["reason"]
-        assert r["subjects"][0]["matched"] is False and r["subjects"][0]["crop"] == "target"
+        assert r["subjects"][0]["matched"] is False
+        # not found by its category either: the layout-free crop falls back to the whole image, and says why
+        assert r["subjects"][0]["crop"] == "full" and "not found" in r["subjects"][0]["crop_reason"]
         assert r["metrics"]["yolo_l"] == pytest.approx((task.k - 1) / task.k)
         assert r["metrics"]["yolo_subj"] < 1.0 and r["metrics"]["yolo_subj_exact"] == 0.0
     for r in (r for r in records if r["track"] == "single"):
-        assert r["subjects"][0]["crop"] == "target" and "not detected" in r["reason"]
+        assert r["subjects"][0]["crop"] == "full" and "not found (1 asked, 0 detected)" in r["reason"]
+
+
+def test_matched_crop_mode_keeps_the_layout_bound_rule(run_copy, coco_root):
+    scorer = scorer_for(run_copy, drop_first=True, identity_crop="matched")
+    score_run(run_copy, scorer, coco_root=coco_root, progress=False)
+    _, records = load_scores(run_copy)
+    for r in records:
+        first = r["subjects"][0]
+        assert first["crop"] == "target" and "crop from the target box" in first["crop_reason"]
+        assert all(s["crop"] == "detection" for s in r["subjects"][1:])
 
 
 def test_resume_rescore_and_feature_cache(run_copy, coco_root, tmp_path):
@@ -206,3 +228,82 @@ def test_two_networks_boxes_from_detector_masks_from_segmenter(run_copy, coco_ro
     assert all(r["metrics"]["z_correct"] == 0 for r in multi) and sum(r["metrics"]["z_pairs"] for r in multi) > 0
     # the segmenter only ran on multi-subject images with overlapping subjects
     assert sum(seen) == sum(1 for r in multi if r["metrics"]["z_pairs"] > 0)
+
+
+def test_every_generation_of_a_track_failed_scores_zero(run_copy, coco_root):
+    from msibench.scoring.table import load_run, render_table
+
+    gen = [json.loads(line) for line in (run_copy / "records.jsonl").read_text().splitlines()]
+    for r in gen:
+        if r["track"] == "single":
+            r.update(status="failed", image=None, reason="CUDA out of memory")
+    (run_copy / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    summary = score_run(run_copy, scorer_for(run_copy), coco_root=coco_root, progress=False)
+    assert (summary.scored, summary.not_generated) == (4, 4)
+    _, records = load_scores(run_copy)
+    failed = [r for r in records if r["status"] == "failed"]
+    assert all(r["metrics_expected"] == ["dino_i"] for r in failed)
+    text = render_table([load_run(run_copy)], "csv")
+    row = next(csv.DictReader(io.StringIO(text)))
+    assert float(row["single_dino_i"]) == 0.0 and row["single_dino_i_n"] == "4"  # 0, not "–"
+    assert row["single_clip_i"] == ""  # not requested from the scorer: no value
+
+
+def away_from(box, size=0.3):
+    """A square box in the image corner farthest from ``box``'s centre."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = 1.0 - size if cx < 0.5 else 0.0
+    y0 = 1.0 - size if cy < 0.5 else 0.0
+    return [x0, y0, x0 + size, y0 + size]
+
+
+def test_layout_free_crop_finds_a_subject_drawn_away_from_its_box(coco_root):
+    """A method that takes no layout draws its subject elsewhere: the default crop finds it there by its category
+    (the record says so); the layout-bound ``matched`` mode crops the empty target box."""
+    from msibench.bench.prepare import prepare, reference_paths
+    from msibench.scoring.identity import cosine, crop
+    from msibench.scoring.match import box_iou
+    from msibench.scoring.scorer import ScoreItem
+
+    manifest = load_manifest()
+    tasks = [t for t in manifest.tasks if t.track == "single"]
+    tasks = [t for t in tasks if box_iou([t.subjects[0].box], [away_from(t.subjects[0].box)])[0, 0] == 0][:4]
+    assert len(tasks) == 4
+    prepare(manifest, coco_root, tasks=tasks, verify_all=False)
+    items, drawn = [], {}
+    for n, task in enumerate(tasks):
+        subject = task.subjects[0]
+        ref_path = reference_paths(subject.reference, manifest.sources[subject.reference.image_id]).image
+        box = away_from(subject.box)
+        image = Image.new("RGB", (128, 128), (127, 127, 127))
+        x0, y0, x1, y1 = (round(v * 128) for v in box)
+        image.paste(Image.open(ref_path).convert("RGB").resize((x1 - x0, y1 - y0)), (x0, y0))
+        drawn[image_key(image)] = (box, subject.category_id)
+        sha = hashlib.sha256(ref_path.read_bytes()).hexdigest()
+        items.append(ScoreItem(task, {"sample_index": 0}, image, f"img{n}", [(sha, ref_path)]))
+
+    def detect(images):
+        return [
+            Detections.build([drawn[image_key(im)][0]], [drawn[image_key(im)][1]], image_size=im.size, scores=[0.8])
+            for im in images
+        ]
+
+    detector = CallableDetector(detect, name="drawn-boxes", has_masks=False)
+    encoder = stats_encoder()
+    results = {}
+    for mode in ("category", "matched"):
+        scorer = Scorer(ScorerConfig(metrics=("dino_i",), identity_crop=mode), detector=detector, dino=encoder)
+        results[mode] = scorer.score_batch(items)
+    for item, found, matched in zip(items, results["category"], results["matched"], strict=True):
+        box, _ = drawn[image_key(item.image)]
+        (sha, ref_path) = item.references[0]
+        subject = found["subjects"][0]
+        assert subject["crop"] == "detection" and "found by category" in subject["crop_reason"]
+        assert found["detections"][0]["subject"] == 0 and subject["matched"] is False
+        feats = encoder.encode([crop(item.image, box), Image.open(ref_path).convert("RGB")])
+        assert found["metrics"]["dino_i"] == pytest.approx(cosine(feats[0], feats[1]), abs=1e-6)
+        # the layout-bound mode scores the empty target box, and says so
+        assert matched["subjects"][0]["crop"] == "target" and "no " in matched["subjects"][0]["crop_reason"]
+        assert matched["detections"][0]["subject"] is None
+        target_feat = encoder.encode([crop(item.image, item.task.subjects[0].box)])[0]
+        assert matched["metrics"]["dino_i"] == pytest.approx(cosine(target_feat, feats[1]), abs=1e-6)
