@@ -55,6 +55,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -144,6 +145,12 @@ def model_from_checkpoint(
 
 class CustomNetMethod(Method):
     name: ClassVar[str] = "customnet"
+    # The file setup() loads with the default options (msibench weights fetch --method customnet).
+    weights: ClassVar[tuple[WeightFiles, ...]] = (
+        WeightFiles(
+            WEIGHTS_ID, (WEIGHTS_FILE,), None if WEIGHTS_REVISION == "main" else WEIGHTS_REVISION, "CustomNet"
+        ),
+    )
     # Batched like mscustomnet (same network and pipeline); each sample's noise comes from its own seed.
     batch_size = 4
     DEFAULTS: ClassVar[dict[str, Any]] = {

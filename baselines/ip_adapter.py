@@ -45,6 +45,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -134,6 +135,35 @@ def _sha256(path: Path) -> str:
 
 class IPAdapterMethod(Method):
     name: ClassVar[str] = "ip-adapter"
+    # The files setup() loads with the default options (msibench weights fetch --method ip-adapter).
+    weights: ClassVar[tuple[WeightFiles, ...]] = (
+        WeightFiles(
+            BASE_MODEL_ID,
+            (
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "tokenizer/merges.txt",
+                "tokenizer/special_tokens_map.json",
+                "tokenizer/tokenizer_config.json",
+                "tokenizer/vocab.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            BASE_MODEL_REVISION,
+            "Stable Diffusion 1.5",
+        ),
+        WeightFiles(VAE_ID, ("config.json", "diffusion_pytorch_model.safetensors"), VAE_REVISION, "sd-vae-ft-mse"),
+        WeightFiles(
+            ADAPTER_ID,
+            (ADAPTER_WEIGHTS, f"{ADAPTER_IMAGE_ENCODER}/config.json", f"{ADAPTER_IMAGE_ENCODER}/model.safetensors"),
+            ADAPTER_REVISION,
+            "IP-Adapter SD1.5 + its OpenCLIP ViT-H/14 image encoder",
+        ),
+    )
     # One request per call: each request has its own number of images and its own masks.
     batch_size = 1
 

@@ -52,6 +52,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -246,6 +247,47 @@ def bind_keywords_official(
 
 class LambdaEclipseMethod(Method):
     name: ClassVar[str] = "lambda-eclipse"
+    # The files setup() loads with the default options (msibench weights fetch --method lambda-eclipse); the
+    # revisions are the repos' main branch (not pinned here).
+    weights: ClassVar[tuple[WeightFiles, ...]] = (
+        WeightFiles(PRIOR_ID, ("config.json", "diffusion_pytorch_model.*"), None, "λ-ECLIPSE prior"),
+        WeightFiles(
+            DECODER_ID,
+            (
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "movq/config.json",
+                "movq/diffusion_pytorch_model.safetensors",
+            ),
+            None,
+            "Kandinsky 2.2 decoder",
+        ),
+        WeightFiles(
+            IMAGE_ENCODER_ID,
+            (
+                "image_encoder/config.json",
+                "image_encoder/model.safetensors",
+                "image_processor/preprocessor_config.json",
+            ),
+            None,
+            "Kandinsky 2.2 image encoder (CLIP ViT-bigG/14)",
+        ),
+        WeightFiles(
+            TEXT_ENCODER_ID,
+            (
+                "config.json",
+                "model*.safetensors*",
+                "merges.txt",
+                "vocab.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ),
+            None,
+            "CLIP ViT-bigG/14 text encoder + tokenizer",
+        ),
+    )
     batch_size = 1
 
     def __init__(self, **options: Any) -> None:

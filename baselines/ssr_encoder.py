@@ -65,6 +65,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -139,6 +140,36 @@ def _sha256(path: Path) -> str:
 
 class SSREncoderMethod(Method):
     name: ClassVar[str] = "ssr-encoder"
+    # The files setup() loads with the default options (msibench weights fetch --method ssr-encoder).
+    weights: ClassVar[tuple[WeightFiles, ...]] = (
+        WeightFiles(
+            BASE_MODEL_ID,
+            (
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "tokenizer/merges.txt",
+                "tokenizer/special_tokens_map.json",
+                "tokenizer/tokenizer_config.json",
+                "tokenizer/vocab.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            BASE_MODEL_REVISION,
+            "Stable Diffusion 1.5",
+        ),
+        WeightFiles(IMAGE_ENCODER_ID, ("config.json", "model.safetensors"), IMAGE_ENCODER_REVISION, "CLIP ViT-L/14"),
+        WeightFiles(
+            WEIGHTS_URL,
+            (ALIGNER_FILE, LAYERS_FILE),
+            what="SSR-Encoder aligner + attention layers",
+            source="manual",
+            note=f"not on the hub: download them from {WEIGHTS_URL} into a folder, -M weights=DIR or {WEIGHTS_ENV}",
+        ),
+    )
     # One request per call: each request has its own number of subjects (context length).
     batch_size = 1
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mscustomnet.model.schedule import check_sampler_options, sampler_description
 from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,6 +34,16 @@ _HINT = (
 class MSCustomNetMethod(Method):
     name: ClassVar[str] = "mscustomnet"
     batch_size = 4
+    # No published weights: a model folder you train (msibench weights ls lists it as manual).
+    weights: ClassVar[tuple[WeightFiles, ...]] = (
+        WeightFiles(
+            "mscustomnet train",
+            ("config.json", "model.safetensors"),
+            what="MS-CustomNet (trained here)",
+            source="manual",
+            note=f"no published weights: `mscustomnet train` writes the folder; -M weights=DIR or {WEIGHTS_ENV}",
+        ),
+    )
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "weights": "",
         "revision": "",

@@ -416,6 +416,10 @@ def _register_optional_commands() -> None:
     from msibench.report.command import report_command
 
     main.add_command(report_command)
+    from msibench import weights_commands
+
+    for command in weights_commands.COMMANDS:
+        main.add_command(command)
 
 
 _register_optional_commands()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from msibench.bench.manifest import Task
+    from msibench.weights import WeightFiles
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class Method(abc.ABC):
     name: ClassVar[str] = "method"
     #: How many requests the runner hands to ``generate`` at once.
     batch_size: int = 1
+    #: The weight files the method loads with its default options (hub id + revision + files), as data:
+    #: ``msibench weights fetch --method NAME`` downloads them, ``msibench weights ls`` checks them.
+    weights: ClassVar[tuple[WeightFiles, ...]] = ()
 
     @property
     @abc.abstractmethod

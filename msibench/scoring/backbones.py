@@ -3,9 +3,11 @@
 Every loader takes a *spec*: a hub id or tag, a weight file name, a local path, or ``random`` (the real
 architecture with random weights, built offline, for tests and benchmarks). Without a spec the loader reads its
 environment variable (``MSIBENCH_YOLO_WEIGHTS``, ``MSIBENCH_DINO_WEIGHTS``, ``MSIBENCH_CLIP_WEIGHTS``), then
-falls back to the published default. Weights that are not available offline raise :class:`BackboneError`, whose
-message names the model and says how to provide it; nothing is ever downloaded behind the user's back by
-ultralytics (its ``YOLO("yolo11x.pt")`` would fetch a missing file, so the file is located here first).
+falls back to the published default. Nothing here ever downloads: hub weights are read from the local hub cache
+only (``local_files_only``; open_clip and timm are handed the cached file), YOLO weights from local folders
+(ultralytics' ``YOLO("yolo11x.pt")`` would fetch a missing file, so the file is located here first). Weights that
+are not available offline raise :class:`BackboneError`, whose message names the model and says how to provide
+it; ``msibench weights fetch --scorers`` downloads the defaults, declared in :data:`SCORER_WEIGHTS`.
 
 Each loaded backbone carries an ``identity`` string that names its weights exactly (file name + sha256, hub id +
 revision, or random + seed + torch version). It is part of the scorer version and of every feature-cache key.
@@ -28,6 +30,7 @@ import numpy as np
 
 from msibench.cache import cache_dir
 from msibench.coco import CATEGORY_ID, COCO_CATEGORIES
+from msibench.weights import WeightFiles, locate_hub_file
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +53,24 @@ DEFAULT_CLIP = "openai"
 # One YOLO11x-seg pass gives boxes, classes and masks (see scorer.py for why detection uses the -seg model).
 DEFAULT_DETECTOR = "yolo11x-seg.pt"
 YOLO_ASSETS_URL = "https://github.com/ultralytics/assets/releases"
+
+# Where the defaults come from (``msibench weights fetch --scorers``). The hub revisions could not be looked up
+# where this was written (no hub access), so DINO and CLIP follow the repos' main branch; ``msibench weights ls``
+# reports them as not pinned and the fetch records the commit and sha256 it got. YOLO11 assets are pinned by
+# their release tag.
+YOLO_RELEASE = "v8.3.0"
+DINO_REVISION: str | None = None
+CLIP_HUB_ID = "timm/vit_base_patch32_clip_224.openai"
+CLIP_FILE = "open_clip_model.safetensors"
+CLIP_REVISION: str | None = None
+SCORER_WEIGHTS = (
+    WeightFiles(
+        "ultralytics/assets", (DEFAULT_DETECTOR,), YOLO_RELEASE, "YOLO11x-seg (detector metrics, crops)", "github"
+    ),
+    WeightFiles(DEFAULT_DINO, ("config.json", "pytorch_model.bin"), DINO_REVISION, "DINO ViT-S/16 (DINO-I, collapse)"),
+    WeightFiles(CLIP_HUB_ID, (CLIP_FILE,), CLIP_REVISION, "OpenAI CLIP ViT-B/32 (CLIP-I, CLIP-B)"),
+)
+FETCH_HINT = "`msibench weights fetch --scorers` downloads the default scoring weights"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -302,8 +323,8 @@ def load_dino(
         return BackboneError(
             f"DINO ViT-S/16 weights {spec!r} (from {source}) cannot be loaded: {err}. Provide them offline with "
             f"--dino-weights PATH or {DINO_ENV}=PATH: a transformers folder saved from facebook/dino-vits16, or a "
-            f"timm .safetensors/.pth file of {DINO_TIMM_ARCH}; or run once with network access so the hub cache "
-            "holds them."
+            f"timm .safetensors/.pth file of {DINO_TIMM_ARCH}; {FETCH_HINT} into the hub cache (scoring never "
+            "downloads)."
         )
 
     if spec == RANDOM or spec.startswith(f"{RANDOM}:"):
@@ -313,7 +334,8 @@ def load_dino(
     if spec.startswith("timm:"):
         arch = spec[len("timm:") :]
         try:
-            module = _timm_create(arch, pretrained=True)
+            cached = _timm_cached_file(arch)
+            module = _timm_create(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
         except Exception as err:  # timm raises hub, OS and value errors alike for missing weights
             raise fail(err) from err
         return _timm_encoder(module, f"timm:{arch}", device, batch_size)
@@ -331,7 +353,23 @@ def load_dino(
         return _timm_encoder(module, f"file:{path.name}:sha256:{file_sha256(path)}", device, batch_size)
     if _looks_like_path(spec):
         raise fail(f"no such file or folder {path}")
-    return _transformers_dino(spec, f"hf:{spec}", device, batch_size, fail)
+    revision = DINO_REVISION if spec == DEFAULT_DINO else None
+    return _transformers_dino(spec, f"hf:{spec}", device, batch_size, fail, revision=revision)
+
+
+def _timm_cached_file(arch: str) -> Path:
+    """The weight file of a timm pretrained tag in the local hub cache (timm itself would download it)."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        raise FileNotFoundError(f"timm has no hub weights for {arch!r}")
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+        found = locate_hub_file(repo, name)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{repo} is not in the local hub cache (huggingface-cli download {repo})")
 
 
 def _timm_create(arch: str, **kwargs: Any) -> Any:
@@ -349,18 +387,22 @@ def _timm_encoder(module: Any, name: str, device: str, batch_size: int) -> Image
     )
 
 
-def _transformers_dino(ref: str, name: str, device: str, batch_size: int, fail) -> ImageEncoder:
+def _transformers_dino(
+    ref: str, name: str, device: str, batch_size: int, fail, revision: str | None = None
+) -> ImageEncoder:
+    # local_files_only: a hub id is read from the hub cache, never downloaded (nor retried against the network)
+    hub = {} if Path(ref).is_dir() else {"local_files_only": True, "revision": revision}
     try:
         from transformers import AutoConfig, AutoModel
 
-        config = AutoConfig.from_pretrained(ref)
+        config = AutoConfig.from_pretrained(ref, **hub)
         # DINO-I is defined on DINO ViT-S/16; refuse other backbones (e.g. a DINOv2 folder) rather than report them
         # under its name.
         shape = (config.model_type, getattr(config, "patch_size", None), getattr(config, "hidden_size", None))
         if shape != ("vit", 16, 384):
             raise fail(f"model_type/patch_size/hidden_size {shape}, expected ('vit', 16, 384) for DINO ViT-S/16")
         # add_pooling_layer=False: the DINO checkpoints carry no pooler weights; DINO-I uses the CLS token.
-        module = AutoModel.from_pretrained(ref, add_pooling_layer=False)
+        module = AutoModel.from_pretrained(ref, add_pooling_layer=False, **hub)
     except (OSError, ValueError, TypeError) as err:
         raise fail(err) from err
     revision = getattr(module.config, "_commit_hash", None)
@@ -397,8 +439,8 @@ def load_clip(
     def fail(err: Exception | str) -> BackboneError:
         return BackboneError(
             f"CLIP {CLIP_ARCH} weights {spec!r} (from {source}) cannot be loaded: {err}. Provide them offline with "
-            f"--clip-weights PATH or {CLIP_ENV}=PATH (open_clip_pytorch_model.bin or open_clip_model.safetensors "
-            "of timm/vit_base_patch32_clip_224.openai), or run once with network access so the hub cache holds them."
+            f"--clip-weights PATH or {CLIP_ENV}=PATH (open_clip_pytorch_model.bin or {CLIP_FILE} of {CLIP_HUB_ID}); "
+            f"{FETCH_HINT} into the hub cache (scoring never downloads)."
         )
 
     if spec == RANDOM:
@@ -414,7 +456,8 @@ def load_clip(
         raise fail(f"no such file {path}")
     else:
         try:
-            model = open_clip.create_model(CLIP_ARCH, pretrained=spec, force_quick_gelu=spec == "openai")
+            cached = _open_clip_cached_file(spec)
+            model = open_clip.create_model(CLIP_ARCH, pretrained=str(cached), force_quick_gelu=spec == "openai")
         except Exception as err:
             raise fail(err) from err
         name = f"open_clip:{CLIP_ARCH}{'-quickgelu' if spec == 'openai' else ''}:{spec}"
@@ -433,6 +476,32 @@ def load_clip(
         module=model.visual,
     )
     return ClipBackbone(image=image, text=TextEncoder(encode_text, name=name, module=model))
+
+
+def _open_clip_cached_file(tag: str) -> Path:
+    """The weight file of an open_clip pretrained tag of ViT-B-32 in the local hub cache (open_clip would
+    download it): the declared default for ``openai``, else the tag's hub file or its safetensors twin."""
+    import open_clip.pretrained
+
+    if tag == DEFAULT_CLIP:
+        candidates = [
+            (CLIP_HUB_ID, CLIP_FILE, CLIP_REVISION),
+            (CLIP_HUB_ID, "open_clip_pytorch_model.bin", CLIP_REVISION),
+        ]
+    else:
+        cfg = open_clip.pretrained.get_pretrained_cfg(CLIP_ARCH, tag)
+        if not cfg or not cfg.get("hf_hub"):
+            raise FileNotFoundError(f"open_clip knows no hub weights {CLIP_ARCH}/{tag!r}; pass a local file")
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" or "org/name/file", as open_clip reads it
+        filename = filename or "open_clip_pytorch_model.bin"
+        candidates = [(repo, "open_clip_model.safetensors", None), (repo, filename, None)]
+    for repo, filename, revision in candidates:
+        found = locate_hub_file(repo, filename, revision)
+        if found is not None:
+            return found
+    raise FileNotFoundError(
+        f"{candidates[0][0]} ({' or '.join(c[1] for c in candidates)}) is not in the local hub cache"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- YOLO
@@ -510,10 +579,12 @@ def load_yolo(
         if path is None:
             looked = ", ".join(str(p) for p in _yolo_candidates(spec))
             name = Path(spec).name
+            how = f"{FETCH_HINT} ({name})" if name == DEFAULT_DETECTOR else f"Download {name} from {YOLO_ASSETS_URL}"
             raise BackboneError(
-                f"YOLO11 weights {spec!r} not found offline (looked in: {looked}). Download {name} from "
-                f"{YOLO_ASSETS_URL} and pass --detector /path/to/{name}, or set {YOLO_ENV} to the file or its "
-                f"folder, or copy it to {cache_dir() / 'weights'}/. msibench never lets ultralytics download it."
+                f"YOLO11 weights {spec!r} not found offline (looked in: {looked}). "
+                f"{how}"
+                f" into {cache_dir() / 'weights'}/, or pass --detector /path/to/{name}, or set {YOLO_ENV} to the "
+                "file or its folder. msibench never lets ultralytics download it."
             )
         from ultralytics.nn.tasks import load_checkpoint
 

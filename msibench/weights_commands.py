@@ -1,0 +1,85 @@
+"""``msibench weights fetch | ls``: one command for every weight file Table I needs (see :mod:`msibench.weights`).
+Only click is imported here."""
+
+from __future__ import annotations
+
+import click
+
+_SELECT = [
+    click.option("--scorers", is_flag=True, help="The scoring backbones (YOLO11x-seg, DINO ViT-S/16, CLIP ViT-B/32)."),
+    click.option("--method", "methods", multiple=True, help="A registered method, or all (repeatable)."),
+]
+
+
+def _select(fn):
+    for option in reversed(_SELECT):
+        fn = option(fn)
+    return fn
+
+
+def _entries(scorers: bool, methods: tuple[str, ...]):
+    from msibench import registry
+    from msibench.weights import selection
+
+    try:
+        return selection(scorers, list(methods))
+    except (registry.UnknownMethodError, registry.MethodUnavailableError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@click.group("weights")
+def weights_group() -> None:
+    """Download (fetch) or check (ls) the weights of the scorers and methods; nothing else downloads them.
+
+    Without --scorers or --method: everything Table I needs."""
+
+
+@weights_group.command("fetch")
+@_select
+def fetch_command(scorers: bool, methods: tuple[str, ...]) -> None:
+    """Download every declared file that is missing or different, by hub id + revision; record its sha256."""
+    from msibench.weights import WeightsError, fetch
+
+    try:
+        done = fetch(_entries(scorers, methods), progress=lambda msg: click.echo(msg, err=True))
+    except WeightsError as err:
+        raise click.ClickException(str(err)) from err
+    _print(done)
+
+
+@weights_group.command("ls")
+@_select
+@click.option(
+    "--verify", is_flag=True, help="Re-hash every present file (default: size and mtime against the record)."
+)
+def ls_command(scorers: bool, methods: tuple[str, ...], verify: bool) -> None:
+    """Each declared file: present, missing, different (from its fetched sha256), unverified or manual.
+    Exit code 1 when a file is missing or different."""
+    from msibench.weights import status
+
+    rows = status(_entries(scorers, methods), verify=verify)
+    _print(rows)
+    if any(r.status in ("missing", "different") for r in rows):
+        raise SystemExit(1)
+
+
+def _print(rows) -> None:
+    last = None
+    for r in rows:
+        head = (r.owner, r.spec)
+        if head != last:
+            pin = "" if r.spec.pinned else "  [revision not pinned]"
+            click.echo(f"{r.owner}: {r.spec.label}{pin}")
+            if r.spec.note:
+                click.echo(f"  ({r.spec.note})")
+            last = head
+        where = f"  {r.path}" if r.path else ""
+        detail = f"  ({r.detail})" if r.detail and r.detail != r.spec.note else ""
+        click.echo(f"  {r.status:<10} {r.file}{where}{detail}")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing declared")
+
+
+COMMANDS = [weights_group]

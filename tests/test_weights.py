@@ -1,0 +1,182 @@
+"""``msibench weights``: declared weight files fetched from a fake hub (no network), their status, and scoring that
+never downloads and names every missing weight at once."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from msibench import weights
+from msibench.cli import main
+from msibench.weights import WeightFiles, WeightsError, fetch, locate_hub_file, method_weights, selection, status
+
+
+class FakeHub:
+    """hf_hub_download / list_repo_files / GitHub downloads over an in-memory hub, writing the real hub-cache layout
+    (models--org--name/snapshots/<commit>/<file>, refs/<revision>) under ``cache``."""
+
+    def __init__(self, cache: Path, online: bool = True) -> None:
+        self.cache = cache
+        self.online = online
+        self.calls: list[tuple[str, str]] = []
+
+    @staticmethod
+    def content(repo_id: str, filename: str) -> bytes:
+        return f"weights of {repo_id}/{filename}".encode()
+
+    @staticmethod
+    def repo_files(repo_id: str) -> list[str]:
+        return ["config.json", "diffusion_pytorch_model.safetensors", "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors", "model.safetensors.index.json", "README.md"]  # fmt: skip
+
+    def hf_hub_download(self, repo_id, filename, revision=None, **kwargs):
+        self.calls.append((repo_id, filename))
+        if not self.online:
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            raise LocalEntryNotFoundError("offline: the file is not in the cache")
+        commit = revision if revision and re.fullmatch(r"[0-9a-f]{40}", revision) else "c" * 40
+        root = self.cache / f"models--{repo_id.replace('/', '--')}"
+        if commit != revision:
+            (root / "refs").mkdir(parents=True, exist_ok=True)
+            (root / "refs" / (revision or "main")).write_text(commit)
+        path = root / "snapshots" / commit / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.content(repo_id, filename))
+        return str(path)
+
+    def list_repo_files(self, repo_id, revision=None, **kwargs):
+        if not self.online:
+            raise OSError("offline")
+        return self.repo_files(repo_id)
+
+    def download_url(self, url, dest):
+        self.calls.append(("url", url))
+        if not self.online:
+            raise OSError("offline")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(url.encode())
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    hub = FakeHub(tmp_path / "hf-cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", hub.list_repo_files)
+    monkeypatch.setattr(weights, "_download_url", hub.download_url)
+    return hub
+
+
+def test_methods_declare_their_weights_through_the_registry():
+    ip = method_weights("ip-adapter")
+    assert {w.repo_id for w in ip} == {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/sd-vae-ft-mse",
+                                       "h94/IP-Adapter"}  # fmt: skip
+    assert all(w.pinned for w in ip) and any("models/ip-adapter_sd15.bin" in w.files for w in ip)
+    assert method_weights("paste") == []
+    ssr = method_weights("ssr-encoder")
+    assert [w.source for w in ssr].count("manual") == 1  # the aligner lives on Google Drive
+    everything = selection(False, [])
+    owners = {owner for owner, _ in everything}
+    assert owners == {"scorers", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet"}
+    with pytest.raises(ValueError, match="GitHub release asset needs its tag"):
+        WeightFiles("ultralytics/assets", ("yolo11x-seg.pt",), None, source="github")
+
+
+def test_fetch_records_sha256_and_ls_reports_present_missing_different(fake_hub, tmp_path):
+    entries = selection(True, ["lambda-eclipse"])
+    done = fetch(entries)
+    assert {d.status for d in done} == {"present"}
+    # patterns resolved against the repo's file list: both prior weights and the text encoder's shards
+    files = {(d.spec.repo_id, d.file) for d in done}
+    assert ("ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0", "diffusion_pytorch_model.safetensors") in files
+    assert ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "model.safetensors.index.json") in files
+    assert ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "README.md") not in files
+    # the record holds each file's sha256, and the scorer's offline lookup finds the hub files
+    record = weights.read_fetched()
+    dino = record["hf:facebook/dino-vits16@main:pytorch_model.bin"]
+    assert dino["sha256"] == weights.sha256_file(dino["path"]) and dino["commit"] == "c" * 40
+    assert locate_hub_file("facebook/dino-vits16", "pytorch_model.bin") == Path(dino["path"])
+    yolo = record["github:ultralytics/assets@v8.3.0:yolo11x-seg.pt"]
+    assert Path(yolo["path"]) == weights.github_dir() / "yolo11x-seg.pt"
+    assert yolo["path"].endswith("weights/yolo11x-seg.pt")
+    assert {s.status for s in status(entries)} == {"present"}
+
+    # a second fetch downloads nothing
+    n_calls = len(fake_hub.calls)
+    fetch(entries)
+    assert len(fake_hub.calls) == n_calls
+
+    # changed content -> different; deleted -> missing; fetch puts it back
+    Path(dino["path"]).write_bytes(b"something else")
+    Path(yolo["path"]).unlink()
+    by_file = {(s.spec.repo_id, s.file): s for s in status(entries)}
+    assert by_file[("facebook/dino-vits16", "pytorch_model.bin")].status == "different"
+    assert by_file[("ultralytics/assets", "yolo11x-seg.pt")].status == "missing"
+    fetch(entries)
+    assert {s.status for s in status(entries, verify=True)} == {"present"}
+
+
+def test_offline_fetch_reports_every_failure_in_one_message(fake_hub):
+    fake_hub.online = False
+    entries = selection(True, ["customnet"])
+    with pytest.raises(WeightsError) as err:
+        fetch(entries)
+    text = str(err.value)
+    assert text.startswith("5 weight file(s) could not be fetched")
+    for name in ("yolo11x-seg.pt", "facebook/dino-vits16", "pytorch_model.bin", "open_clip_model.safetensors",
+                 "customnet_v1.pt"):  # fmt: skip
+        assert name in text
+    assert len(fake_hub.calls) == 5  # one attempt per file, no retries
+
+
+def test_weights_cli(fake_hub):
+    runner = CliRunner()
+    res = runner.invoke(main, ["weights", "ls", "--scorers"])
+    assert res.exit_code == 1 and "4 missing" in res.output and "[revision not pinned]" in res.output
+    res = runner.invoke(main, ["weights", "fetch", "--scorers"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["weights", "ls", "--scorers"])
+    assert res.exit_code == 0 and "4 present" in res.output
+    res = runner.invoke(main, ["weights", "ls", "--method", "nope"])
+    assert res.exit_code != 0 and "unknown method 'nope'" in res.output
+    res = runner.invoke(main, ["weights", "ls", "--method", "ssr-encoder"])
+    assert "manual" in res.output and "drive.google.com" in res.output
+
+
+def test_scoring_never_downloads_and_names_every_missing_weight_at_once(monkeypatch, tmp_path):
+    """Online (offline mode off), with nothing cached: one error naming the detector, DINO and CLIP, and not a
+    single network connection attempted."""
+    from huggingface_hub import constants
+
+    from msibench.scoring import backbones
+    from msibench.scoring.scorer import Scorer, ScorerConfig
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in (backbones.YOLO_ENV, backbones.DINO_ENV, backbones.CLIP_ENV):
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def no_network(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"test: network access to {address} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    with pytest.raises(backbones.BackboneError) as err:
+        Scorer(ScorerConfig()).setup()
+    text = str(err.value)
+    assert text.startswith("3 scoring backbone(s) cannot be loaded offline")
+    assert "yolo11x-seg.pt" in text and "facebook/dino-vits16" in text and "ViT-B-32" in text
+    assert "msibench weights fetch --scorers" in text
+    assert attempts == []
