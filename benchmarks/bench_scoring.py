@@ -1,35 +1,46 @@
-"""Benchmark: scoring the 100 multi-subject ``paste`` images with the real scorer architectures.
+"""Benchmark: the scorer against three baselines and against the bound set by its own kernels.
 
 The networks are the real YOLO11x-seg, DINO ViT-S/16 and OpenAI CLIP ViT-B/32 architectures with random weights
-(built offline; the cost is the same as with trained weights). Measured in the same run, on the same images:
+(built offline; the cost of a forward pass does not depend on the weights). Every contender scores the same
+``paste`` images (512 px, the multi-subject track) with the same definitions (layout-free crop, Z-Acc pairs from
+the manifest, collapse) and its values are checked against ours:
 
-  ours    msibench.scoring.score_run: one batched YOLO11x-seg pass per batch of images serves detection,
-          matching and masks; every crop of a batch goes through DINO and CLIP in one call; reference features
-          come from the on-disk cache; background texts are encoded once. "cold": a fresh cache, so each
-          reference feature is computed (once) inside the timing; "warm": the cache filled (the usual case: the
-          references are the same for every method's run).
-  naive   each metric computed on its own, as separate scripts would: its own detector pass per metric
-          (YOLO-Subj, YOLO-L, Z-Acc, DINO-I, CLIP-I), one model call per crop, no batching, reference and text
-          features recomputed every time. Its values are checked against ours.
-  bound   the FLOP bound: model FLOPs per image (torch's FlopCounterMode on the detector at the letterbox size,
-          plus K crops through DINO and CLIP and the whole image through CLIP; ViT attention matmuls added by
-          formula, as the counter misses fused attention) divided by this machine's measured float32 matmul rate
-          with the same threads; reported as (bound time) / (our warm time), the fraction of the bound reached.
+  ours         the Scorer as score_run drives it per batch (class Ours; score_run's per-run fixed costs left
+               out): one batched YOLO11x-seg pass per batch of images serves detection,
+               matching and masks; every crop of a batch goes through DINO, and crops + whole images through CLIP,
+               in one call each; reference features come from the on-disk cache (filled once before timing: the
+               references are the same for every method's run); background texts are encoded once per run.
+  per-metric   one scorer per metric, as separate metric scripts would run: its own detector pass for each of
+               YOLO-Subj, YOLO-L, Z-Acc, DINO-I and CLIP-I (5 passes), one encoder call per crop and per
+               reference, CLIP-B on its own.
+  3-scripts    three scripts (detector metrics / identity / CLIP-B): the first runs one segmentation pass for
+               YOLO-Subj, YOLO-L and Z-Acc; the second its own detector pass and each image's crops batched
+               through DINO and CLIP, references encoded once per script run; the third CLIP-B, each text encoded
+               once per run.
+  single-pass  one plain script: one segmentation pass per image serving every metric, crops encoded one at a
+               time, the references and the background text re-encoded for every image.
+  bound        the kernels alone: the detector module, DINO and CLIP forwards (and the text tower) replayed on
+               exactly the input tensors ours gave them in that chunk, with nothing else; ours is reported as
+               (bound time) / (our time), the fraction of its own kernel bound it reaches.
 
-Other processes may share the cores, so the scorers run interleaved, chunk by chunk (--chunk images: ours cold,
-ours warm, then --naive-per-chunk of them naive), each chunk preceded by a short matmul-rate measurement.
+The machine may be shared, so the contenders run interleaved in equal chunks (every contender scores every image
+of a chunk, in an order rotated from chunk to chunk), each chunk followed by its bound replay.
 
-Usage: python benchmarks/bench_scoring.py [--threads 2] [--limit 100] [--chunk 10] [--naive-per-chunk 2]
-           [--batch-size 8] [--detector yolo11x-seg.yaml] [--coco-root ../shared/data/coco2017-mini] [--json-out F]
-The issue's targets: ours >= 3x naive, and >= 70 % of the FLOP bound, on 2 CPU cores.
+Detector passes (what each track needs, see msibench/scoring/scorer.py): the single track is also scored, in
+equal interleaved chunks, under three configurations: the default (the layout-free crop must find the subject:
+one detector pass), ``--identity-crop full`` and ``--metrics clip_b`` (no pass): the saving where no requested
+metric needs the detector.
+
+Usage: python benchmarks/bench_scoring.py [--threads 2] [--limit 24] [--chunk 4] [--batch-size 8]
+           [--single-limit 16] [--coco-root ../shared/data/coco2017-mini] [--json-out F]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -37,283 +48,415 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CONTENDERS = ("ours", "per-metric", "3-scripts", "single-pass")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is stated for 2)")
-    p.add_argument("--limit", type=int, default=100, help="multi-subject tasks to score (the track has 100)")
-    p.add_argument("--chunk", type=int, default=10, help="images per interleaved chunk (see main)")
-    p.add_argument("--naive-per-chunk", type=int, default=2, help="images of each chunk the naive scorer scores")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--limit", type=int, default=24, help="multi-subject images to score")
+    p.add_argument("--single-limit", type=int, default=16, help="single-subject images (detector-pass section)")
+    p.add_argument("--chunk", type=int, default=4, help="images per interleaved chunk")
     p.add_argument("--batch-size", type=int, default=8, help="our scorer's images per batch")
     p.add_argument("--detector", default="yolo11x-seg.yaml", help="YOLO11 architecture yaml (random weights)")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--resolution", type=int, default=512, help="paste image size")
     p.add_argument("--coco-root", type=Path, default=REPO.parent / "shared" / "data" / "coco2017-mini")
-    p.add_argument("--workdir", type=Path, default=None, help="where the run and cache go (default: a temp dir)")
+    p.add_argument("--workdir", type=Path, default=None, help="where the runs and cache go (default: a temp dir)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json-out", type=Path, default=None)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def matmul_gflops(threads: int, device: str, quick: bool = False) -> float:
-    """Best float32 matmul rate over a few sizes, in GFLOP/s (``quick``: one size, about a second)."""
-    import torch
+# -------------------------------------------------------------------------------------------- the baselines
 
-    best = 0.0
-    for n in (2048,) if quick else (1024, 2048, 3072):
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
-        torch.mm(a, b)
-        reps = max(2, int(2e10 / (2 * n**3)))
+
+class Baselines:
+    """The three baselines over the same random-weight modules as ours (so every value can be compared)."""
+
+    def __init__(self, scorer, manifest, run_dir, device) -> None:
+        from msibench.bench.prepare import reference_paths
+        from msibench.scoring.detect import YoloDetector
+
+        d = scorer.detector
+        # unbatched: a script scores one image at a time
+        self.det = YoloDetector(d.model, conf=d.conf, iou=d.iou, imgsz=d.imgsz, max_det=d.max_det, batch_size=1)
+        self.dino, self.clip = scorer.dino, scorer.clip
+        self.manifest, self.run_dir = manifest, run_dir
+        self.ref_paths = {
+            t.id: [reference_paths(s.reference, manifest.sources[s.reference.image_id]).image for s in t.subjects]
+            for t in manifest.tasks
+        }
+        self.script_refs: dict[tuple[str, str], object] = {}  # the 3-scripts identity script's in-memory refs
+        self.script_texts: dict[str, object] = {}
+
+    def load(self, rec):
+        from PIL import Image
+
+        task = self.manifest.by_id[rec["task_id"]]
+        with Image.open(self.run_dir / rec["image"]) as im:
+            return task, im.convert("RGB")
+
+    @staticmethod
+    def _ref(path):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    def detector_metrics(self, task, image, seg, out):
+        from msibench.scoring.match import match_targets
+        from msibench.scoring.metrics import yolo_l, yolo_subj, z_order_pairs
+
+        boxes, cats = [s.box for s in task.subjects], [s.category_id for s in task.subjects]
+        matches = match_targets(boxes, cats, seg)
+        out["yolo_subj"] = yolo_subj(Counter(cats), seg.counts()).value
+        out["yolo_l"] = yolo_l(matches).value
+        masks = [seg.mask(m.detection) if m.matched else None for m in matches]
+        pairs = z_order_pairs(boxes, [s.z for s in task.subjects], cats, masks, image.size)
+        out["z_correct"] = sum(p.correct for p in pairs)
+        out["z_pairs"] = len(pairs)
+
+    @staticmethod
+    def crops(task, image, det):
+        from msibench.scoring.identity import crop
+        from msibench.scoring.match import find_subjects
+
+        found = find_subjects([s.box for s in task.subjects], [s.category_id for s in task.subjects], det)
+        return [crop(image, det.boxes[f.detection] if f.found else None) for f in found]
+
+    @staticmethod
+    def identity(task, crop_feats, ref_feats, out, key):
+        from msibench.scoring.identity import cosine
+        from msibench.scoring.metrics import collapse
+
+        k = len(task.subjects)
+        sims = [[cosine(crop_feats[j], ref_feats[r]) for r in range(k)] for j in range(k)]
+        out[key] = statistics.fmean(sims[j][j] for j in range(k))
+        if key == "dino_i":
+            out["collapse_confused"] = collapse(sims, [s.category_id for s in task.subjects]).n_confused
+
+    def forget(self) -> None:
+        """Start a new "script run": the 3-scripts baseline encodes each reference and text once per run."""
+        self.script_refs.clear()
+        self.script_texts.clear()
+
+    def per_metric(self, records) -> dict[str, dict]:
+        return {rec["task_id"]: self._per_metric(rec) for rec in records}
+
+    def three_scripts(self, records) -> dict[str, dict]:
+        return {rec["task_id"]: self._three_scripts(rec) for rec in records}
+
+    def single_pass(self, records) -> dict[str, dict]:
+        return {rec["task_id"]: self._single_pass(rec) for rec in records}
+
+    def _per_metric(self, rec):
+        from msibench.scoring.identity import cosine
+
+        task, image = self.load(rec)
+        out = {}
+        self.detector_metrics(task, image, self.det([image])[0], {})  # YOLO-Subj script's pass
+        self.detector_metrics(task, image, self.det([image])[0], {})  # YOLO-L script's pass
+        self.detector_metrics(task, image, self.det([image])[0], out)  # Z-Acc script's pass (values kept)
+        for key, encoder in (("dino_i", self.dino), ("clip_i", self.clip.image)):
+            crops = self.crops(task, image, self.det([image])[0])  # each identity script's own pass
+            feats = [encoder.encode([c])[0] for c in crops]
+            refs = [encoder.encode([self._ref(p)])[0] for p in self.ref_paths[task.id]]
+            self.identity(task, feats, refs, out, key)
+        out["clip_b"] = cosine(self.clip.image.encode([image])[0], self.clip.text.encode([task.background])[0])
+        return out
+
+    def _three_scripts(self, rec):
+        from msibench.scoring.identity import cosine
+
+        task, image = self.load(rec)
+        out = {}
+        self.detector_metrics(task, image, self.det([image])[0], out)  # script 1
+        crops = self.crops(task, image, self.det([image])[0])  # script 2: its own detector pass
+        for key, encoder in (("dino_i", self.dino), ("clip_i", self.clip.image)):
+            feats = encoder.encode(crops)
+            refs = []
+            for p in self.ref_paths[task.id]:
+                if (key, str(p)) not in self.script_refs:
+                    self.script_refs[(key, str(p))] = encoder.encode([self._ref(p)])[0]
+                refs.append(self.script_refs[(key, str(p))])
+            self.identity(task, feats, refs, out, key)
+        if task.background not in self.script_texts:  # script 3
+            self.script_texts[task.background] = self.clip.text.encode([task.background])[0]
+        out["clip_b"] = cosine(self.clip.image.encode([image])[0], self.script_texts[task.background])
+        return out
+
+    def _single_pass(self, rec):
+        from msibench.scoring.identity import cosine
+
+        task, image = self.load(rec)
+        out = {}
+        seg = self.det([image])[0]
+        self.detector_metrics(task, image, seg, out)
+        crops = self.crops(task, image, seg)
+        for key, encoder in (("dino_i", self.dino), ("clip_i", self.clip.image)):
+            feats = [encoder.encode([c])[0] for c in crops]
+            refs = [encoder.encode([self._ref(p)])[0] for p in self.ref_paths[task.id]]
+            self.identity(task, feats, refs, out, key)
+        out["clip_b"] = cosine(self.clip.image.encode([image])[0], self.clip.text.encode([task.background])[0])
+        return out
+
+
+class Ours:
+    """The scorer as :func:`msibench.scoring.score.score_run` drives it, batch by batch: load each image and
+    hash it, find its references (hashed once), ``Scorer.score_batch``. The per-run fixed costs of ``score_run``
+    (reading run.json and the records, the scores header, the final aggregate with its bootstrap: 1-2 s per call
+    on this machine) are left out, as the baselines have none and the interleaved chunks would multiply them."""
+
+    def __init__(self, scorer, manifest, run_dir, batch_size) -> None:
+        from msibench.bench.prepare import reference_paths
+
+        self.scorer, self.manifest, self.run_dir, self.batch_size = scorer, manifest, run_dir, batch_size
+        self.reference_paths = reference_paths
+        self.ref_sha: dict[Path, str] = {}
+
+    def _references(self, task):
+        out = []
+        for s in task.subjects:
+            path = self.reference_paths(s.reference, self.manifest.sources[s.reference.image_id]).image
+            if path not in self.ref_sha:
+                self.ref_sha[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out.append((self.ref_sha[path], path))
+        return out
+
+    def score(self, records) -> dict[str, dict]:
+        from PIL import Image
+
+        from msibench.scoring.scorer import ScoreItem
+
+        out = {}
+        for b in range(0, len(records), self.batch_size):
+            items = []
+            for rec in records[b : b + self.batch_size]:
+                task = self.manifest.by_id[rec["task_id"]]
+                path = self.run_dir / rec["image"]
+                sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+                items.append(ScoreItem(task, rec, image, sha, self._references(task)))
+            for rec in self.scorer.score_batch(items):
+                out[rec["task_id"]] = rec["metrics"]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- the bound
+
+
+class KernelRecorder:
+    """Records the input tensors of the detector module, the image towers and the texts of the text tower while
+    ours scores a chunk, then replays those exact inputs through the kernels alone."""
+
+    def __init__(self, scorer, device) -> None:
+        self.scorer, self.device = scorer, device
+        self.calls: list[tuple[str, object]] = []
+        self.active = False
+        scorer.detector.model.module.register_forward_pre_hook(self._hook("detector"))
+        for name, encoder in (("dino", scorer.dino), ("clip", scorer.clip.image)):
+            encoder.encode_batch = self._wrap(name, encoder.encode_batch)
+        scorer.clip.text.encode = self._wrap("text", scorer.clip.text.encode)
+
+    def _hook(self, name):
+        def hook(module, args):
+            if self.active:
+                self.calls.append((name, args[0]))
+
+        return hook
+
+    def _wrap(self, name, fn):
+        def wrapped(x):
+            if self.active:
+                self.calls.append((name, x))
+            return fn(x)
+
+        return wrapped
+
+    def replay(self) -> float:
+        import torch
+
+        s = self.scorer
+        run = {
+            "detector": s.detector.model.module,
+            "dino": lambda x: s.dino.forward(x.to(self.device)),
+            "clip": lambda x: s.clip.image.forward(x.to(self.device)),
+            "text": lambda texts: s.clip.text.forward(list(texts)),
+        }
         start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        if device.startswith("cuda"):
+        with torch.inference_mode():
+            for name, x in self.calls:
+                run[name](x)
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
-    return best
+        seconds = time.perf_counter() - start
+        self.calls = []
+        return seconds
 
 
-def model_flops(fn, *args) -> float:
-    """FLOPs counted by torch's FlopCounterMode (convolutions and matmuls; 2 per multiply-add)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    # nn.MultiheadAttention's inference fast path is one fused op the counter does not see: take the plain path.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.inference_mode(), counter:
-            fn(*args)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    return float(counter.get_total_flops())
+# ------------------------------------------------------------------------------------------------------ main
 
 
-def attention_flops(tokens: int, width: int, layers: int) -> float:
-    """The two attention matmuls (QK^T and AV) of a ViT, which run as fused scaled_dot_product_attention kernels
-    that FlopCounterMode does not count on CPU: 2 x (2 N^2 D) per layer."""
-    return 4.0 * tokens**2 * width * layers
-
-
-class Timer:
-    """Accumulates wall time of wrapped callables (to split our time into detector / encoders / rest)."""
-
-    def __init__(self) -> None:
-        self.seconds: Counter[str] = Counter()
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - start
-
-        return timed
-
-
-def naive_scores(task, image, ref_paths, det, seg, dino, clip):
-    """Every metric on its own, as separate scripts would compute it (see the module docstring)."""
-    from PIL import Image
-
-    from msibench.scoring.identity import cosine, crop
-    from msibench.scoring.match import match_targets
-    from msibench.scoring.metrics import yolo_l, yolo_subj, z_order_pairs
-
-    boxes = [s.box for s in task.subjects]
-    cats = [s.category_id for s in task.subjects]
-    out = {}
-    # YOLO-Subj script
-    dets = det([image])[0]
-    res = yolo_subj(Counter(cats), dets.counts())
-    out["yolo_subj"] = res.value
-    # YOLO-L script
-    dets = det([image])[0]
-    out["yolo_l"] = yolo_l(match_targets(boxes, cats, dets)).value
-    # Z-Acc script
-    segs = seg([image])[0]
-    matches = match_targets(boxes, cats, segs)
-    masks = [segs.mask(m.detection) if m.matched else None for m in matches]
-    pairs = z_order_pairs(boxes, [s.z for s in task.subjects], cats, masks, image.size)
-    out["z_correct"] = sum(p.correct for p in pairs)
-    # DINO-I and CLIP-I scripts: their own detector pass, one call per crop and per reference
-    for key, encoder in (("dino_i", dino), ("clip_i", clip.image)):
-        dets = det([image])[0]
-        matches = match_targets(boxes, cats, dets)
-        values = []
-        for j, subject in enumerate(task.subjects):
-            box = dets.boxes[matches[j].detection] if matches[j].matched else subject.box
-            feat = encoder.encode([crop(image, box)])[0]
-            with Image.open(ref_paths[j]) as ref:
-                ref_feat = encoder.encode([ref.convert("RGB")])[0]
-            values.append(cosine(feat, ref_feat))
-        out[key] = statistics.fmean(values)
-    # CLIP-B script
-    out["clip_b"] = cosine(clip.image.encode([image])[0], clip.text.encode([task.background])[0])
-    return out
-
-
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scoring_"))
-    os.environ["MSIBENCH_CACHE"] = str(workdir / "cache")  # a fresh feature cache: reference cost included
+    os.environ["MSIBENCH_CACHE"] = str(workdir / "cache")
 
     import torch
-    from PIL import Image
 
     from msibench.bench.manifest import load_manifest
-    from msibench.bench.prepare import reference_paths
     from msibench.methods.paste import PasteMethod
+    from msibench.records import read_records
     from msibench.runner import run_method
-    from msibench.scoring.backbones import load_clip, load_dino, load_yolo
-    from msibench.scoring.detect import YoloDetector
-    from msibench.scoring.score import score_run
     from msibench.scoring.scorer import Scorer, ScorerConfig
-    from msibench.scoring.store import load_scores
 
     torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}, device {args.device}, workdir {workdir}")
+    load_start = os.getloadavg()
+    print(f"threads {torch.get_num_threads()}, device {args.device}, load average {load_start}, workdir {workdir}")
 
     run_dir = workdir / "paste-run"
-    run_method(
-        PasteMethod(resolution=args.resolution),
-        run_dir=run_dir,
-        coco_root=args.coco_root,
-        track="multi",
-        limit=args.limit,
-        progress=False,
-    )
+    run_method(PasteMethod(resolution=args.resolution), run_dir=run_dir, coco_root=args.coco_root, track="all",
+               limit=max(args.limit, args.single_limit), progress=False)  # fmt: skip
     manifest = load_manifest()
-    records = sorted((r for r in map(json.loads, open(run_dir / "records.jsonl"))), key=lambda r: r["task_id"])
-    n_images = len(records)
-    mean_k = statistics.fmean(r["k"] for r in records)
-    print(f"{n_images} multi-subject paste images at {args.resolution} px, mean K {mean_k:.2f}")
+    records = sorted(read_records(run_dir / "records.jsonl"), key=lambda r: (r["task_id"], r["sample_index"]))
+    multi = [r for r in records if r["track"] == "multi"][: args.limit]
+    single = [r for r in records if r["track"] == "single"][: args.single_limit]
+    print(f"{len(multi)} multi-subject images (mean K {statistics.fmean(r['k'] for r in multi):.2f}) and "
+          f"{len(single)} single-subject images at {args.resolution} px")  # fmt: skip
 
-    config = ScorerConfig(detector=args.detector, dino="random", clip="random", imgsz=args.imgsz,
-                          batch_size=args.batch_size)  # fmt: skip
-    scorer = Scorer(config, device=args.device)
-    t0 = time.perf_counter()
+    def config(**kw):
+        return ScorerConfig(detector=args.detector, dino="random", clip="random", imgsz=args.imgsz,
+                            batch_size=args.batch_size, **kw)  # fmt: skip
+
+    scorer = Scorer(config(), device=args.device)
     scorer.setup()
-    print(f"models built in {time.perf_counter() - t0:.1f} s")
+    # the reference features, once, before timing (the usual case: every method's run shares them)
+    from msibench.bench.prepare import reference_paths
 
-    # FLOPs per image (K crops through DINO and CLIP, the image through CLIP, the detector pass)
-    yolo_flops = model_flops(scorer.detector.model.module, torch.zeros(1, 3, args.imgsz, args.imgsz))
-    vit = scorer.dino.module
-    dino_flops = model_flops(scorer.dino.forward, torch.zeros(1, 3, 224, 224)) + attention_flops(
-        vit.patch_embed.num_patches + vit.num_prefix_tokens, vit.embed_dim, len(vit.blocks)
-    )
-    visual = scorer.clip.image.module
-    clip_flops = model_flops(scorer.clip.image.forward, torch.zeros(1, 3, 224, 224)) + attention_flops(
-        visual.grid_size[0] * visual.grid_size[1] + 1, visual.transformer.width, visual.transformer.layers
-    )
+    refs = {}
+    for r in multi + single:
+        for s in manifest.by_id[r["task_id"]].subjects:
+            path = reference_paths(s.reference, manifest.sources[s.reference.image_id]).image
+            refs[hashlib.sha256(path.read_bytes()).hexdigest()] = path
+    t0 = time.perf_counter()
+    scorer.warm_references(refs)
+    print(f"{len(refs)} reference features computed and cached in {time.perf_counter() - t0:.1f} s (once)")
 
-    def image_flops(rec) -> float:
-        return yolo_flops + rec["k"] * (dino_flops + clip_flops) + clip_flops
+    baselines = Baselines(scorer, manifest, run_dir, args.device)
+    ours = Ours(scorer, manifest, run_dir, args.batch_size)
+    fns = {"ours": ours.score, "per-metric": baselines.per_metric, "3-scripts": baselines.three_scripts,
+           "single-pass": baselines.single_pass}  # fmt: skip
+    # warm-up, untimed: first calls pay one-off costs (allocator, kernel selection) that belong to no contender
+    for name in CONTENDERS:
+        fns[name](multi[:1])
+    baselines.forget()
+    recorder = KernelRecorder(scorer, args.device)
+    seconds: Counter[str] = Counter()
+    values: dict[str, dict[str, dict]] = {name: {} for name in CONTENDERS}
+    chunks = [multi[i : i + args.chunk] for i in range(0, len(multi), args.chunk)]
+    for c, chunk in enumerate(chunks):
+        order = CONTENDERS[c % 4 :] + CONTENDERS[: c % 4]
+        for name in order:
+            recorder.active = name == "ours"
+            start = time.perf_counter()
+            values[name].update(fns[name](chunk))
+            seconds[name] += time.perf_counter() - start
+            recorder.active = False
+        seconds["bound"] += recorder.replay()
+        done = sum(len(x) for x in chunks[: c + 1])
+        line = ", ".join(f"{k} {seconds[k]:.1f} s" for k in (*CONTENDERS, "bound"))
+        print(f"  {done:>3}/{len(multi)} images: {line}", flush=True)
 
-    flops_per_image = statistics.fmean(image_flops(r) for r in records)
-    print(
-        f"GFLOPs per forward: detector {yolo_flops / 1e9:.1f}, DINO {dino_flops / 1e9:.2f}, CLIP image "
-        f"{clip_flops / 1e9:.2f}; per image {flops_per_image / 1e9:.1f} (mean over the images)"
-    )
+    max_diff = 0.0
+    for name in CONTENDERS[1:]:
+        for task_id, vals in values[name].items():
+            for key, v in vals.items():
+                max_diff = max(max_diff, abs(float(v) - float(values["ours"][task_id][key])))
 
-    # Other processes may share the cores and their load varies, so the three scorers run interleaved, chunk by
-    # chunk, each chunk preceded by a matmul-rate measurement: all of them see the same conditions.
-    #   cold: our scorer on a fresh feature cache (each chunk's reference features computed, then cached on disk)
-    #   warm: our scorer (a new Scorer, same models) on a copy of the run, reading those features from disk
-    #   naive: the first --naive-per-chunk images of the chunk
-    warm_dir = workdir / "paste-run-warm"
-    shutil.copytree(run_dir, warm_dir)
-    warm = Scorer(config, detector=scorer.detector, dino=scorer.dino, clip=scorer.clip, device=args.device)
-    timer = Timer()
-    scorer.detector._run = timer.wrap("detector", scorer.detector._run)  # every batch goes through _run
-    scorer.dino.encode = timer.wrap("dino", scorer.dino.encode)
-    scorer.clip.image.encode = timer.wrap("clip", scorer.clip.image.encode)
-    det_model = load_yolo(args.detector, device=args.device)
-    naive_det = YoloDetector(det_model, imgsz=args.imgsz, batch_size=1, channels_last=False)
-    dino = load_dino("random", device=args.device, batch_size=1)
-    clip = load_clip("random", device=args.device, batch_size=1)
+    # what each track needs: detector passes on the single track under three configurations
+    single_cfgs = {"default (category crop)": config(), "--identity-crop full": config(identity_crop="full"),
+                   "--metrics clip_b": config(metrics=("clip_b",))}  # fmt: skip
+    passes: Counter[str] = Counter()
+    single_seconds: Counter[str] = Counter()
+    single_ours = {}
+    for label, cfg in single_cfgs.items():
+        calls: list[int] = []
+        s = Scorer(cfg, detector=_Counting(scorer.detector, calls), dino=scorer.dino, clip=scorer.clip,
+                   device=args.device)  # fmt: skip
+        single_ours[label] = (Ours(s, manifest, run_dir, args.batch_size), calls)
+        single_ours[label][0].score(single[:1])  # warm-up
+        calls.clear()
+    for c in range(0, len(single), args.chunk):
+        labels = list(single_cfgs)
+        k = (c // args.chunk) % len(labels)
+        for label in labels[k:] + labels[:k]:
+            scorer_of, calls = single_ours[label]
+            start = time.perf_counter()
+            scorer_of.score(single[c : c + args.chunk])
+            single_seconds[label] += time.perf_counter() - start
+    for label, (_, calls) in single_ours.items():
+        passes[label] = sum(calls)
 
-    seconds = Counter()
-    warm_parts: Counter[str] = Counter()
-    rates, bound_at_moment = [], Counter()
-    n_naive, max_diff = 0, 0.0
-    for first in range(0, n_images, args.chunk):
-        chunk = records[first : first + args.chunk]
-        rate = matmul_gflops(args.threads, args.device, quick=True)
-        rates.append(rate)
-        chunk_flops = sum(image_flops(r) for r in chunk)
-        for name, folder, who in (("cold", run_dir, scorer), ("warm", warm_dir, warm)):
-            before = Counter(timer.seconds)
-            summary = score_run(folder, who, limit=len(chunk), progress=False)
-            assert summary.scored == len(chunk) and summary.failed == 0, summary
-            seconds[name] += summary.seconds
-            bound_at_moment[name] += chunk_flops / (rate * 1e9)
-            if name == "warm":
-                warm_parts.update(Counter(timer.seconds) - before)
-        _, ours = load_scores(warm_dir)
-        ours_by_task = {r["task_id"]: r["metrics"] for r in ours}
-        start = time.perf_counter()
-        for rec in chunk[: args.naive_per_chunk]:
-            task = manifest.by_id[rec["task_id"]]
-            refs = [reference_paths(s.reference, manifest.sources[s.reference.image_id]).image for s in task.subjects]
-            with Image.open(run_dir / rec["image"]) as im:
-                image = im.convert("RGB")
-            values = naive_scores(task, image, refs, naive_det, naive_det, dino, clip)
-            max_diff = max([max_diff] + [abs(v - ours_by_task[task.id][k]) for k, v in values.items()])
-            n_naive += 1
-        seconds["naive"] += time.perf_counter() - start
-        print(
-            f"  images {first + len(chunk):>3}/{n_images}: matmul {rate:.0f} GFLOP/s, cold {seconds['cold']:.0f} s, "
-            f"warm {seconds['warm']:.0f} s, naive {seconds['naive']:.0f} s ({n_naive} images)",
-            flush=True,
-        )
-
-    peak = max(rates)
-    rate = {
-        "cold": n_images / seconds["cold"],
-        "warm": n_images / seconds["warm"],
-        "naive": n_naive / seconds["naive"],
-    }
-    bound_s = flops_per_image / (peak * 1e9)
+    load_end = os.getloadavg()
+    n = len(multi)
+    rate = {name: n / seconds[name] for name in CONTENDERS}
     result = {
         "threads": args.threads,
         "device": args.device,
         "detector": args.detector,
         "batch_size": args.batch_size,
-        "images": n_images,
-        "naive_images": n_naive,
+        "images": n,
+        "mean_k": statistics.fmean(r["k"] for r in multi),
+        "load_average_start": load_start,
+        "load_average_end": load_end,
         "img_per_s": rate,
-        "speedup_warm": rate["warm"] / rate["naive"],
-        "speedup_cold": rate["cold"] / rate["naive"],
-        "gflops_per_image": flops_per_image / 1e9,
-        "gflops_detector": yolo_flops / 1e9,
-        "gflops_dino": dino_flops / 1e9,
-        "gflops_clip_image": clip_flops / 1e9,
-        "matmul_gflops_per_chunk": rates,
-        "bound_s_per_image_at_peak": bound_s,
-        "warm_s_per_image": seconds["warm"] / n_images,
-        "fraction_of_bound_at_peak": bound_s * n_images / seconds["warm"],
-        "fraction_of_bound_at_the_moment": bound_at_moment["warm"] / seconds["warm"],
-        "warm_breakdown_s": dict(warm_parts),
-        "max_abs_diff_naive_vs_ours": max_diff,
+        "speedup": {name: rate["ours"] / rate[name] for name in CONTENDERS[1:]},
+        "bound_s_per_image": seconds["bound"] / n,
+        "ours_s_per_image": seconds["ours"] / n,
+        "fraction_of_kernel_bound": seconds["bound"] / seconds["ours"],
+        "max_abs_diff_baselines_vs_ours": max_diff,
+        "single_track": {
+            label: {
+                "img_per_s": len(single) / single_seconds[label],
+                "detector_passes_per_image": passes[label] / len(single),
+            }
+            for label in single_cfgs
+        },
     }
-    print(f"(a) ours, warm cache: {rate['warm']:.3f} img/s   cold cache: {rate['cold']:.3f} img/s", end="")
-    print(f"   (warm time: {', '.join(f'{k} {v:.0f} s' for k, v in warm_parts.items())})")
-    print(f"(b) naive:            {rate['naive']:.3f} img/s   (max |naive - ours| over its metrics {max_diff:.1e})")
-    print(
-        f"speedup ours / naive = {result['speedup_warm']:.2f}x warm, {result['speedup_cold']:.2f}x cold "
-        f"(target >= 3x)\n(c) FLOP bound {bound_s:.2f} s/img ({flops_per_image / 1e9:.0f} GFLOP at the peak "
-        f"{peak:.0f} GFLOP/s) vs ours {result['warm_s_per_image']:.2f} s/img = "
-        f"{100 * result['fraction_of_bound_at_peak']:.0f} % of the bound (target >= 70 %); against each chunk's "
-        f"own matmul rate: {100 * result['fraction_of_bound_at_the_moment']:.0f} %"
-    )
+    print(f"\nmulti-subject track, {n} images, {args.threads} threads (load average {load_start[0]:.2f} at the "
+          f"start, {load_end[0]:.2f} at the end):")  # fmt: skip
+    for name in CONTENDERS:
+        extra = "" if name == "ours" else f"   ours is {result['speedup'][name]:.2f}x faster"
+        print(f"  {name:<12} {rate[name]:.3f} img/s{extra}")
+    print(f"  bound        {1 / result['bound_s_per_image']:.3f} img/s (the kernels alone on ours' inputs): ours "
+          f"reaches {100 * result['fraction_of_kernel_bound']:.0f} % of it")  # fmt: skip
+    print(f"  max |baseline - ours| over every metric: {max_diff:.1e}")
+    print(f"single-subject track, {len(single)} images: what skipping the detector saves")
+    for label, r in result["single_track"].items():
+        passes_per_image = r["detector_passes_per_image"]
+        print(f"  {label:<26} {r['img_per_s']:.3f} img/s, {passes_per_image:.0f} detector pass(es) per image")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+class _Counting:
+    """A detector proxy counting the images it is asked to detect."""
+
+    def __init__(self, detector, calls) -> None:
+        self.detector, self.calls = detector, calls
+        self.identity, self.has_masks = detector.identity, detector.has_masks
+
+    def config(self):
+        return self.detector.config()
+
+    def __call__(self, images):
+        self.calls.append(len(images))
+        return self.detector(images)
 
 
 if __name__ == "__main__":
