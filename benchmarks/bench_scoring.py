@@ -319,11 +319,13 @@ def main(argv=None) -> dict:
     print(f"threads {torch.get_num_threads()}, device {args.device}, load average {load_start}, workdir {workdir}")
 
     run_dir = workdir / "paste-run"
+    # every task (paste takes seconds), then the first --limit of them taken K by K in turn: the manifest lists the
+    # multi-subject tasks K-sorted, so a plain prefix would hold K = 2 only
     run_method(PasteMethod(resolution=args.resolution), run_dir=run_dir, coco_root=args.coco_root, track="all",
-               limit=max(args.limit, args.single_limit), progress=False)  # fmt: skip
+               progress=False)  # fmt: skip
     manifest = load_manifest()
     records = sorted(read_records(run_dir / "records.jsonl"), key=lambda r: (r["task_id"], r["sample_index"]))
-    multi = [r for r in records if r["track"] == "multi"][: args.limit]
+    multi = _spread_over_k([r for r in records if r["track"] == "multi"])[: args.limit]
     single = [r for r in records if r["track"] == "single"][: args.single_limit]
     print(f"{len(multi)} multi-subject images (mean K {statistics.fmean(r['k'] for r in multi):.2f}) and "
           f"{len(single)} single-subject images at {args.resolution} px")  # fmt: skip
@@ -442,6 +444,19 @@ def main(argv=None) -> dict:
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _spread_over_k(records):
+    """Records reordered K by K in turn (2, 3, 4, 5, 2, 3, ...), so any prefix mixes every subject count."""
+    by_k: dict[int, list] = {}
+    for r in records:
+        by_k.setdefault(int(r["k"]), []).append(r)
+    out = []
+    while any(by_k.values()):
+        for k in sorted(by_k):
+            if by_k[k]:
+                out.append(by_k[k].pop(0))
+    return out
 
 
 class _Counting:

@@ -1,0 +1,189 @@
+"""How much the identity crop decides DINO-I and identity collapse: the same runs scored under every crop mode.
+
+Two real ``paste`` runs over the MSIBench tasks: ``paste`` (each reference pasted into its target box, as a method
+that follows the layout) and ``paste, layout ignored`` (the same cut-outs, same sizes, each placed at a seeded
+random position, as a method that takes no layout draws its subjects somewhere else). Each run is scored with
+``--identity-crop category | matched | target | full``.
+
+What stands in for the real scorer, and why (no YOLO, DINO or CLIP weights on this machine; random weights would
+make the numbers meaningless):
+- detections: the boxes paste actually drew (a perfect detector that knows where it pasted each cut-out), class =
+  the subject's category; so "not found" never happens here and the table isolates the crop rule;
+- identity backbone: the shared DINOv2 ViT-S/14 (../shared/models/dinov2-s14-imgfocus, CLS token, DINO-I's
+  preprocessing), injected. It is NOT DINO ViT-S/16: the columns are "DINOv2-I", never DINO-I. CLIP-I is not
+  computed (no CLIP weights).
+
+Usage: python benchmarks/crop_sensitivity.py [--limit 50] [--out results/crop_sensitivity]
+       [--coco-root ../shared/data/coco2017-mini] [--dinov2 ../shared/models/dinov2-s14-imgfocus]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("category", "matched", "target", "full")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=50, help="tasks per track")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--coco-root", type=Path, default=REPO.parent / "shared" / "data" / "coco2017-mini")
+    p.add_argument("--dinov2", type=Path, default=REPO.parent / "shared" / "models" / "dinov2-s14-imgfocus")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="folder for table.md and summary.json")
+    return p.parse_args(argv)
+
+
+def fitted_box(box, ref_size, size: int) -> list[float]:
+    """Where paste draws a reference of ``ref_size`` into ``box`` (aspect kept, centred; as PasteMethod._compose),
+    normalised."""
+    x0, y0, x1, y1 = (v * size for v in box)
+    box_w, box_h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    scale = min(box_w / ref_size[0], box_h / ref_size[1])
+    w, h = max(1, round(ref_size[0] * scale)), max(1, round(ref_size[1] * scale))
+    left, top = round(x0 + (box_w - w) / 2.0), round(y0 + (box_h - h) / 2.0)
+    return [left / size, top / size, min(left + w, size) / size, min(top + h, size) / size]
+
+
+def moved_box(box, seed: int, index: int) -> tuple[float, float, float, float]:
+    """The same box at a random position (seeded by the sample's seed and the subject index)."""
+    rng = random.Random(f"{seed}:{index}")
+    w, h = box[2] - box[0], box[3] - box[1]
+    x0, y0 = rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h)
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def paste_ignoring_layout():
+    from msibench.methods.paste import PasteMethod
+
+    class PasteIgnoringLayout(PasteMethod):
+        """paste, but every subject at a random position: a stand-in for a method that takes no layout."""
+
+        name: ClassVar[str] = "paste-layout-ignored"
+
+        def config(self) -> dict[str, Any]:
+            return {**super().config(), "layout": "ignored: random position per subject"}
+
+        def _compose(self, request):
+            subjects = tuple(
+                dataclasses.replace(s, box=moved_box(s.box, request.seed, j)) for j, s in enumerate(request.subjects)
+            )
+            return super()._compose(dataclasses.replace(request, subjects=subjects))
+
+    return PasteIgnoringLayout
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="crop_sensitivity_"))
+    os.environ["MSIBENCH_CACHE"] = str(workdir / "cache")
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import Dinov2Model
+
+    from msibench.bench.manifest import load_manifest
+    from msibench.bench.prepare import reference_paths
+    from msibench.methods.paste import PasteMethod
+    from msibench.records import read_records
+    from msibench.runner import run_method
+    from msibench.scoring.aggregate import aggregate, find_group
+    from msibench.scoring.backbones import image_encoder_from_callable
+    from msibench.scoring.detect import CallableDetector, Detections
+    from msibench.scoring.score import score_run
+    from msibench.scoring.scorer import Scorer, ScorerConfig
+    from msibench.scoring.store import load_scores
+
+    torch.set_num_threads(args.threads)
+    model = Dinov2Model.from_pretrained(args.dinov2).eval()
+    dinov2 = image_encoder_from_callable(
+        lambda x: model(pixel_values=x).last_hidden_state[:, 0], name="dinov2-s14-imgfocus (not DINO-I)"
+    )
+    manifest = load_manifest()
+    runs = {
+        "paste": (PasteMethod(resolution=args.resolution), False),
+        "paste, layout ignored": (paste_ignoring_layout()(resolution=args.resolution), True),
+    }
+    drawn: dict[str, tuple[list[list[float]], list[int]]] = {}  # image pixels sha -> (boxes, categories)
+    folders = {}
+    for label, (method, moved) in runs.items():
+        folder = workdir / method.name
+        run_method(method, run_dir=folder, coco_root=args.coco_root, limit=args.limit, progress=False)
+        for rec in read_records(folder / "records.jsonl"):
+            task = manifest.by_id[rec["task_id"]]
+            boxes = []
+            for j, s in enumerate(task.subjects):
+                ref = reference_paths(s.reference, manifest.sources[s.reference.image_id]).image
+                with Image.open(ref) as im:
+                    size = im.size
+                box = moved_box(s.box, rec["seed"], j) if moved else s.box
+                boxes.append(fitted_box(box, size, args.resolution))
+            with Image.open(folder / rec["image"]) as im:
+                key = hashlib.sha256(np.asarray(im.convert("RGB")).tobytes()).hexdigest()
+            drawn[key] = (boxes, [s.category_id for s in task.subjects])
+        folders[label] = folder
+
+    def detect(images):
+        out = []
+        for image in images:
+            boxes, cats = drawn[hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()]
+            out.append(Detections.build(boxes, cats, image_size=image.size, scores=[0.9] * len(boxes)))
+        return out
+
+    detector = CallableDetector(detect, name="oracle: the boxes paste drew", has_masks=False)
+    rows = []
+    for label, folder in folders.items():
+        for mode in MODES:
+            cfg = ScorerConfig(metrics=("dino_i", "collapse"), identity_crop=mode)
+            start = time.perf_counter()
+            score_run(folder, Scorer(cfg, detector=detector, dino=dinov2), rescore=True, progress=False)
+            _, records = load_scores(folder)
+            summary = aggregate(records)
+            row = {"run": label, "crop": mode, "seconds": round(time.perf_counter() - start, 1)}
+            for track, metric in (("single", "dino_i"), ("multi", "dino_i"), ("multi", "collapse")):
+                stat = find_group(summary, track, None).metrics.get(metric)
+                row[f"{track}_{metric}"] = dataclasses.asdict(stat) if stat is not None else None
+            crops = [s.get("crop") for r in records for s in r.get("subjects", [])]
+            row["crops"] = {c: crops.count(c) for c in sorted(set(crops))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    def cell(stat):
+        return "–" if stat is None else f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
+
+    lines = [
+        "| run | identity crop | single DINOv2-I | multi DINOv2-I | multi collapse | crops taken from |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        crops = ", ".join(f"{n} {c}" for c, n in r["crops"].items())
+        lines.append(f"| {r['run']} | {r['crop']} | {cell(r['single_dino_i'])} | {cell(r['multi_dino_i'])} | "
+                     f"{cell(r['multi_collapse'])} | {crops} |")  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    print(table)
+    result = {"command": " ".join(["python", "benchmarks/crop_sensitivity.py", *(argv or sys.argv[1:])]),
+              "limit": args.limit, "rows": rows}  # fmt: skip
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(table)
+        (args.out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
