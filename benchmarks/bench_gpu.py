@@ -456,8 +456,9 @@ def main(argv=None) -> dict[str, Any]:
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"{device_name}, size {args.size}, torch {torch.__version__}", flush=True)
+    command = " ".join(["python", "benchmarks/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     result: dict[str, Any] = {"device": device_name, "size": args.size, "torch": torch.__version__,
-                              "command": " ".join(["python", "benchmarks/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)]), "methods": {}}  # fmt: skip
+                              "command": command, "methods": {}}  # fmt: skip
     start = time.perf_counter()
     result["scoring"] = time_scoring(args)
     print(f"scoring: {json.dumps(result['scoring'])} ({time.perf_counter() - start:.0f} s)", flush=True)
