@@ -189,3 +189,36 @@ def test_dino_folder_identity_is_its_content_not_its_location(tmp_path, no_downl
         next(model.parameters()).add_(1.0)
     model.save_pretrained(tmp_path / "b")
     assert load_dino(str(tmp_path / "b")).identity != a.identity
+
+
+def test_scoring_never_downloads_and_names_every_missing_weight_at_once(monkeypatch, tmp_path):
+    """Online (offline mode off), with nothing cached: one error naming the detector, DINO and CLIP, and not a
+    single network connection attempted."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from msibench.scoring import backbones
+    from msibench.scoring.scorer import Scorer, ScorerConfig
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in (backbones.YOLO_ENV, backbones.DINO_ENV, backbones.CLIP_ENV):
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def no_network(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"test: network access to {address} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    with pytest.raises(backbones.BackboneError) as err:
+        Scorer(ScorerConfig()).setup()
+    text = str(err.value)
+    assert text.startswith("3 scoring backbone(s) cannot be loaded offline")
+    assert "yolo11x-seg.pt" in text and "facebook/dino-vits16" in text and "ViT-B-32" in text
+    assert "msibench weights fetch --scorers" in text
+    assert attempts == []

@@ -17,7 +17,6 @@ from scoring_helpers import image_key, stats_encoder
 from msibench.bench.manifest import load_manifest
 from msibench.records import append_record, read_records
 from msibench.scoring.detect import CallableDetector, Detections
-from msibench.scoring.metrics import z_pair_indices
 from msibench.scoring.score import score_run
 from msibench.scoring.scorer import ScoreConflictError, Scorer, ScorerConfig
 from msibench.scoring.store import load_scores
@@ -85,6 +84,8 @@ def test_oracle_detections_give_perfect_detector_metrics(run_copy, coco_root):
         assert all(s["crop"] == "detection" and s["iou"] == pytest.approx(1.0) for s in r["subjects"])
         assert -1.0 <= m["dino_i"] <= 1.0
         # the Z-Acc pairs are the task's, from its normalised boxes
+        from msibench.scoring.metrics import z_pair_indices
+
         task = load_manifest().by_id[r["task_id"]]
         assert m["z_pairs"] == len(z_pair_indices([s.box for s in task.subjects]))
         # every detection is in the record, with the subject it was assigned to
