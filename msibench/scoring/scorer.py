@@ -527,10 +527,13 @@ class Scorer:
 
     def _z_pairs(self, item: ScoreItem, det: Detections | None, matches: list[Match] | None):
         subs = item.task.subjects
+        # decode masks only for subjects of a Z-Acc pair (each decode upsamples a prototype mix to the image)
+        in_pairs = {k for pair in z_pair_indices([s.box for s in subs]) for k in pair}
         masks: list[np.ndarray | None] = []
         for j in range(len(subs)):
             m = matches[j] if matches is not None else None
-            masks.append(det.mask(m.detection) if det is not None and m is not None and m.matched else None)
+            found = det is not None and m is not None and m.matched and j in in_pairs
+            masks.append(det.mask(m.detection) if found else None)
         return z_order_pairs(
             [s.box for s in subs], [s.z for s in subs], [s.category_id for s in subs], masks, item.image.size
         )

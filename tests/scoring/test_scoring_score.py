@@ -308,3 +308,28 @@ def test_layout_free_crop_finds_a_subject_drawn_away_from_its_box(coco_root):
         assert matched["detections"][0]["subject"] is None
         target_feat = encoder.encode([crop(item.image, item.task.subjects[0].box)])[0]
         assert matched["metrics"]["dino_i"] == pytest.approx(cosine(target_feat, feats[1]), abs=1e-6)
+
+
+def test_masks_are_decoded_only_for_subjects_of_a_z_pair(run_copy, coco_root):
+    from msibench.scoring.metrics import z_pair_indices
+
+    oracle = oracle_detector(run_copy)
+    decoded: list[int] = []
+
+    def detect(images):
+        out = []
+        for d in oracle.fn(images):
+            masks = list(d.masks)
+            out.append(Detections.build(d.boxes, d.category_ids, image_size=d.image_size,
+                                        masks=lambda i, masks=masks: decoded.append(i) or masks[i]))  # fmt: skip
+        return out
+
+    lazy = CallableDetector(detect, name="lazy-masks", has_masks=True)
+    score_run(run_copy, Scorer(ScorerConfig(metrics=("z_acc",)), detector=lazy), coco_root=coco_root, progress=False)
+    manifest = load_manifest()
+    in_pairs = sum(
+        len({k for pair in z_pair_indices([s.box for s in t.subjects]) for k in pair})
+        for t in (manifest.by_id[r["task_id"]] for r in read_records(run_copy))
+        if t.track == "multi"
+    )
+    assert len(decoded) == in_pairs
