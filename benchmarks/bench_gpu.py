@@ -447,6 +447,7 @@ def main(argv=None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_gpu_"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MSIBENCH_CACHE", str(args.workdir / "cache"))
     if args.only:  # child process: one method, JSON on the last line of stdout
         _reset_peak_rss()
