@@ -201,6 +201,18 @@ def sd15_pipeline(size: str, root: Path, dtype=None):
     return root / "sd15", unet
 
 
+def default_dtype(name: str) -> str:
+    """The dtype a method runs in on CUDA with its default options ("auto" resolves to float16 there)."""
+    from msibench import registry
+
+    options = getattr(registry.resolve(name), "DEFAULTS", None)
+    if options is None:
+        module = sys.modules[registry.resolve(name).__module__]
+        options = module._default_options() if hasattr(module, "_default_options") else {}
+    dtype = str(options.get("dtype", "float32"))
+    return "float16" if dtype == "auto" else dtype
+
+
 def build(name: str, size: str, root: Path) -> dict[str, Any]:
     """Write ``name``'s weights (random, at ``size``) under ``root``; return its -M options."""
     import torch
@@ -208,7 +220,7 @@ def build(name: str, size: str, root: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     tiny = {"steps": 2, "resolution": TINY_RES} if size == "tiny" else {}
     # Methods that run in float16 by default get float16 files at real size: half the bytes to write and read.
-    half = torch.float16 if size == "real" else None
+    half = torch.float16 if size == "real" and default_dtype(name) == "float16" else None
     if name == "paste":
         return {"resolution": 64} if size == "tiny" else {}
     if name == "ip-adapter":
