@@ -129,10 +129,10 @@ def test_identity_collapse_on_real_references(identity_run, dinov2_encoder, coco
     evaluable = sum(r["metrics"]["collapse_subjects"] for r in pasted)
     assert evaluable >= 8  # two-subject tasks, mostly of two categories
     assert sum(r["metrics"]["collapse_confused"] for r in pasted) <= 0.2 * evaluable
-    # in a clone image the first subject is its own reference; the other evaluable subjects are confused (measured:
-    # 0 of 10 paste subjects, 4 of the 5 clone subjects)
+    # in a clone image every box holds the first subject's reference: the other evaluable subjects are confused
+    # (measured on v1: 0 of 10 paste subjects, 4 of the 5 clone subjects)
     others = [(r, j) for r in cloned for j, c in enumerate(r["collapse"]["confused"]) if c is not None and j > 0]
     assert len(others) >= 4 and sum(r["collapse"]["confused"][j] for r, j in others) >= 0.6 * len(others)
     for r in cloned:
         sim = np.array(r["collapse"]["similarity"])
-        assert sim.shape == (r["k"], r["k"]) and r["collapse"]["confused"][0] in (False, None)
+        assert sim.shape == (r["k"], r["k"])
