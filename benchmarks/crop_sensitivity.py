@@ -164,7 +164,11 @@ def main(argv=None) -> dict:
             print(json.dumps(row), flush=True)
 
     def cell(stat):
-        return "–" if stat is None else f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
+        if stat is None:
+            return "–"
+        if stat["ci_low"] is None:  # a single task: no interval
+            return f"{stat['mean']:.3f}"
+        return f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
 
     lines = [
         "| run | identity crop | single DINOv2-I | multi DINOv2-I | multi collapse | crops taken from |",
