@@ -292,11 +292,13 @@ def render_table(
         lines += [f"| {_row_label(row, runs)} | " + " | ".join(t) + " |" for row, t in zip(rows, texts, strict=True)]
         return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
     labels = [METRICS[m].label for _, m in COLUMNS]
+    n_single, n_multi = _track_spans()
     lines = [
         r"\begin{tabular}{l" + "c" * len(COLUMNS) + "}",
         r"\toprule",
-        r" & \multicolumn{3}{c}{Single-subject} & \multicolumn{5}{c}{Multi-subject} & & \\",
-        r"\cmidrule(lr){2-4}\cmidrule(lr){5-9}",
+        # Every multi-track column (the paper's five, Z-Acc and collapse) sits under "Multi-subject".
+        rf" & \multicolumn{{{n_single}}}{{c}}{{Single-subject}} & \multicolumn{{{n_multi}}}{{c}}{{Multi-subject}} \\",
+        rf"\cmidrule(lr){{2-{1 + n_single}}}\cmidrule(lr){{{2 + n_single}-{1 + n_single + n_multi}}}",
         "Method & " + " & ".join(labels) + r" \\",
         r"\midrule",
     ]
@@ -306,6 +308,12 @@ def render_table(
     ]
     lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _track_spans() -> tuple[int, int]:
+    """How many columns the single and the multi track head (COLUMNS lists the single track first)."""
+    n_single = sum(1 for track, _ in COLUMNS if track == "single")
+    return n_single, len(COLUMNS) - n_single
 
 
 def _tex(text: str) -> str:
@@ -390,8 +398,10 @@ def _render_html(
 ) -> str:
     from html import escape
 
+    n_single, n_multi = _track_spans()
     head = (
-        '<tr><th rowspan="2">Method</th><th colspan="3">Single-subject</th><th colspan="6">Multi-subject</th></tr><tr>'
+        f'<tr><th rowspan="2">Method</th><th colspan="{n_single}">Single-subject</th>'
+        f'<th colspan="{n_multi}">Multi-subject</th></tr><tr>'
         + "".join(f"<th>{escape(METRICS[m].label)}</th>" for _, m in COLUMNS)
         + "</tr>"
     )

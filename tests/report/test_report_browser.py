@@ -5,7 +5,8 @@ that filtering and sorting work, and that no request leaves the report's folder 
 one that would leave is aborted and fails the test).
 
 Skipped when playwright or Chromium is missing, unless MSIBENCH_REQUIRE_BROWSER=1 (set by .ci/run, which installs
-both), where it fails instead. MSIBENCH_REPORT_SCREENSHOT=PATH saves the screenshot the README shows.
+both), where it fails instead. MSIBENCH_REPORT_SCREENSHOT=PATH saves the screenshots the README shows (PATH: a task
+card; PATH with "-top" before ".png": the top of the page).
 """
 
 from __future__ import annotations
@@ -169,6 +170,10 @@ def test_report_renders_filters_sorts_and_stays_in_its_folder(browser, report, r
     )
     page.wait_for_function("Array.from(document.images).every(i => i.complete)")
     page.screenshot(path=screenshot or str(report.parent / "report.png"))
+    # The top of the page (Table I, the per-K figure, run metadata): README's second picture.
+    page.evaluate("window.scrollTo(0, 0)")
+    top = Path(screenshot).with_name(Path(screenshot).stem + "-top.png") if screenshot else report.parent / "top.png"
+    page.screenshot(path=str(top))
 
     assert errors == []
     assert outside == [], f"requests left the report folder: {outside}"

@@ -163,6 +163,12 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
     assert "Paste (oracle) (single): 1 failed images" in md and "(multi): 0 failed images" in md  # s2, m3
     tex = render_table(results, "tex")
     assert r"\multicolumn{3}{c}{Single-subject}" in tex and "0.600" in tex
+    # The group heads span every column of their track: 3 single, then 7 multi (the paper's 5, Z-Acc, collapse).
+    assert r"\multicolumn{7}{c}{Multi-subject} \\" in tex and r"\cmidrule(lr){2-4}\cmidrule(lr){5-11}" in tex
+    header = tex.splitlines()[4]
+    assert header.count("&") == 10 and "Z-Acc" in header and "Collapse" in header
+    html = render_table(results, "html")
+    assert '<th colspan="3">Single-subject</th><th colspan="7">Multi-subject</th>' in html
 
 
 def test_paper_table_holds_every_cell_of_table_i():
