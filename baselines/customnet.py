@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mscustomnet.model.schedule import check_sampler_options, sampler_description
+from msibench.cache import sha256_file
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -85,13 +86,6 @@ _HINT = (
     f"and pass the file, or a folder converted from it by `mscustomnet convert-customnet`, with -M weights=PATH "
     f"(or set {WEIGHTS_ENV}=PATH)."
 )
-
-
-def _sha256(path: Path) -> str:
-    # msibench's one file hash (the reference checksums use it too); imported here to keep listing light.
-    from msibench.bench.build import sha256_file
-
-    return sha256_file(path)
 
 
 def weights_source(source: str) -> tuple[str, Path | None]:
@@ -212,7 +206,7 @@ class CustomNetMethod(Method):
         if kind == "file":
             stat = path.stat()
             self._file_stat = (stat.st_size, stat.st_mtime_ns)
-            return {"format": "official checkpoint", "file": path.name, "sha256": _sha256(path)}
+            return {"format": "official checkpoint", "file": path.name, "sha256": sha256_file(path)}
         info = read_model_info(resolve_weights(str(path), what="CustomNet", hint=_HINT))
         config = ModelConfig.from_dict(info["config"])
         if config.multi_subject:

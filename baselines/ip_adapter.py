@@ -33,11 +33,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from baselines.sd15 import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
+    BASE_WEIGHTS,
     CLIP_PREPROCESSING,
     check_options,
     resolved_dtype,
     source_record,
 )
+from msibench.cache import sha256_file
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -126,36 +128,11 @@ def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
         ) from err
 
 
-def _sha256(path: Path) -> str:
-    # msibench's one file hash (the reference checksums use it too); imported here to keep listing light.
-    from msibench.bench.build import sha256_file
-
-    return sha256_file(path)
-
-
 class IPAdapterMethod(Method):
     name: ClassVar[str] = "ip-adapter"
     # The files setup() loads with the default options (msibench weights fetch --method ip-adapter).
     weights: ClassVar[tuple[WeightFiles, ...]] = (
-        WeightFiles(
-            BASE_MODEL_ID,
-            (
-                "model_index.json",
-                "scheduler/scheduler_config.json",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "tokenizer/merges.txt",
-                "tokenizer/special_tokens_map.json",
-                "tokenizer/tokenizer_config.json",
-                "tokenizer/vocab.json",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors",
-            ),
-            BASE_MODEL_REVISION,
-            "Stable Diffusion 1.5",
-        ),
+        BASE_WEIGHTS,
         WeightFiles(VAE_ID, ("config.json", "diffusion_pytorch_model.safetensors"), VAE_REVISION, "sd-vae-ft-mse"),
         WeightFiles(
             ADAPTER_ID,
@@ -203,7 +180,7 @@ class IPAdapterMethod(Method):
                 # A local copy is identified by its content, not by where it happens to live.
                 weights = resolve_file(o["adapter"], o["adapter_weights"], o["adapter_revision"], "adapter weights")
                 adapter["source"] = str(Path(o["adapter"]).expanduser().resolve())
-                adapter["weights_sha256"] = _sha256(weights)
+                adapter["weights_sha256"] = sha256_file(weights)
             else:
                 adapter["revision"] = o["adapter_revision"]
             self._config = {

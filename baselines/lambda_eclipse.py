@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from msibench.cache import sha256_file
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -342,8 +343,6 @@ class LambdaEclipseMethod(Method):
         prior_folder = Path(str(o["prior"])).expanduser()
         weights = next((prior_folder / n for n in PRIOR_WEIGHT_FILES if (prior_folder / n).is_file()), None)
         if prior_folder.is_dir() and weights is not None:
-            from msibench.bench.build import sha256_file
-
             # The method's own weights, identified by content (a folder path says nothing about what is in it).
             sources["prior_sha256"] = sha256_file(weights)
         return {

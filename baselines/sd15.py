@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from msibench.weights import WeightFiles
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,6 +21,26 @@ BASE_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The community mirror of runwayml/stable-diffusion-v1-5 (removed from the hub); same commit history.
 BASE_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+# The files of the base model the adapters load (msibench weights fetch); each adapter adds its own.
+BASE_WEIGHTS = WeightFiles(
+    BASE_MODEL_ID,
+    (
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ),
+    BASE_MODEL_REVISION,
+    "Stable Diffusion 1.5",
+)
 
 
 def local_path(source: str) -> Path | None:

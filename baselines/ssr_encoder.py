@@ -52,12 +52,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from baselines.sd15 import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
+    BASE_WEIGHTS,
     CLIP_PREPROCESSING,
     check_options,
     local_path,
     resolved_dtype,
     source_record,
 )
+from msibench.cache import sha256_file
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -131,36 +133,11 @@ def _missing_weights_message(detail: str) -> str:
     )
 
 
-def _sha256(path: Path) -> str:
-    # msibench's one file hash (the reference checksums use it too); imported here to keep listing light.
-    from msibench.bench.build import sha256_file
-
-    return sha256_file(path)
-
-
 class SSREncoderMethod(Method):
     name: ClassVar[str] = "ssr-encoder"
     # The files setup() loads with the default options (msibench weights fetch --method ssr-encoder).
     weights: ClassVar[tuple[WeightFiles, ...]] = (
-        WeightFiles(
-            BASE_MODEL_ID,
-            (
-                "model_index.json",
-                "scheduler/scheduler_config.json",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "tokenizer/merges.txt",
-                "tokenizer/special_tokens_map.json",
-                "tokenizer/tokenizer_config.json",
-                "tokenizer/vocab.json",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors",
-            ),
-            BASE_MODEL_REVISION,
-            "Stable Diffusion 1.5",
-        ),
+        BASE_WEIGHTS,
         WeightFiles(IMAGE_ENCODER_ID, ("config.json", "model.safetensors"), IMAGE_ENCODER_REVISION, "CLIP ViT-L/14"),
         WeightFiles(
             WEIGHTS_URL,
@@ -234,7 +211,7 @@ class SSREncoderMethod(Method):
             if local_path(o["weights"]) is not None or not o["weights"]:
                 # Local copies are identified by content, not by where they happen to live.
                 aligner, layers = self.weight_files()
-                weights.update(aligner_sha256=_sha256(aligner), layers_sha256=_sha256(layers))
+                weights.update(aligner_sha256=sha256_file(aligner), layers_sha256=sha256_file(layers))
             else:
                 weights.update(source=o["weights"], revision=o["weights_revision"])
             self._config = {

@@ -5,6 +5,7 @@ written: to a temp file in the target folder, then ``os.replace``d, with the per
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -16,6 +17,16 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "MSIBENCH_CACHE"
 TMP_SUFFIX = ".tmp"
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks: the one file hash of msibench, baselines and
+    mscustomnet (source photos, references, images, weights, checkpoints, thumbnails)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class CacheDirError(OSError):

@@ -35,7 +35,7 @@ from typing import Any
 from msibench import exitcodes
 from msibench.bench.manifest import TRACKS, Manifest, Task, load_manifest
 from msibench.bench.prepare import missing_references, prepare, reference_paths
-from msibench.cache import atomic_write_bytes, mkdtemp, remove_stale_temp_files
+from msibench.cache import atomic_write_bytes, mkdtemp, remove_stale_temp_files, sha256_file
 from msibench.methods.base import GenerationRequest, Method, SubjectInput
 from msibench.records import (
     RECORDS_FILE,
@@ -342,15 +342,11 @@ def _run_units(method, units, run_path, manifest, base_seed, device, retry_faile
     return summary
 
 
-def image_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _image_damage(run_path: Path, rec: dict[str, Any]) -> str | None:
     """Why the image of an ok record cannot be trusted (missing, changed since it was recorded), or None."""
     path = run_path / str(rec.get("image"))
     try:
-        sha = image_sha256(path)
+        sha = sha256_file(path)
     except OSError as err:
         return f"image {rec.get('image')} is missing or unreadable ({type(err).__name__})"
     expected = rec.get("image_sha256")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from msibench.cache import atomic_write_bytes, cache_dir
+from msibench.cache import atomic_write_bytes, cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -205,14 +204,6 @@ def _write_fetched(files: dict[str, dict[str, Any]]) -> None:
 
 def record_key(spec: WeightFiles, file: str) -> str:
     return f"{spec.source}:{spec.repo_id}@{spec.revision or 'main'}:{file}"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -------------------------------------------------------------------------------------------------- status

@@ -47,8 +47,7 @@ from tqdm import tqdm
 from mscustomnet.data.coco import ALPHA, BETA, CocoInstances, decode_mask, filter_scenes, load_captions, load_instances
 from mscustomnet.data.layout import Placement, compose_layout_map, paint_order, reference_crop
 from msibench.bench import quality
-from msibench.bench.build import sha256_file
-from msibench.cache import remove_stale_temp_files
+from msibench.cache import remove_stale_temp_files, sha256_file
 from msibench.records import exclusive_or_busy
 
 log = logging.getLogger(__name__)

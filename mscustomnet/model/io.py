@@ -7,7 +7,6 @@ weights cheaply before loading them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mscustomnet.model.config import ModelConfig
-from msibench.cache import file_mode
+from msibench.cache import file_mode, sha256_file
 from msibench.cache import mkstemp as umask_mkstemp
 from msibench.methods.base import WeightsUnavailableError
 
@@ -52,7 +51,7 @@ def save_state(
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT})
         os.chmod(tmp, file_mode())  # safetensors recreates the file with its own (private) mode
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, path / WEIGHTS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -79,14 +78,6 @@ def save_model(model: CustomNetModel, path: str | Path, dtype: torch.dtype | Non
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return save_state(path, model.config, state, metadata=metadata)
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_info(folder: Path) -> dict[str, Any]:

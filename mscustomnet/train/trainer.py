@@ -16,7 +16,6 @@ the order of the gradient sum).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from mscustomnet.train.distributed import (
 from mscustomnet.train.logger import StepLogger
 from mscustomnet.train.samples import sample_grid, save_grid
 from msibench.cache import mkstemp as umask_mkstemp
+from msibench.cache import sha256_file
 from msibench.coco import CATEGORY_INDEX
 
 log = logging.getLogger(__name__)
@@ -339,14 +339,6 @@ class TrainStep:
         return float(loss_sum.item()) / self.grad_accum
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Trainer:
     """One training run into ``out``. ``model`` may be injected (tests); otherwise it is built from ``model.init``."""
 
@@ -426,7 +418,7 @@ class Trainer:
     def _run(self, resume: str | Path | None) -> TrainResult:
         config, env, t = self.config, self.env, self.config.train
         dataset = self._dataset()
-        manifest_sha = _sha256(Path(config.data.msi) / MANIFEST_FILE)
+        manifest_sha = sha256_file(Path(config.data.msi) / MANIFEST_FILE)
         model = self._model if self._model is not None else load_initial_model(config)
         model.to(self.device)
         check_sdpa_attention(model)

@@ -37,6 +37,7 @@ import numpy as np
 from msibench.bench import quality as q
 from msibench.bench.manifest import MANIFEST_FORMAT
 from msibench.bench.prompts import load_backgrounds, make_prompt
+from msibench.cache import sha256_file
 from msibench.coco import CATEGORY_NAME, CocoSplit, decode_mask, load_split, mask_area
 
 logger = logging.getLogger(__name__)
@@ -528,11 +529,3 @@ def _source(coco: CocoSplit, image_id: int) -> dict[str, Any]:
         "width": image["width"],
         "height": image["height"],
     }
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -22,9 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from msibench.bench.build import sha256_file
 from msibench.bench.manifest import Manifest, Reference, Source
-from msibench.cache import atomic_write_bytes, cache_dir, remove_stale_temp_files
+from msibench.cache import atomic_write_bytes, cache_dir, remove_stale_temp_files, sha256_file
 from msibench.records import locked
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ thumbnail it already holds. New thumbnails are made in a process pool (decoding 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from msibench.cache import cache_dir
+from msibench.cache import cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +33,6 @@ class Thumb:
     rel: str
     width: int
     height: int
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def thumb_name(sha256: str, size: int) -> str:
@@ -117,7 +108,7 @@ class ThumbnailStore:
         path = Path(source)
         sha = self._by_path.get(path)
         if sha is None:
-            sha = file_sha256(path)
+            sha = sha256_file(path)
             self._by_path[path] = sha
             self._sources.setdefault(sha, path)
         return sha

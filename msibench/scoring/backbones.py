@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msibench.cache import cache_dir
+from msibench.cache import cache_dir, sha256_file
 from msibench.coco import CATEGORY_ID, COCO_CATEGORIES
 from msibench.weights import WeightFiles, locate_hub_file
 
@@ -253,11 +253,7 @@ def file_sha256(path: str | Path) -> str:
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
+        _SHA_CACHE[key] = sha256_file(path)
     return _SHA_CACHE[key]
 
 

@@ -670,7 +670,7 @@ def test_subjects_sharing_a_keyword(ready_method: LambdaEclipseMethod, tiny_dirs
 
 
 def test_runner_generates_two_real_tasks_deterministically(tiny_dirs: dict[str, str], coco_root: Path, tmp_path):
-    from msibench.bench.build import sha256_file
+    from msibench.cache import sha256_file
     from msibench.runner import run_method
 
     runs = []
