@@ -111,31 +111,11 @@ def pick_tasks(manifest, track: str, n: int):
 
 def tokenizer(folder: Path):
     """A CLIPTokenizer whose BPE merges spell out the benchmark's words (each word one token)."""
-    from transformers import CLIPTokenizer
-
+    from baselines.testing import bpe_clip_tokenizer
     from msibench.bench.manifest import load_manifest
 
     text = " ".join(t.prompt + " " + " ".join(s.category for s in t.subjects) for t in load_manifest().tasks)
-    words = sorted(set(re.findall(r"[a-z]+", text.lower())) | {"a", "photo", "of"})
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    vocab += [p for c in ",.'-!" for p in (c, c + "</w>")]
-    merges: list[tuple[str, str]] = []
-    known = set(vocab)
-    for word in words:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            if merged not in known:
-                known.add(merged)
-                vocab.append(merged)
-            pieces = [merged, *pieces[2:]]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return bpe_clip_tokenizer(folder, set(re.findall(r"[a-z]+", text.lower())) | {"a", "photo", "of"})
 
 
 def clip_text_config(size: str, vocab: int, **kw):

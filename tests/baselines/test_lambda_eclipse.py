@@ -50,27 +50,9 @@ def _tokenizer_words() -> set[str]:
 
 def build_tiny_tokenizer(folder: Path):
     """A real CLIPTokenizer whose BPE merges spell out the benchmark's words, so each word is one token."""
-    from transformers import CLIPTokenizer
+    from baselines.testing import bpe_clip_tokenizer
 
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = ["<|startoftext|>", "<|endoftext|>"]
-    vocab += list(chars) + [c + "</w>" for c in chars] + [p for c in ",.'-!" for p in (c, c + "</w>")]
-    merges: list[tuple[str, str]] = []
-    known = set(vocab)
-    for word in sorted(_tokenizer_words()):
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            if merged not in known:
-                known.add(merged)
-                vocab.append(merged)
-            pieces = [merged, *pieces[2:]]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return bpe_clip_tokenizer(folder, _tokenizer_words())
 
 
 def build_tiny_text_encoder(folder: Path) -> Path:
