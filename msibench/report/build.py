@@ -461,8 +461,12 @@ class _Page:
                 f'<option value="{_e(v)}">{_e(v)}</option>' for v in values
             )
 
+        # "worst first" is ascending for most metrics, descending for those where lower is better (collapse)
+        lower = ' data-lower="1"'
         metric_opts = '<option value="">task order</option>' + "".join(
-            f'<option value="{m}">{_e(info.label)}</option>' for m, info in METRICS.items() if m in present
+            f'<option value="{m}"{lower if info.lower_is_better else ""}>{_e(info.label)}</option>'
+            for m, info in METRICS.items()
+            if m in present
         )
         run_opts = "".join(f'<option value="{r.index}">{_e(r.label)}</option>' for r in self.runs if r.scored)
         run_boxes = "".join(

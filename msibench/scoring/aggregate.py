@@ -36,6 +36,7 @@ class MetricInfo:
     key: str
     label: str
     tracks: tuple[str, ...]
+    lower_is_better: bool = False  # identity collapse: its worst values are the highest
 
 
 METRICS: dict[str, MetricInfo] = {
@@ -49,7 +50,7 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("clip_i", "CLIP-I", ("single", "multi")),
         MetricInfo("clip_b", "CLIP-B", ("single", "multi")),
         MetricInfo("z_acc", "Z-Acc", ("multi",)),
-        MetricInfo("collapse", "Collapse", ("multi",)),
+        MetricInfo("collapse", "Collapse", ("multi",), lower_is_better=True),
     )
 }
 TRACK_ORDER = ("single", "multi")

@@ -130,7 +130,7 @@ def score_with_fakes(run_dir: Path, all_runs: list[Path], coco_root: Path):
     from msibench.scoring.score import score_run
     from msibench.scoring.scorer import Scorer, ScorerConfig
 
-    cfg = ScorerConfig(metrics=("yolo_subj", "yolo_l", "z_acc", "dino_i"))
+    cfg = ScorerConfig(metrics=("yolo_subj", "yolo_l", "z_acc", "dino_i", "collapse"))
     scorer = Scorer(cfg, detector=layout_detector(all_runs), dino=stats_encoder())
     return score_run(run_dir, scorer, coco_root=coco_root, progress=False)
 

@@ -161,6 +161,17 @@ def test_report_renders_filters_sorts_and_stays_in_its_folder(browser, report, r
     page.select_option("#s-order", "desc")
     order = visible_ids(page)
     assert [means[t] for t in order[: len(means)]] == sorted(means.values(), reverse=True)
+    # identity collapse: lower is better, so its worst first is the highest rate first
+    collapse = {tid: row["collapse"] for (_, tid), row in task_values(scores).items() if "collapse" in row}
+    assert len(set(collapse.values())) > 1  # the order below can tell the directions apart
+    page.select_option("#s-metric", "collapse")
+    page.select_option("#s-order", "asc")  # "worst first"
+    order = visible_ids(page)
+    assert [collapse[t] for t in order[: len(collapse)]] == sorted(collapse.values(), reverse=True)
+    page.select_option("#s-order", "desc")  # "best first"
+    order = visible_ids(page)
+    assert [collapse[t] for t in order[: len(collapse)]] == sorted(collapse.values())
+    page.select_option("#s-metric", "yolo_subj")
 
     screenshot = os.environ.get("MSIBENCH_REPORT_SCREENSHOT")
     page.select_option("#s-order", "asc")

@@ -24,7 +24,10 @@
   function apply() {
     var track = $("f-track").value, k = $("f-k").value, cat = $("f-cat").value, status = $("f-status").value;
     var runs = shownRuns();
-    var metric = $("s-metric").value, sortRun = $("s-run") ? $("s-run").value : "", desc = $("s-order").value === "desc";
+    var metricSelect = $("s-metric"), metric = metricSelect.value, sortRun = $("s-run") ? $("s-run").value : "";
+    // "worst first" is ascending, except for a metric where lower is better (identity collapse): descending
+    var lowerIsBetter = metric && metricSelect.selectedOptions[0].dataset.lower === "1";
+    var desc = ($("s-order").value === "desc") !== Boolean(lowerIsBetter);
     document.querySelectorAll(".col.run").forEach(function (col) {
       col.hidden = runs.indexOf(col.dataset.run) < 0;
     });
