@@ -123,7 +123,9 @@ def format_info(info: dict) -> str:
         f"  categories: {info['categories']} with subjects; most frequent "
         + ", ".join(f"{name} {n}" for name, n in info["top_categories"]),
         f"  reference pools: {info['pools']['categories']} categories, {info['pools']['entries']} references "
-        f"(median {info['pools']['median']:g} per category), {info['pools']['cut_by_border']} cut by the border",
+        f"(median {info['pools']['median']:g} per category): {info['pools']['clean']} clean, "
+        f"{info['pools']['fallback']} fallback (truncated, small or occluded); "
+        f"{info['subjects_with_fallback_reference']} subjects got a fallback reference",
     ]  # fmt: skip
     files = info["files"]
     line = f"  files: {files['layouts']} layout maps, {files['pool_images']} pool images"

@@ -60,6 +60,7 @@ def msi_info(folder: str | Path, *, check_files: bool = False) -> dict[str, Any]
     categories = Counter(s["category"] for r in records for s in r["subjects"])
     captions = Counter(r.get("caption_source", "coco") for r in records)
     pool_sizes = [len(entries) for entries in (pools.get("categories") or {}).values() if entries]
+    pool_entries = [e for entries in (pools.get("categories") or {}).values() for e in entries]
     files: dict[str, Any] = {
         "layouts": len(list((folder / LAYOUT_DIR).glob("*.png"))),
         "pool_images": sum(1 for p in (folder / POOL_DIR).glob("*/*.png") if not p.name.endswith("_mask.png")),
@@ -89,9 +90,13 @@ def msi_info(folder: str | Path, *, check_files: bool = False) -> dict[str, Any]
             "categories": len(pool_sizes),
             "entries": sum(pool_sizes),
             "median": statistics.median(pool_sizes) if pool_sizes else 0,
-            "cut_by_border": sum(
-                bool(e.get("cut_by_border")) for entries in (pools.get("categories") or {}).values() for e in entries
-            ),
+            # the reference rule's verdict per entry (pool.json "clean"); a fallback entry is a truncated, small or
+            # occluded instance that fills a pool lacking clean ones
+            "clean": sum(e.get("clean") is True for e in pool_entries),
+            "fallback": sum(e.get("clean") is False for e in pool_entries),
         },
+        "subjects_with_fallback_reference": sum(
+            s.get("reference_clean") is False for r in records for s in r["subjects"]
+        ),
         "files": files,
     }

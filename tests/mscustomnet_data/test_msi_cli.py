@@ -72,9 +72,24 @@ def test_data_info_summarizes_a_build_without_writing(tiny_build: Path, tmp_path
     assert f"subjects per scene: {per_scene}" in out
     assert f"{stats['captions']['coco']} COCO captions, {stats['captions']['categories']} from category names" in out
     assert "every file the manifest names exists" in out
+    # the pools as the reference rule judged them (pool.json verdicts), matching what the build counted
+    rule = stats["reference_rule"]
+    fallback = rule["pool_references"] - rule["pool_clean"]
+    assert f"{rule['pool_references']} references" in out
+    assert f"{rule['pool_clean']} clean, {fallback} fallback" in out
+    assert f"{stats['subjects_with_rejected_reference']} subjects got a fallback reference" in out
 
     as_json = json.loads(CliRunner().invoke(main, ["data", "info", str(folder), "--json"]).output)
     assert as_json["scenes"] == stats["scenes_written"] and as_json["complete"]
+    # the counts are read from each entry's verdict: one entry judged clean moves from fallback to clean
+    pool = json.loads((folder / "pool.json").read_text())
+    entry = next(e for entries in pool["categories"].values() for e in entries if e["clean"] is False)
+    entry["clean"] = True
+    pool_bytes = (folder / "pool.json").read_bytes()
+    (folder / "pool.json").write_text(json.dumps(pool))
+    as_json = json.loads(CliRunner().invoke(main, ["data", "info", str(folder), "--json"]).output)
+    assert (as_json["pools"]["clean"], as_json["pools"]["fallback"]) == (rule["pool_clean"] + 1, fallback - 1)
+    (folder / "pool.json").write_bytes(pool_bytes)
 
     # an interrupted build: a partial last line is ignored (and left alone), a missing layout is reported
     (folder / "stats.json").unlink()
