@@ -76,7 +76,11 @@ def _ls_benchmark(what: str, track: str | None, k: int | None, manifest: str | N
         raise click.ClickException(str(err)) from err
     tasks = [t for t in bench.tasks if (track is None or t.track == track) and (k is None or t.k == k)]
     if what == "tracks":
-        metrics = {"single": "DINO-I, CLIP-I, CLIP-B", "multi": "YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B, Z-Acc"}
+        from msibench.scoring.aggregate import METRICS
+        from msibench.scoring.table import COLUMNS
+
+        # the metrics of Table I's columns (no torch is imported for them)
+        metrics = {t: ", ".join(METRICS[m].label for tt, m in COLUMNS if tt == t) for t in ("single", "multi")}
         for name in ("single", "multi"):
             per_k = Counter(t.k for t in tasks if t.track == name)
             if per_k:

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from msibench.bench.manifest import load_manifest
 from msibench.cli import main
+from msibench.scoring.aggregate import METRICS
+from msibench.scoring.table import COLUMNS
 
 
 def test_ls_tasks_lists_id_k_categories_and_prompt_filtered():
@@ -40,6 +42,9 @@ def test_ls_tracks_counts_the_manifest():
         assert f"{sum(per_k.values())} tasks" in line
         for k, n in per_k.items():
             assert f"{n} with K={k}" in line
+        # the metrics named are Table I's columns of the track, collapse included
+        named = line.split("metrics: ", 1)[1].split(", ")
+        assert named == [METRICS[m].label for t, m in COLUMNS if t == track]
 
 
 def test_eval_runs_scores_and_prints_table_one_resumably(tmp_path, coco_root):
