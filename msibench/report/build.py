@@ -77,6 +77,7 @@ class ReportSummary:
     thumbnails_made: int
     thumbnails_cached: int
     seconds: float
+    unreadable: int = 0  # images and references that do not decode (shown as unreadable in their cards)
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -215,6 +216,7 @@ def build_report(
         thumbnails_made=thumbs.made,
         thumbnails_cached=thumbs.from_cache + thumbs.present,
         seconds=time.perf_counter() - start,
+        unreadable=len(thumbs.errors),
     )
 
 
@@ -520,7 +522,11 @@ class _Page:
         items = []
         for j, s in enumerate(task.subjects):
             path = self.references.get(s.reference.annotation_id)
-            if path is not None:
+            if path is not None and self.thumbs.error(self.ref_sha[path]):
+                img = f'<div class="noimg" title="{_e(path)}: {_e(self.thumbs.error(self.ref_sha[path]))}">' + (
+                    "reference unreadable (msibench data prepare cuts it out again)</div>"
+                )
+            elif path is not None:
                 th = self.thumbs.thumb(self.ref_sha[path])
                 img = (
                     f'<img loading="lazy" src="{_e(th.rel)}" width="{th.width}" height="{th.height}" '
@@ -572,16 +578,29 @@ class _Page:
                 f'<figcaption>{_e(caption)}</figcaption><p class="reason">{_e(run.path / str(gen.get("image")))} '
                 "is missing</p></figure>"
             )
+        regenerate = "`msibench run` with the run's options generates it again"
+        if self.thumbs.error(sha):
+            return (
+                f'<figure class="sample"><div class="cv square failed-cv"><span>image unreadable</span></div>'
+                f'<figcaption>{_e(caption)}</figcaption><p class="reason status-failed">'
+                f"{_e(run.path / str(gen.get('image')))} cannot be read ({_e(self.thumbs.error(sha))}): "
+                f"{_e(regenerate)}</p></figure>"
+            )
         th = self.thumbs.thumb(sha)
         rec = run.scores.get(key)
         overlay, details = "", ""
+        if gen.get("image_sha256") and gen["image_sha256"] != sha:
+            details += (
+                '<p class="reason status-failed">this file differs from the image recorded at generation (sha256 in '
+                f"records.jsonl): {_e(regenerate)}</p>"
+            )
         if rec is None:
-            details = f'<p class="note">{"not scored" if not run.scored else "not scored yet (re-run score)"}</p>'
+            details += f'<p class="note">{"not scored" if not run.scored else "not scored yet (re-run score)"}</p>'
         elif rec.get("status") != "ok":
-            details = f'<p class="reason status-failed">scoring {_e(rec.get("status"))}: {_e(rec.get("reason"))}</p>'
+            details += f'<p class="reason status-failed">scoring {_e(rec.get("status"))}: {_e(rec.get("reason"))}</p>'
         else:
             overlay = self._detections(task, rec)
-            details = self._scores(task, rec)
+            details += self._scores(task, rec)
             if rec.get("image_sha256") and rec["image_sha256"] != sha:
                 details += '<p class="reason status-failed">these scores are of an earlier image: re-run score</p>'
 

@@ -47,7 +47,11 @@ def report_command(runs, out, thumb_size, workers, paper, title, manifest, coco_
         )
     except ReportError as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:  # --out under a file, a full disk, a folder without permission: the error names the path
+        raise click.ClickException(f"cannot build the report in --out {out}: {type(err).__name__}: {err}") from err
     click.echo(
         f"wrote {summary.out / 'index.html'}: {summary.runs} run(s), {summary.tasks} tasks, {summary.images} images "
         f"({summary.thumbnails_made} thumbnails made, {summary.thumbnails_cached} reused) in {summary.seconds:.1f} s"
     )
+    if summary.unreadable:
+        click.echo(f"  {summary.unreadable} images could not be read: their cards say so", err=True)

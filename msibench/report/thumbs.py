@@ -64,11 +64,18 @@ def _write_cache_entry(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _make_into_cache(job: tuple[str, str, int, str]) -> tuple[str, int, int]:
+def _make_into_cache(job: tuple[str, str, int, str]) -> tuple[str, int, int, str | None]:
+    """(sha256, width, height, None), or (sha256, 0, 0, reason) when the source cannot be decoded: one damaged
+    image is shown as such in its card, it does not stop the report. Writing the cache entry may still raise."""
+    from PIL import Image
+
     source, sha, size, cached = job
-    data, (width, height) = make_thumbnail(source, size)
+    try:
+        data, (width, height) = make_thumbnail(source, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return sha, 0, 0, f"{type(err).__name__}: {err}"
     _write_cache_entry(cached, data)
-    return sha, width, height
+    return sha, width, height, None
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
@@ -95,6 +102,7 @@ class ThumbnailStore:
         self._sources: dict[str, Path] = {}  # sha256 -> a source file with that content
         self._by_path: dict[Path, str] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
+        self.errors: dict[str, str] = {}  # sha256 -> why no thumbnail could be made (the source does not decode)
         self.made = 0
         self.from_cache = 0
         self.present = 0
@@ -115,6 +123,10 @@ class ThumbnailStore:
 
     def rel(self, sha: str) -> str:
         return f"assets/{THUMBS_DIR}/{thumb_name(sha, self.size)}"
+
+    def error(self, sha: str) -> str | None:
+        """Why the source of ``sha`` has no thumbnail (it does not decode), or None."""
+        return self.errors.get(sha)
 
     def thumb(self, sha: str) -> Thumb:
         w, h = self.sizes.get(sha, (self.size, self.size))
@@ -138,7 +150,11 @@ class ThumbnailStore:
                 self.sizes[sha] = _jpeg_size(dest.read_bytes())
             else:
                 jobs.append((str(source), sha, self.size, str(cached)))
-        for sha, w, h in self._run(jobs, progress):
+        for sha, w, h, error in self._run(jobs, progress):
+            if error is not None:
+                self.errors[sha] = error
+                logger.warning("%s: cannot be read, shown as unreadable in the report (%s)", self._sources[sha], error)
+                continue
             self.sizes[sha] = (w, h)
             name = thumb_name(sha, self.size)
             shutil.copyfile(self.cache / name, dest_dir / name)
@@ -150,7 +166,9 @@ class ThumbnailStore:
             self.present,
         )
 
-    def _run(self, jobs: list[tuple[str, str, int, str]], progress: bool) -> Iterable[tuple[str, int, int]]:
+    def _run(
+        self, jobs: list[tuple[str, str, int, str]], progress: bool
+    ) -> Iterable[tuple[str, int, int, str | None]]:
         from tqdm import tqdm
 
         workers = self.workers or os.cpu_count() or 1

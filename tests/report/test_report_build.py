@@ -235,3 +235,37 @@ def test_scores_of_an_earlier_image_are_flagged(report_runs, tmp_path):
     assert "these scores are of an earlier image" in page.text_of(rec["task_id"])
     others = [t for t in page.articles if t != rec["task_id"]]
     assert all("earlier image" not in page.text_of(t) for t in others)
+
+
+def test_a_damaged_image_is_shown_as_such_and_the_report_still_builds(report_runs, tmp_path):
+    """One image that does not decode (a torn copy, a disk error) does not stop the report: its card says which
+    file and why; an image changed since generation is flagged against the sha256 of its record."""
+    from msibench.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(report_runs["unscored"], run)
+    ok = [r for r in read_records(run) if r["status"] == "ok"]
+    damaged, changed = ok[0], ok[1]
+    (run / damaged["image"]).write_bytes(b"not a png")
+    from PIL import Image
+
+    with Image.open(run / changed["image"]) as im:
+        im.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(run / changed["image"])
+    res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "r"), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "1 images could not be read" in res.output
+    page = Page((tmp_path / "r" / "index.html").read_text())
+    text = page.text_of(damaged["task_id"])
+    assert "image unreadable" in text and f"{damaged['image']} cannot be read (UnidentifiedImageError" in text
+    assert "differs from the image recorded at generation" in page.text_of(changed["task_id"])
+    untouched = {r["task_id"] for r in ok[2:]} - {damaged["task_id"], changed["task_id"]}
+    assert all("unreadable" not in page.text_of(t) and "differs" not in page.text_of(t) for t in untouched)
+
+
+def test_an_unwritable_out_is_a_clear_error(report_runs, tmp_path):
+    from msibench.cli import main
+
+    (tmp_path / "afile").write_text("")
+    res = CliRunner().invoke(main, ["report", str(report_runs["unscored"]), "--out", str(tmp_path / "afile" / "r")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception  # no traceback
+    assert "cannot build the report in --out" in res.output and "Not a directory" in res.output
