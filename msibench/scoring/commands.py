@@ -365,6 +365,8 @@ def plot_qualitative_command(runs, tasks, pick, seed, sample, width, no_row_labe
         )
     except (ValueError, ScoreError) as err:
         raise _fail(err) from err
+    except OSError as err:  # e.g. --out under a path that is a file
+        raise click.ClickException(f"--out {out}: cannot write the figure there: {err}") from err
     click.echo("wrote " + ", ".join(map(str, paths)))
 
 

@@ -51,3 +51,8 @@ def test_qualitative_named_tasks_show_failed_and_skipped_cells(report_runs, tmp_
 
     res = CliRunner().invoke(main, [*args[:6], "--tasks", "no-such-task", "--out", str(out)])
     assert res.exit_code != 0 and "no-such-task" in res.output
+
+    (tmp_path / "afile").write_text("")  # --out under a file: an error naming it, not a traceback
+    res = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "afile" / "fig"), *args[-2:]])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+    assert "--out" in res.output and "cannot write the figure there" in res.output
