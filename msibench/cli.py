@@ -376,6 +376,10 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--shard") from err
         run_code = _exit_code(ctx, run_command, **{p.name: kw[p.name] for p in run_command.params})
+        from msibench import exitcodes
+
+        if run_code == exitcodes.BUSY:  # another process is generating this run: scoring it now would be premature
+            ctx.exit(exitcodes.BUSY)
         run_dir = kw["run_dir"]
         if run_dir is None:
             run_dir = run_dir_for(registry.build(kw["method_name"], _parse_options(kw["method_options"])), kw["out"])

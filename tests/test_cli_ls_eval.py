@@ -71,3 +71,19 @@ def test_eval_runs_scores_and_prints_table_one_resumably(tmp_path, coco_root):
 
     res = CliRunner().invoke(main, [*args[:-2], "--metrics", "nope"])
     assert res.exit_code != 0 and "metrics" in res.output
+
+
+def test_eval_stops_with_exit_4_while_another_process_generates_the_run(tmp_path, coco_root):
+    """eval neither scores nor tabulates a run whose shard another process is writing: it exits 4 (busy), the code
+    `run` gave, as its help promises (before, it went on to score and exited 1)."""
+    from msibench import exitcodes
+    from msibench.records import exclusive_or_busy
+
+    run_dir = tmp_path / "run"
+    args = ["eval", "--method", "paste", "-M", "resolution=64", "--limit", "1", "--run-dir", str(run_dir)]
+    args += ["--coco-root", str(coco_root), "--device", "cpu", "--no-progress", "--detector", "yolo11n-seg.yaml"]
+    with exclusive_or_busy(run_dir / ".shard-0-of-1.lock", "test", "-"):
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == exitcodes.BUSY, res.output
+    assert "being written by" in res.output and "Table I" not in res.output
+    assert not (run_dir / "scores.json").exists()
