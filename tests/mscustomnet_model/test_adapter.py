@@ -155,6 +155,27 @@ def test_the_fingerprint_states_the_papers_training_switches(tiny_ms, tmp_path):
     assert MSCustomNetMethod(weights=str(save_model(tiny_ms, tmp_path / "plain"))).config()["training"] is None
 
 
+def test_only_the_full_method_sampled_as_customnet_is_the_papers_configuration(tiny_ms, tmp_path):
+    """--paper: the full method at 256 px on CustomNet's own DDIM schedule (the default); the former full grid
+    (-M schedule=all-steps), another guidance or an ablation is another configuration."""
+    from msibench.scoring.table import RunResult, load_paper_table, paper_match
+
+    full = {"model": {"use_layout": True}, "train": {"stages": [{"epochs": 7}, {"epochs": 3}]}}
+    full["curriculum"] = {"enabled": True}
+    folder = str(save_model(tiny_ms, tmp_path / "full", training={"config": full}))
+    paper = load_paper_table()
+
+    def match(**options):
+        method = MSCustomNetMethod(weights=folder, resolution=256, **options)
+        return paper_match(paper, RunResult("x", "mscustomnet", "", None, [], method.config()))
+
+    assert match() == (True, "")
+    assert match(dtype="float16") == (True, "")  # the paper does not state the inference dtype
+    ok, why = match(schedule="all-steps")
+    assert not ok and why.startswith("sampler = 'ddim eta=0, all-steps")
+    assert not match(guidance=5.0)[0] and not match(steps=30)[0]
+
+
 def test_generates_at_the_model_resolution_or_says_why_not(tiny_weights, caplog):
     import logging
 
