@@ -387,6 +387,7 @@ def test_subject_tokens_are_the_official_ones(tiny_options):
     negative prompt, and the uncond concept "" over an all-zero pixel tensor for every subject."""
     import numpy as np
     import torch
+    from PIL import Image
 
     method = SSREncoderMethod(**tiny_options, recipe="text")  # infer_text.py's guidance for two subjects
     method.setup("cpu")
@@ -424,6 +425,14 @@ def test_subject_tokens_are_the_official_ones(tiny_options):
     categories = [s.category for s in request.subjects]
     images, zeros = seen["pixels"]
     assert images.shape == (2, 3, 32, 32) and not zeros.any() and zeros.shape == images.shape
+    # CLIPImageProcessor() of transformers 4 (the official code's PIL path) at the encoder's 32 px: each 40 x 24
+    # cut-out resized bicubic on its uint8 pixels to 53 x 32, centre-cropped at x = 10, / 255, OpenAI mean/std.
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    for pixels, subject in zip(images, request.subjects, strict=True):
+        resized = subject.reference.resize((53, 32), Image.Resampling.BICUBIC).crop((10, 0, 42, 32))
+        expected = (torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std
+        torch.testing.assert_close(pixels, expected, atol=2e-6, rtol=0)
     with torch.no_grad():
         cond = aligner(text_states(categories), levels(images))
         uncond = aligner(text_states(["", ""]), levels(zeros))
