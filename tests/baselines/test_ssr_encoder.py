@@ -332,6 +332,23 @@ def test_box_mask_reaches_the_patch_grid_as_the_official_code_resizes_it():
     assert modules.mask_on_patch_grid(grey, 2).tolist() == [[0.0] * 4, [1.0] * 4]
 
 
+def test_the_method_builds_its_mask_query_the_official_way(tiny_options):
+    """-M use_layout=true: the box, rasterised on the 32 px canvas the encoder sees, reaches the tiny encoder's 4 x 4
+    patch grid (patch 8) thresholded and resized bilinearly without antialias (attention_processor.py:586-589). A
+    box over columns 0-9 (0.3 * 32 = 9.6 -> 10) is sampled at columns 3.5, 11.5, 19.5, 27.5: 1, 0, 0, 0 per row (an
+    area average would give 1, 0.25, 0, 0); with mask_weight 1 the aligner's score bias (get_attention_scores_mask:
+    mask_1 - mask_2) is +1 on the class token and 2m - 1 on each patch."""
+    import dataclasses
+
+    method = SSREncoderMethod(**tiny_options, use_layout=True, mask_weight=1.0)
+    method.setup("cpu")
+    request = _request("single-000")
+    subject = dataclasses.replace(request.subjects[0], box=(0.0, 0.0, 0.3, 1.0))
+    images, bias = method._subject_images(dataclasses.replace(request, subjects=(subject,)))
+    assert [im.size for im in images] == [(32, 32)]
+    assert bias.tolist() == [[1.0] + [1.0, -1.0, -1.0, -1.0] * 4]
+
+
 def test_processor_adds_the_scaled_subject_attention_to_the_text_attention():
     import torch
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
