@@ -107,6 +107,23 @@ def test_generate_is_seeded_and_sized(tiny_weights):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
+    # The sampler follows the schedule the fingerprint states: 3 requested steps on CustomNet's schedule evaluate
+    # (range(0, 1000, 333) + 1)[:-1] reversed = 667, 334, 1 (customnet/ddim.py t_start=-1); the former full grid
+    # (-M schedule=all-steps) also its last point, clipped to 999.
+    model = method._pipeline.model
+    seen = []
+    predict = model.predict_noise
+    model.predict_noise = lambda x, t, *args: (seen.append(int(t[0])), predict(x, t, *args))[1]
+    try:
+        for options, timesteps in (({}, [667, 334, 1]), ({"schedule": "all-steps"}, [999, 667, 334, 1])):
+            other = MSCustomNetMethod(weights=str(tiny_weights), steps=3, resolution=32, **options)
+            other._pipeline = method._pipeline  # the same loaded model, other options
+            seen.clear()
+            other.generate([_request(task, 0)])
+            assert seen == timesteps, options
+    finally:
+        del model.predict_noise
+
 
 def test_generates_through_the_msibench_runner(tiny_weights, tmp_path, coco_root):
     method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=32)
