@@ -370,6 +370,39 @@ def test_the_box_places_the_object(tiny_weights):
     assert not np.array_equal(np.asarray(reseeded), np.asarray(right))
 
 
+def test_the_method_samples_and_places_as_its_options_say(tiny_weights, monkeypatch):
+    """The options the fingerprint states reach the sampler and the concat input: 5 requested steps evaluate
+    (range(0, 1000, 200) + 1)[:-1] reversed = 601, 401, 201, 1 (customnet/ddim.py t_start=-1) by default and the
+    whole grid with -M schedule=all-steps; the canvas is the app's square-into-box unless -M placement=dataset."""
+    import torch
+
+    from mscustomnet.model.pipeline import app_canvas, customnet_canvas, prepare_reference
+    from msibench.bench.manifest import load_manifest
+
+    task = next(t for t in load_manifest().tasks if t.track == "single")
+    request = _request(task, (0.1, 0.2, 0.6, 0.7))
+    s = request.subjects[0]
+    loaded = CustomNetMethod(weights=str(tiny_weights), steps=5, resolution=TINY_RESOLUTION)
+    loaded.setup("cpu")
+    model = loaded._pipeline.model
+    seen: dict = {"t": [], "layout": []}
+    predict, encode = model.predict_noise, model.encode_layout
+    monkeypatch.setattr(model, "predict_noise", lambda x, t, *a: (seen["t"].append(int(t[0])), predict(x, t, *a))[1])
+    monkeypatch.setattr(model, "encode_layout", lambda x: (seen["layout"].append(x), encode(x))[1])
+    for options, timesteps, place, fit in (
+        ({}, [601, 401, 201, 1], app_canvas, "thumbnail"),
+        ({"schedule": "all-steps"}, [801, 601, 401, 201, 1], app_canvas, "thumbnail"),
+        ({"placement": "dataset", "reference_fit": "upscale"}, [601, 401, 201, 1], customnet_canvas, "upscale"),
+    ):
+        method = CustomNetMethod(weights=str(tiny_weights), steps=5, resolution=TINY_RESOLUTION, **options)
+        method._pipeline = loaded._pipeline  # the same loaded model, other options
+        seen["t"].clear()
+        method.generate([request])
+        assert seen["t"] == timesteps, options
+        expected = place(prepare_reference(s.reference, s.mask, fit=fit), s.box, TINY_RESOLUTION)
+        assert torch.equal(seen["layout"][-1][0], expected), options
+
+
 @pytest.mark.slow
 def test_full_size_official_layout_generates_a_256px_image(tmp_path, official_keys):
     """The released network at full size (1.43 G elements held as broadcast constants) through setup and one DDIM

@@ -527,6 +527,46 @@ def test_subject_images_and_seed_drive_the_image(ready_method: LambdaEclipseMeth
     assert not np.array_equal(base, pixels(_request("multi-k2-000", [(200, 30, 30), (30, 30, 200)], seed=8)))
 
 
+def test_subject_pixels_are_the_pil_path_of_the_prior_repos_processor(ready_method: LambdaEclipseMethod):
+    """get_text_feats runs the kandinsky-2-2-prior folder's CLIPImageProcessor under transformers 4, which resizes
+    with PIL (the tiny folder: shortest_edge 32, crop 32). Written out: a 40 x 24 textured cut-out is resized bicubic
+    on its uint8 pixels to 53 x 32, centre-cropped at x = 10, scaled by 1/255 and normalised with the OpenAI mean/std.
+    transformers 5's own processor resizes with torchvision and would give other pixels."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    plain = _request("multi-k2-000", [(0, 0, 0), (0, 0, 0)])
+    refs = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in plain.subjects]
+    request = dataclasses.replace(
+        plain,
+        subjects=tuple(
+            dataclasses.replace(s, reference=r, mask=Image.new("L", r.size, 255))
+            for s, r in zip(plain.subjects, refs, strict=True)
+        ),
+    )
+    seen = []
+    hook = ready_method._models["image_encoder"].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]),
+        with_kwargs=True,
+    )
+    try:
+        ready_method.generate([request])
+    finally:
+        hook.remove()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    expected = []
+    for ref in refs:
+        resized = ref.resize((53, 32), Image.Resampling.BICUBIC).crop((10, 0, 42, 32))
+        expected.append((torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std)
+    subject_pixels = next(p for p in seen if p.shape[0] == len(refs) and p.abs().sum() > 0)
+    torch.testing.assert_close(subject_pixels, torch.stack(expected), atol=2e-6, rtol=0)
+
+
 def test_subject_embedding_replaces_the_keyword_states(ready_method: LambdaEclipseMethod):
     """The prior sees the subject's image embedding at its keyword's token positions, and only there."""
     import torch

@@ -332,6 +332,23 @@ def test_box_mask_reaches_the_patch_grid_as_the_official_code_resizes_it():
     assert modules.mask_on_patch_grid(grey, 2).tolist() == [[0.0] * 4, [1.0] * 4]
 
 
+def test_the_method_builds_its_mask_query_the_official_way(tiny_options):
+    """-M use_layout=true: the box, rasterised on the 32 px canvas the encoder sees, reaches the tiny encoder's 4 x 4
+    patch grid (patch 8) thresholded and resized bilinearly without antialias (attention_processor.py:586-589). A
+    box over columns 0-9 (0.3 * 32 = 9.6 -> 10) is sampled at columns 3.5, 11.5, 19.5, 27.5: 1, 0, 0, 0 per row (an
+    area average would give 1, 0.25, 0, 0); with mask_weight 1 the aligner's score bias (get_attention_scores_mask:
+    mask_1 - mask_2) is +1 on the class token and 2m - 1 on each patch."""
+    import dataclasses
+
+    method = SSREncoderMethod(**tiny_options, use_layout=True, mask_weight=1.0)
+    method.setup("cpu")
+    request = _request("single-000")
+    subject = dataclasses.replace(request.subjects[0], box=(0.0, 0.0, 0.3, 1.0))
+    images, bias = method._subject_images(dataclasses.replace(request, subjects=(subject,)))
+    assert [im.size for im in images] == [(32, 32)]
+    assert bias.tolist() == [[1.0] + [1.0, -1.0, -1.0, -1.0] * 4]
+
+
 def test_processor_adds_the_scaled_subject_attention_to_the_text_attention():
     import torch
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -387,6 +404,7 @@ def test_subject_tokens_are_the_official_ones(tiny_options):
     negative prompt, and the uncond concept "" over an all-zero pixel tensor for every subject."""
     import numpy as np
     import torch
+    from PIL import Image
 
     method = SSREncoderMethod(**tiny_options, recipe="text")  # infer_text.py's guidance for two subjects
     method.setup("cpu")
@@ -424,6 +442,14 @@ def test_subject_tokens_are_the_official_ones(tiny_options):
     categories = [s.category for s in request.subjects]
     images, zeros = seen["pixels"]
     assert images.shape == (2, 3, 32, 32) and not zeros.any() and zeros.shape == images.shape
+    # CLIPImageProcessor() of transformers 4 (the official code's PIL path) at the encoder's 32 px: each 40 x 24
+    # cut-out resized bicubic on its uint8 pixels to 53 x 32, centre-cropped at x = 10, / 255, OpenAI mean/std.
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    for pixels, subject in zip(images, request.subjects, strict=True):
+        resized = subject.reference.resize((53, 32), Image.Resampling.BICUBIC).crop((10, 0, 42, 32))
+        expected = (torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std
+        torch.testing.assert_close(pixels, expected, atol=2e-6, rtol=0)
     with torch.no_grad():
         cond = aligner(text_states(categories), levels(images))
         uncond = aligner(text_states(["", ""]), levels(zeros))

@@ -107,6 +107,23 @@ def test_generate_is_seeded_and_sized(tiny_weights):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
+    # The sampler follows the schedule the fingerprint states: 3 requested steps on CustomNet's schedule evaluate
+    # (range(0, 1000, 333) + 1)[:-1] reversed = 667, 334, 1 (customnet/ddim.py t_start=-1); the former full grid
+    # (-M schedule=all-steps) also its last point, clipped to 999.
+    model = method._pipeline.model
+    seen = []
+    predict = model.predict_noise
+    model.predict_noise = lambda x, t, *args: (seen.append(int(t[0])), predict(x, t, *args))[1]
+    try:
+        for options, timesteps in (({}, [667, 334, 1]), ({"schedule": "all-steps"}, [999, 667, 334, 1])):
+            other = MSCustomNetMethod(weights=str(tiny_weights), steps=3, resolution=32, **options)
+            other._pipeline = method._pipeline  # the same loaded model, other options
+            seen.clear()
+            other.generate([_request(task, 0)])
+            assert seen == timesteps, options
+    finally:
+        del model.predict_noise
+
 
 def test_generates_through_the_msibench_runner(tiny_weights, tmp_path, coco_root):
     method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=32)
@@ -153,6 +170,27 @@ def test_the_fingerprint_states_the_papers_training_switches(tiny_ms, tmp_path):
         "curriculum": False,
     }
     assert MSCustomNetMethod(weights=str(save_model(tiny_ms, tmp_path / "plain"))).config()["training"] is None
+
+
+def test_only_the_full_method_sampled_as_customnet_is_the_papers_configuration(tiny_ms, tmp_path):
+    """--paper: the full method at 256 px on CustomNet's own DDIM schedule (the default); the former full grid
+    (-M schedule=all-steps), another guidance or an ablation is another configuration."""
+    from msibench.scoring.table import RunResult, load_paper_table, paper_match
+
+    full = {"model": {"use_layout": True}, "train": {"stages": [{"epochs": 7}, {"epochs": 3}]}}
+    full["curriculum"] = {"enabled": True}
+    folder = str(save_model(tiny_ms, tmp_path / "full", training={"config": full}))
+    paper = load_paper_table()
+
+    def match(**options):
+        method = MSCustomNetMethod(weights=folder, resolution=256, **options)
+        return paper_match(paper, RunResult("x", "mscustomnet", "", None, [], method.config()))
+
+    assert match() == (True, "")
+    assert match(dtype="float16") == (True, "")  # the paper does not state the inference dtype
+    ok, why = match(schedule="all-steps")
+    assert not ok and why.startswith("sampler = 'ddim eta=0, all-steps")
+    assert not match(guidance=5.0)[0] and not match(steps=30)[0]
 
 
 def test_generates_at_the_model_resolution_or_says_why_not(tiny_weights, caplog):

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from scoring_helpers import write_scored_run
 
+from mscustomnet.model.schedule import sampler_description
 from msibench.scoring.aggregate import aggregate, compare, find_group
 from msibench.scoring.table import COLUMNS, load_paper_table, load_run, paper_match, render_table
 
@@ -206,6 +207,7 @@ def _write_run_json(path: Path, config: dict) -> None:
 def test_paper_numbers_stand_only_beside_the_papers_configuration(tmp_path):
     full = {"training": {"use_layout": True, "dual_stage": True, "curriculum": True}, "steps": 50, "guidance": 3.0}
     full["resolution"] = 256
+    full["sampler"] = sampler_description("official")
     runs = {}
     for name, config in {
         "full": full,
@@ -293,21 +295,58 @@ def test_failed_generation_counts_zero_but_a_scoring_failure_is_left_out():
 
 
 def test_a_default_run_of_each_baseline_is_the_papers_configuration(tmp_path, monkeypatch):
+    from baselines.customnet import CustomNetMethod
     from baselines.ip_adapter import IPAdapterMethod
     from baselines.lambda_eclipse import LambdaEclipseMethod
     from baselines.ssr_encoder import SSREncoderMethod
     from msibench.scoring.table import RunResult
 
-    monkeypatch.delenv("MSIBENCH_IP_ADAPTER_WEIGHTS", raising=False)
+    for env in ("MSIBENCH_IP_ADAPTER_WEIGHTS", "MSIBENCH_CUSTOMNET_WEIGHTS"):
+        monkeypatch.delenv(env, raising=False)
     (tmp_path / "pytorch_model.bin").write_bytes(b"aligner")
     (tmp_path / "pytorch_model_1.bin").write_bytes(b"layers")
     paper = load_paper_table()
-    methods = [IPAdapterMethod(), LambdaEclipseMethod(), SSREncoderMethod(weights=str(tmp_path))]
+
+    def match(method):
+        return paper_match(paper, RunResult("x", method.name, "", None, [], method.config()))
+
+    ssr_weights = str(tmp_path)
+    methods = [IPAdapterMethod(), LambdaEclipseMethod(), SSREncoderMethod(weights=ssr_weights), CustomNetMethod()]
     for method in methods:
-        run = RunResult(method.name, method.name, "", None, [], method.config())
-        assert paper_match(paper, run) == (True, ""), method.name
-    other = IPAdapterMethod(use_layout=True)
-    assert not paper_match(paper, RunResult("x", "ip-adapter", "", None, [], other.config()))[0]
+        assert match(method) == (True, ""), method.name
+    # Options that change the image away from the official recipe (the README: "runs with other options show no
+    # paper number"), among them the former behaviours the official ones replaced.
+    others = [
+        IPAdapterMethod(use_layout=True),
+        IPAdapterMethod(negative_prompt=""),
+        LambdaEclipseMethod(dtype="float16"),  # main.py's dtype, test_quick.py's guidance
+        LambdaEclipseMethod(scheduler="DDIMScheduler"),
+        *(
+            SSREncoderMethod(weights=ssr_weights, **options)
+            for options in (
+                {"recipe": "text"},  # infer_text.py's guidance on the multi track too
+                {"recipe": "multi"},
+                {"token_scale": 1.0},
+                {"scale": 0.5},
+                {"negative_prompt": "ugly"},
+                {"uncond_concept": "x"},
+                {"dtype": "float16"},
+            )
+        ),
+        *(
+            CustomNetMethod(**options)
+            for options in (
+                {"schedule": "all-steps"},  # the former full DDIM grid
+                {"reference_fit": "upscale"},
+                {"placement": "dataset"},
+                {"dtype": "float16"},
+            )
+        ),
+    ]
+    for method in others:
+        ok, why = match(method)
+        assert not ok and "the paper's configuration has" in why, (method.name, method.options)
+    assert "sampler = 'ddim eta=0, all-steps" in match(CustomNetMethod(schedule="all-steps"))[1]
 
 
 def failed_gen(task, track, k, **extra):
