@@ -279,14 +279,18 @@ def run_method(
         if writers.alone:
             remove_stale_temp_files([run_path, run_path / IMAGES_DIR])
         writers.share()
-        summary = _run_units(method, units, run_path, manifest, base_seed, device, retry_failed, coco_root, progress)
+        summary = _run_units(
+            method, units, run_path, manifest, base_seed, device, retry_failed, coco_root, progress, seeds
+        )
         if summary.failed_recorded and wait_for_peers and not writers.alone:
             logger.warning("%s: failures recorded; waiting for the other ranks to finish first", run_path)
             writers.wait_alone()
     return summary
 
 
-def _run_units(method, units, run_path, manifest, base_seed, device, retry_failed, coco_root, progress) -> RunSummary:
+def _run_units(
+    method, units, run_path, manifest, base_seed, device, retry_failed, coco_root, progress, seeds
+) -> RunSummary:
     log = RecordLog(run_path / RECORDS_FILE)
     recorded = {record_key(r): r for r in log.read()}
     summary = RunSummary(run_dir=run_path, total=len(units))
@@ -310,7 +314,7 @@ def _run_units(method, units, run_path, manifest, base_seed, device, retry_faile
             reason = method.can_do(task)
             if reason is None:
                 runnable.append((task, i))
-            elif log.append(_record(task, i, base_seed, method, manifest, status="skipped", reason=reason)):
+            elif log.append(_record(task, i, base_seed, method, manifest, seeds, status="skipped", reason=reason)):
                 summary.skipped += 1
             else:
                 summary.by_other_writer += 1
@@ -324,7 +328,7 @@ def _run_units(method, units, run_path, manifest, base_seed, device, retry_faile
                 raise MethodSetupError(
                     f"{method.name}: setup on {device} failed: {type(err).__name__}: {err}"
                 ) from err
-        _generate_all(method, runnable, run_path, log, manifest, base_seed, device, summary, progress)
+        _generate_all(method, runnable, run_path, log, manifest, base_seed, seeds, device, summary, progress)
     else:
         logger.info("%s: all %d samples already recorded", run_path, len(units))
     latest = {record_key(r): r for r in read_records(run_path / RECORDS_FILE)}
@@ -355,7 +359,7 @@ def _image_damage(run_path: Path, rec: dict[str, Any]) -> str | None:
     return None
 
 
-def _generate_all(method, units, run_path, log, manifest, base_seed, device, summary, progress) -> None:
+def _generate_all(method, units, run_path, log, manifest, base_seed, seeds, device, summary, progress) -> None:
     from tqdm import tqdm
 
     batch_size = max(1, int(getattr(method, "batch_size", 1)))
@@ -368,12 +372,12 @@ def _generate_all(method, units, run_path, log, manifest, base_seed, device, sum
                 try:
                     requests.append(_request(task, i, base_seed, manifest))
                 except Exception as err:  # a corrupt or missing reference fails this sample only
-                    _fail(log, task, i, base_seed, method, manifest, f"reference: {err}", summary)
+                    _fail(log, task, i, base_seed, method, manifest, seeds, f"reference: {err}", summary)
                     bar.update(1)
             for request, image, seconds, peak, error in _generate_batch(method, requests, device):
                 task, i = request.task, request.sample_index
                 if error is not None:
-                    _fail(log, task, i, base_seed, method, manifest, error, summary)
+                    _fail(log, task, i, base_seed, method, manifest, seeds, error, summary)
                 else:
                     rel = f"{IMAGES_DIR}/{task.id}_s{i}.png"
                     buf = io.BytesIO()
@@ -386,6 +390,7 @@ def _generate_all(method, units, run_path, log, manifest, base_seed, device, sum
                         base_seed,
                         method,
                         manifest,
+                        seeds,
                         status="ok",
                         image=rel,
                         image_sha256=hashlib.sha256(data).hexdigest(),
@@ -481,7 +486,9 @@ def _request(task: Task, sample_index: int, base_seed: int, manifest: Manifest) 
     )
 
 
-def _record(task: Task, i: int, base_seed: int, method: Method, manifest: Manifest, **fields: Any) -> dict:
+def _record(task: Task, i: int, base_seed: int, method: Method, manifest: Manifest, seeds: int, **fields: Any) -> dict:
+    """A generation record. ``samples_per_task`` is the --seeds of the command that made it: a table counts a task
+    with fewer samples than that as partly generated (a second seed added by one shard of two, say)."""
     return {
         "task_id": task.id,
         "track": task.track,
@@ -491,6 +498,7 @@ def _record(task: Task, i: int, base_seed: int, method: Method, manifest: Manife
         "method": method.name,
         "fingerprint": method.fingerprint_hash(),
         "manifest_version": manifest.version,
+        "samples_per_task": seeds,
         "image": None,
         "image_sha256": None,
         "reason": None,
@@ -500,8 +508,8 @@ def _record(task: Task, i: int, base_seed: int, method: Method, manifest: Manife
     }
 
 
-def _fail(log: RecordLog, task, i, base_seed, method, manifest, reason: str, summary: RunSummary) -> None:
-    if not log.append(_record(task, i, base_seed, method, manifest, status="failed", reason=reason)):
+def _fail(log: RecordLog, task, i, base_seed, method, manifest, seeds, reason: str, summary: RunSummary) -> None:
+    if not log.append(_record(task, i, base_seed, method, manifest, seeds, status="failed", reason=reason)):
         summary.by_other_writer += 1
         return
     summary.failed += 1

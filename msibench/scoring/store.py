@@ -176,19 +176,26 @@ class TrackCoverage:
     tasks_generated: int  # of them, with at least one generation record (ok, failed or skipped)
     images: int  # generation records of the track
     images_scored: int  # of them, with a current score record (ok, or a failure with its reason)
+    # samples every task should have: the largest --seeds its records were generated with (None: records older than
+    # that field, not checked). Every selected (task, sample) gets a record (ok, failed or skipped), so a generated
+    # task with fewer is partly generated, e.g. a second seed that one shard of two added.
+    samples_per_task: int | None = None
+    tasks_short: int = 0  # generated tasks with fewer samples than samples_per_task
 
     @property
     def complete(self) -> bool:
-        return self.tasks_generated == self.tasks and self.images_scored == self.images
+        return self.tasks_generated == self.tasks and not self.tasks_short and self.images_scored == self.images
 
     @property
     def generated(self) -> bool:
         return self.images > 0
 
     def describe(self) -> str:
-        return (
-            f"{self.track} {self.tasks_generated}/{self.tasks} tasks, {self.images_scored}/{self.images} images scored"
-        )
+        parts = [f"{self.track} {self.tasks_generated}/{self.tasks} tasks"]
+        if self.tasks_short:
+            parts.append(f"{self.tasks_short} of them with fewer than {self.samples_per_task} samples")
+        parts.append(f"{self.images_scored}/{self.images} images scored")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,9 @@ def load_scored_run(run_dir: str | Path, manifest: Manifest | str | Path | None 
     for track in TRACKS:
         tasks = {t.id for t in task_manifest.tasks if t.track == track}
         units = [key for key, gen in generated.items() if key[0] in tasks]
+        asked = [int(generated[key]["samples_per_task"]) for key in units if generated[key].get("samples_per_task")]
+        samples_per_task = max(asked, default=None)
+        samples = Counter(task for task, i in units if samples_per_task is None or i < samples_per_task)
         coverage.append(
             TrackCoverage(
                 track=track,
@@ -239,6 +249,8 @@ def load_scored_run(run_dir: str | Path, manifest: Manifest | str | Path | None 
                 tasks_generated=len({task for task, _ in units}),
                 images=len(units),
                 images_scored=sum(1 for key in units if key in scored),
+                samples_per_task=samples_per_task,
+                tasks_short=sum(1 for n in samples.values() if samples_per_task is not None and n < samples_per_task),
             )
         )
     return ScoredRun(header, info, records, len(scores) - len(records), tuple(coverage))

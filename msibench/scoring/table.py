@@ -9,10 +9,10 @@ method gets them (:func:`paper_match`: the method name, and every field of the e
 equal in the run's fingerprint, ``run.json`` ``fingerprint.config`` by dotted path); an ablation or a run with
 other options shows none, and the paper's numbers get a row of their own.
 
-Only complete rows enter the table: every task of a generated track (one the run has records for) generated, and
-every generated image scored. ``allow_partial=True`` shows incomplete rows too, marked in every format with what
-they cover (md and tex: the label says ``partial: multi 6/100 tasks, 6/6 images scored``; csv: a ``partial`` column
-and the counts per track).
+Only complete rows enter the table: every task of a generated track (one the run has records for) generated, each
+with as many samples as the largest ``--seeds`` of the track's records, and every generated image scored.
+``allow_partial=True`` shows incomplete rows too, marked in every format with what they cover (md and tex: the label
+says ``partial: multi 6/100 tasks, 6/6 images scored``; csv: a ``partial`` column and the counts per track).
 """
 
 from __future__ import annotations
@@ -367,6 +367,7 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
     header.append("partial")
     for track in ("single", "multi"):
         header += [f"{track}_tasks", f"{track}_tasks_generated", f"{track}_images", f"{track}_images_scored"]
+        header += [f"{track}_samples_per_task", f"{track}_tasks_short"]
     by_run = {(run.run_dir, run.label): run for run in runs}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -384,7 +385,10 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
         out.append("" if run is None or run.coverage is None else str(bool(run.incomplete)).lower())
         for track in ("single", "multi"):
             c = coverage.get(track)
-            out += [c.tasks, c.tasks_generated, c.images, c.images_scored] if c is not None else ["", "", "", ""]
+            if c is None:
+                out += [""] * 6
+                continue
+            out += [c.tasks, c.tasks_generated, c.images, c.images_scored, c.samples_per_task or "", c.tasks_short]
         writer.writerow(out)
     return buf.getvalue()
 
