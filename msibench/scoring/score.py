@@ -157,7 +157,7 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
     if limit is not None:
         pending = pending[: max(0, limit)]
     if not pending:
-        summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged + summary.damaged
+        summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged
         return summary
 
     start = time.perf_counter()  # from here on: reference features (cached or computed) count as scoring time

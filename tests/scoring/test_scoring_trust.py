@@ -149,6 +149,9 @@ def test_image_changed_after_generation_is_not_scored_until_regenerated(run_copy
     (run_copy / gen["image"]).write_bytes(original[:-100])
     summary = score_run(run_copy, cheap_scorer(), coco_root=coco_root, progress=False)
     assert (summary.scored, summary.damaged, summary.exit_code) == (7, 1, exitcodes.FAILURES)
+    assert summary.failed_recorded == 1
+    idle = score_run(run_copy, cheap_scorer(), coco_root=coco_root, progress=False)  # nothing left to score
+    assert (idle.scored, idle.damaged, idle.failed_recorded, idle.exit_code) == (0, 1, 1, exitcodes.FAILURES)
     _, records = load_scores(run_copy)
     assert gen["task_id"] not in {r["task_id"] for r in records}  # not a current score of that image
     failed = next(r for r in read_records(run_copy / "scores.jsonl") if r["task_id"] == gen["task_id"])
