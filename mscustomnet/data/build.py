@@ -718,6 +718,7 @@ def build_msi(config: BuildConfig, progress: bool = True) -> BuildSummary:
 def _build(config: BuildConfig, out: Path, write_config: bool, lock_fd: int, progress: bool) -> BuildSummary:
     start = time.perf_counter()
     coco = load_instances(config.instances_file, workers=config.workers)
+    captions = load_captions(config.captions_file)  # read before config.json too: a broken file claims no folder
     if write_config:  # the inputs are readable: from here on this folder holds this build
         _write_config(config)
     scenes = filter_scenes(coco, alpha=config.alpha, beta=config.beta)
@@ -744,7 +745,6 @@ def _build(config: BuildConfig, out: Path, write_config: bool, lock_fd: int, pro
         write_json_atomic(pool_path, {**pool_json, "skipped": pool_skipped, "rule": rule})
     # Segmentations are only needed to cut references: free them before the scene workers fork.
     coco = dataclasses.replace(coco, segmentations=[])
-    captions = load_captions(config.captions_file)
 
     manifest_path, skipped_path = out / MANIFEST_FILE, out / SKIPPED_FILE
     done = {r["image_id"] for r in read_jsonl_committed(manifest_path)}

@@ -38,6 +38,23 @@ def test_failed_first_build_writes_no_config_and_the_corrected_command_runs(tiny
     assert tree_bytes(out) == tree_bytes(tiny_build)
 
 
+def test_broken_captions_file_writes_no_config_and_the_repaired_coco_builds(tiny_coco, tmp_path):
+    coco = shutil.copytree(tiny_coco, tmp_path / "coco")
+    captions = coco / "annotations" / "captions_train2017.json"
+    good = captions.read_bytes()
+    captions.write_bytes(good[: len(good) // 2])  # a truncated download
+    out = tmp_path / "msi"
+    args = ["data", "build-msi", "--coco-root", str(coco), "--split", "train2017", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == exitcodes.ERROR and "captions_train2017.json: not valid JSON" in res.output
+    assert not (out / "config.json").exists()
+    captions.write_bytes(good)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    fresh = build_msi(BuildConfig(coco_root=coco, split="train2017", out=tmp_path / "fresh"), progress=False)
+    assert tree_bytes(out) == tree_bytes(fresh.out)
+
+
 def test_build_resumes_from_a_coco_copy_at_another_path(tiny_coco, tiny_build, tmp_path):
     out = tmp_path / "msi"
     shutil.copytree(tiny_build, out)
