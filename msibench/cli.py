@@ -170,6 +170,10 @@ def bench_contact_sheet(manifest: str | None, out: Path, coco_root: Path | None,
     if columns < 2:
         raise click.BadParameter("needs at least 2 (the category name takes the first)", param_hint="--columns")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # before drawing: --out under a file fails here, named
+    except OSError as err:
+        raise click.ClickException(f"--out {out}: cannot write the contact sheet there: {err}") from err
+    try:
         sheet = render_contact_sheet(load_manifest(manifest), coco_root, columns=columns)
     except (ManifestError, PrepareError) as err:
         raise click.ClickException(str(err)) from err
@@ -179,7 +183,10 @@ def bench_contact_sheet(manifest: str | None, out: Path, coco_root: Path | None,
 
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
-    atomic_write_bytes(out, buf.getvalue())
+    try:
+        atomic_write_bytes(out, buf.getvalue())
+    except OSError as err:
+        raise click.ClickException(f"--out {out}: cannot write the contact sheet there: {err}") from err
     click.echo(f"wrote {out} ({sheet.width}x{sheet.height})")
 
 

@@ -276,18 +276,26 @@ def _parse_width(value: str) -> str | float:
     if value in ("column", "page"):
         return value
     try:
-        return float(value)
+        inches = float(value)
     except ValueError as err:
         raise click.BadParameter(
             f"{value!r}: expected column, page or a number of inches", param_hint="--width"
         ) from err
+    if not 0 < inches < float("inf"):  # nan fails this too
+        raise click.BadParameter(f"{value!r}: a width must be a positive number of inches", param_hint="--width")
+    return inches
+
+
+def _width_option(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
+    """--width, checked while the options are parsed (before any run is loaded or figure drawn)."""
+    return _parse_width(value)
 
 
 @plot_group.command("ablation")
 @click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR, in the order of the x axis.")
 @click.option("--track", type=click.Choice(["multi", "single"]), default="multi", show_default=True)
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Bars (default: all).")
-@click.option("--width", default="column", show_default=True, help=_WIDTH_HELP)
+@click.option("--width", default="column", show_default=True, help=_WIDTH_HELP, callback=_width_option)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/ablation"), show_default=True)
 def plot_ablation_command(runs, track, metrics, width, out) -> None:
     """Fig. 5: grouped bars per configuration, 95% CIs; CLIP-B on its own axis; YOLO-L n/a without layout.
@@ -296,9 +304,7 @@ def plot_ablation_command(runs, track, metrics, width, out) -> None:
     from msibench.scoring.plot import plot_ablation
 
     try:
-        paths = plot_ablation(
-            _load_runs(runs), out, track=track, metrics=list(metrics) or None, width=_parse_width(width)
-        )
+        paths = plot_ablation(_load_runs(runs), out, track=track, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -309,7 +315,7 @@ def plot_ablation_command(runs, track, metrics, width, out) -> None:
 @plot_group.command("by-k")
 @click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR (repeatable).")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Panels (default: all).")
-@click.option("--width", default="column", show_default=True, help=_WIDTH_HELP)
+@click.option("--width", default="column", show_default=True, help=_WIDTH_HELP, callback=_width_option)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/by_k"), show_default=True)
 def plot_by_k_command(runs, metrics, width, out) -> None:
     """Each metric against subject count K (K = 1: single track, not joined), one series per run.
@@ -318,7 +324,7 @@ def plot_by_k_command(runs, metrics, width, out) -> None:
     from msibench.scoring.plot import plot_by_k
 
     try:
-        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None, width=_parse_width(width))
+        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -332,7 +338,7 @@ def plot_by_k_command(runs, metrics, width, out) -> None:
 @click.option("--pick", type=click.IntRange(min=1), default=None, help="Pick N tasks spread over track and K.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --pick.")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True, help="Sample index shown.")
-@click.option("--width", default="page", show_default=True, help=_WIDTH_HELP)
+@click.option("--width", default="page", show_default=True, help=_WIDTH_HELP, callback=_width_option)
 @click.option("--no-row-labels", is_flag=True, help="No task ids left of the rows.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -358,7 +364,7 @@ def plot_qualitative_command(runs, tasks, pick, seed, sample, width, no_row_labe
             pick=pick,
             seed=seed,
             sample=sample,
-            width=_parse_width(width),
+            width=width,
             manifest=manifest,
             coco_root=coco_root,
             row_labels=not no_row_labels,
