@@ -31,13 +31,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from msibench.cache import atomic_write_bytes, cache_dir, sha256_file
+from msibench.cache import atomic_write_bytes, cache_dir, mkstemp, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ def _download_url(url: str, dest: Path) -> None:
     import urllib.request
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = mkstemp(dest.parent, prefix=f".{dest.name}.", suffix=".part")  # the umask's mode, not 0600
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (https only)
             for block in iter(lambda: resp.read(1 << 20), b""):

@@ -378,6 +378,18 @@ def test_model_and_checkpoint_writers_respect_the_umask(tmp_path, umask_022):
     assert _mode(final) == 0o755 and _mode(final.parent / "latest") == 0o644
 
 
+def test_downloaded_weights_respect_the_umask(tmp_path, umask_022, monkeypatch):
+    import io
+    import urllib.request
+
+    from msibench import weights
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"weights"))
+    dest = tmp_path / "weights" / "yolo11x-seg.pt"
+    weights._download_url("https://example.invalid/yolo11x-seg.pt", dest)
+    assert dest.read_bytes() == b"weights" and _mode(dest) == 0o644
+
+
 # -------------------------------------------------------------------------------------------- a full disk
 
 
