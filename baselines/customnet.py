@@ -250,7 +250,7 @@ class CustomNetMethod(Method):
 
         from mscustomnet.model.convert import read_checkpoint
         from mscustomnet.model.io import load_model
-        from mscustomnet.model.pipeline import CustomNetPipeline
+        from mscustomnet.model.pipeline import CustomNetPipeline, check_resolution
 
         cfg = self.config()
         o = self.options
@@ -269,6 +269,10 @@ class CustomNetMethod(Method):
                 if (stat.st_size, stat.st_mtime_ns) != self._file_stat:
                     raise RuntimeError(f"{path}: file changed after the run was fingerprinted")
             model = model_from_checkpoint(read_checkpoint(path), device=device, dtype=dtype, where=str(path))
+        try:
+            check_resolution(model, int(o["resolution"]))
+        except ValueError as err:
+            raise ValueError(f"{self.name} option 'resolution': {err}") from None
         self._pipeline = CustomNetPipeline(model)
         logger.info("customnet: loaded %s (%s) on %s", path or o["weights"], o["dtype"], device)
 

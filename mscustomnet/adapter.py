@@ -138,7 +138,7 @@ class MSCustomNetMethod(Method):
         from tqdm import tqdm
 
         from mscustomnet.model.io import LOAD_STAGES, load_model
-        from mscustomnet.model.pipeline import MSCustomNetPipeline
+        from mscustomnet.model.pipeline import MSCustomNetPipeline, check_resolution
 
         expected = self._weights_sha256()
         # A bar on a terminal (tqdm hides it elsewhere); the stages are logged at INFO either way.
@@ -172,9 +172,13 @@ class MSCustomNetMethod(Method):
             )
         if self._weights_sha256() != expected:
             raise RuntimeError(f"{self.options['weights']}: weights changed while the method was being set up")
-        self._pipeline = MSCustomNetPipeline(model)
         trained = int(model.config.resolution)
         asked = int(self.options["resolution"])
+        try:
+            check_resolution(model, asked or trained)
+        except ValueError as err:
+            raise ValueError(f"{self.name} option 'resolution': {err}") from None
+        self._pipeline = MSCustomNetPipeline(model)
         if asked and asked != trained:
             log.warning(
                 "%s: generating at %d px as -M resolution=%d asks, although the model was trained at %d px (its "

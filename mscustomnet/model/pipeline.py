@@ -321,7 +321,7 @@ class MSCustomNetPipeline(_Pipeline):
         schedule: str = DEFAULT_SCHEDULE,
     ) -> list[Image.Image]:
         resolution = resolution or self.model.config.resolution
-        _check_resolution(self.model, resolution)
+        check_resolution(self.model, resolution)
         if any(len(row) == 0 for row in subjects):
             raise ValueError("every request needs at least one subject")
         # MS-CustomNet's own choice: every reference scaled to the 200 px CLIP sees, small COCO objects included.
@@ -356,7 +356,7 @@ class CustomNetPipeline(_Pipeline):
         if self.model.config.multi_subject:
             raise ValueError("CustomNetPipeline needs a CustomNet (single-subject) model")
         resolution = resolution or self.model.config.resolution
-        _check_resolution(self.model, resolution)
+        check_resolution(self.model, resolution)
         if reference_fit not in REFERENCE_FITS:
             raise ValueError(f"reference fit {reference_fit!r} is not one of {REFERENCE_FITS}")
         if placement not in PLACEMENTS:
@@ -368,7 +368,9 @@ class CustomNetPipeline(_Pipeline):
         return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance, schedule)
 
 
-def _check_resolution(model: CustomNetModel, resolution: int) -> None:
+def check_resolution(model: CustomNetModel, resolution: int) -> None:
+    """Refuse a resolution the model cannot generate (the latent must halve cleanly at every UNet level); adapters
+    call it at setup, so a bad ``-M resolution`` stops the run before any sample instead of failing each one."""
     factor = model.config.vae.scale_factor * 2 ** (len(model.config.unet.block_out_channels) - 1)
     if resolution <= 0 or resolution % factor:
         raise ValueError(f"resolution {resolution} must be a positive multiple of {factor} for {model.config.name}")
@@ -387,6 +389,7 @@ __all__ = [
     "Subject",
     "app_box",
     "app_canvas",
+    "check_resolution",
     "blank_canvas",
     "customnet_canvas",
     "ddim_sample",

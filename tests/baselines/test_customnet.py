@@ -334,6 +334,16 @@ def test_runner_generates_single_tasks_deterministically_and_skips_multi(tmp_pat
     assert other.keys() == images.keys() and all(other[k] != images[k] for k in images)
 
 
+def test_a_resolution_the_model_cannot_take_stops_the_run_at_setup(tmp_path, coco_root, tiny_weights):
+    """-M resolution=36 on a model whose latent halves once (multiples of 8): refused at setup, naming the option,
+    instead of recording every single-track sample as failed."""
+    from msibench.runner import MethodSetupError
+
+    with pytest.raises(MethodSetupError, match=r"option 'resolution': resolution 36 must be a positive multiple of 8"):
+        _run(tmp_path, "r", coco_root, weights=str(tiny_weights), steps=2, resolution=36)
+    assert {r["status"] for r in read_records(tmp_path / "r")} <= {"skipped"}  # the multi tasks it cannot do
+
+
 def _request(task, box, seed=7, subjects=1):
     from PIL import Image
 

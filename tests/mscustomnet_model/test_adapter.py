@@ -218,3 +218,14 @@ def test_generates_at_the_model_resolution_or_says_why_not(tiny_weights, caplog)
     assert method.generate([_request(task, 3)])[0].size == (48, 48)
     with pytest.raises(ValueError, match="resolution"):
         MSCustomNetMethod(weights=str(tiny_weights), resolution=4)
+
+
+def test_a_resolution_the_model_cannot_take_stops_the_run_at_setup(tiny_weights, tmp_path, coco_root):
+    """-M resolution=36 on a model whose latent halves once (multiples of 8): refused at setup, naming the option,
+    instead of recording every sample as failed."""
+    from msibench.runner import MethodSetupError
+
+    method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=36)
+    with pytest.raises(MethodSetupError, match=r"option 'resolution': resolution 36 must be a positive multiple of 8"):
+        run_method(method, run_dir=tmp_path / "r", track="multi", limit=2, coco_root=coco_root, progress=False)
+    assert read_records(tmp_path / "r") == []
