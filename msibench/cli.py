@@ -281,6 +281,7 @@ def run_command(
     from msibench import exitcodes, registry
     from msibench.bench.manifest import ManifestError
     from msibench.bench.prepare import PrepareError
+    from msibench.cache import CacheDirError, cache_dir
     from msibench.records import LockBusyError
     from msibench.runner import (
         MethodSetupError,
@@ -296,7 +297,8 @@ def run_command(
         under_torchrun = torchrun_env() is not None and not shard
         shard_spec = parse_shard(shard)
         resolved_device = resolve_device(device)
-    except OptionError as err:
+        cache_dir()  # $MSIBENCH_CACHE (references, weights) is usable, checked before anything is written
+    except (OptionError, CacheDirError) as err:
         raise click.UsageError(str(err)) from err
     try:
         method = registry.build(method_name, _parse_options(method_options))

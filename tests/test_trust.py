@@ -241,6 +241,7 @@ def test_stale_temp_files_are_removed_at_start(tmp_path, prepared, coco_root):
         ([], {"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),
         ([], {"RANK": "0"}, "WORLD_SIZE"),
         ([], {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK"),
+        ([], {"MSIBENCH_CACHE": "/dev/null/cache"}, "MSIBENCH_CACHE=/dev/null/cache"),
     ],
 )
 def test_bad_options_and_environment_are_usage_errors_naming_them(tmp_path, args, env, names, monkeypatch):

@@ -108,12 +108,14 @@ def score_command(
 
     Exit codes: 0 all scored, 1 error, 2 usage, 3 failed samples recorded, 4 another pass is scoring the run."""
     from msibench import exitcodes
+    from msibench.cache import CacheDirError, cache_dir
     from msibench.runner import OptionError, resolve_device, torchrun_env
 
     try:
         torchrun_env()  # ultralytics parses WORLD_SIZE/RANK at import: check them first, naming the variable
         device = resolve_device(device)
-    except OptionError as err:
+        cache_dir()  # $MSIBENCH_CACHE (weights, references, features) is usable
+    except (OptionError, CacheDirError) as err:
         raise click.UsageError(str(err)) from err
     if imgsz % 32:
         raise click.BadParameter(f"{imgsz} is not a multiple of 32 (the detector's stride)", param_hint="--imgsz")

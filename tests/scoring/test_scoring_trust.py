@@ -227,6 +227,7 @@ def test_second_scoring_pass_is_refused_and_stale_temp_files_go(run_copy, coco_r
         (["score", "{run}", "--batch-size", "0"], {}, "--batch-size"),
         (["score", "{run}", "--limit", "0"], {}, "--limit"),
         (["score", "{run}"], {"WORLD_SIZE": "x"}, "WORLD_SIZE='x'"),
+        (["score", "{run}"], {"MSIBENCH_CACHE": "/dev/null/cache"}, "MSIBENCH_CACHE=/dev/null/cache"),
         (["table", "{run}", "--digits", "-1"], {}, "--digits"),
         (["plot", "by-k", "--run", "a={run}", "--width", "nan"], {}, "--width"),
         (["plot", "ablation", "--run", "a={run}", "--width", "-3"], {}, "--width"),
