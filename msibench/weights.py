@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +157,43 @@ def github_dir() -> Path:
     return cache_dir() / "weights"
 
 
+GITHUB_URL = "https://github.com"
+# Seconds a fetch waits for the first TCP connection to a host before calling it unreachable.
+CONNECT_TIMEOUT_S = 5.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
 def github_url(spec: WeightFiles, file: str) -> str:
-    return f"https://github.com/{spec.repo_id}/releases/download/{spec.revision}/{file}"
+    return f"{GITHUB_URL}/{spec.repo_id}/releases/download/{spec.revision}/{file}"
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def unreachable(source: str) -> str | None:
+    """Why nothing can be fetched from ``source``'s host ("hf" or "github"), or None when it answers.
+
+    One TCP connection per host and fetch, so that an offline fetch fails at once for every file instead of
+    retrying each one (huggingface_hub backs off 1 + 2 + 4 + 8 + 8 s per file before giving up: 23 s a file, about
+    20 minutes for everything Table I needs). ``HF_HUB_OFFLINE`` is honoured for the hub. Behind a proxy (the
+    ``*_PROXY`` variables) a direct connection says nothing, so the downloads are left to try."""
+    if source == "hf":
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set (unset it, and TRANSFORMERS_OFFLINE, to fetch)"
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    url = urllib.parse.urlsplit(hub_endpoint() if source == "hf" else GITHUB_URL)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"cannot reach {url.hostname}:{port} ({err.strerror or err})"
 
 
 def locate_hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
@@ -251,7 +288,8 @@ def _file_status(owner, spec, name, rec, pinned_sha, verify) -> FileStatus:
         return FileStatus(owner, spec, name, "unverified", str(path), detail="present, not fetched by msibench")
     stat = path.stat()
     same_stamp = rec is not None and rec.get("size") == stat.st_size and rec.get("mtime_ns") == stat.st_mtime_ns
-    if same_stamp and not verify and not pinned_sha:
+    # unchanged since msibench fetched (and checked) it: no need to hash it again, unless asked
+    if same_stamp and not verify and rec.get("sha256") == expected:
         return FileStatus(owner, spec, name, "present", str(path), rec.get("sha256"))
     actual = sha256_file(path)
     if actual != expected:
@@ -283,7 +321,8 @@ def _download_url(url: str, dest: Path) -> None:
 def _hub_files(spec: WeightFiles, pattern: str) -> list[str]:
     from huggingface_hub import HfApi
 
-    names = [n for n in HfApi().list_repo_files(spec.repo_id, revision=spec.revision) if fnmatch.fnmatch(n, pattern)]
+    api = HfApi(endpoint=hub_endpoint())
+    names = [n for n in api.list_repo_files(spec.repo_id, revision=spec.revision) if fnmatch.fnmatch(n, pattern)]
     if not names:
         raise FileNotFoundError(f"no file of {spec.repo_id}@{spec.revision or 'main'} matches {pattern!r}")
     return sorted(names)
@@ -297,13 +336,21 @@ def fetch(
     """Download every declared file that is not present with its recorded sha256; record what was fetched.
 
     Every failure is collected and raised at the end in one :class:`WeightsError` (files fetched before it are
-    kept and recorded). Manual files are listed, not fetched."""
+    kept and recorded). Manual files are listed, not fetched. A host that cannot be reached (:func:`unreachable`,
+    asked once per host, only when a file must be downloaded from it) fails its files at once, without a try."""
     import huggingface_hub
 
     say = progress or (lambda msg: logger.info("%s", msg))
     fetched = read_fetched()
     done: list[FileStatus] = []
     errors: list[str] = []
+    down: dict[str, str | None] = {}
+
+    def host_down(source: str) -> str | None:
+        if source not in down:
+            down[source] = unreachable(source)
+        return down[source]
+
     for owner, spec in entries:
         pinned = dict(spec.sha256)
         if spec.source == "manual":
@@ -311,6 +358,9 @@ def fetch(
             continue
         names: list[str] = []
         for pattern in spec.files:
+            if spec.source == "hf" and _GLOB.search(pattern) and host_down("hf"):
+                errors.append(f"{spec.label}: {pattern}: not fetched: {host_down('hf')}")
+                continue
             try:
                 names += _hub_files(spec, pattern) if spec.source == "hf" and _GLOB.search(pattern) else [pattern]
             except Exception as err:  # offline, unknown repo or revision, no match
@@ -321,10 +371,18 @@ def fetch(
             if current.status == "present":
                 done.append(current)
                 continue
+            why = host_down(spec.source)
+            if why:
+                errors.append(f"{spec.label}: {name}: not fetched: {why}")
+                continue
             say(f"fetching {spec.repo_id}@{spec.revision or 'main'}: {name}")
             try:
                 if spec.source == "hf":
-                    path = Path(huggingface_hub.hf_hub_download(spec.repo_id, name, revision=spec.revision))
+                    path = Path(
+                        huggingface_hub.hf_hub_download(
+                            spec.repo_id, name, revision=spec.revision, endpoint=hub_endpoint()
+                        )
+                    )
                 else:
                     path = github_dir() / Path(name).name
                     _download_url(github_url(spec, name), path)
@@ -340,7 +398,7 @@ def fetch(
                 "repo_id": spec.repo_id,
                 "source": spec.source,
                 "revision": spec.revision,
-                "commit": _snapshot_commit(path),
+                "commit": snapshot_commit(path),
                 "file": name,
                 "path": str(path),
                 "sha256": sha,
@@ -351,16 +409,20 @@ def fetch(
             _write_fetched(fetched)  # after every file: an interrupted fetch keeps what it got
             done.append(FileStatus(owner, spec, name, "present", str(path), sha, detail="fetched"))
     if errors:
+        present = sum(d.status == "present" for d in done)
+        manual = len(done) - present
         raise WeightsError(
-            f"{len(errors)} weight file(s) could not be fetched ({len(done)} present or fetched):\n"
+            f"{len(errors)} weight file(s) could not be fetched ({present} present or fetched"
+            + (f", {manual} to be put in place by hand" if manual else "")
+            + "):\n"
             + "\n".join(f"- {e}" for e in errors)
         )
     return done
 
 
-def _snapshot_commit(path: Path) -> str | None:
+def snapshot_commit(path: str | Path) -> str | None:
     """The commit a hub-cache path belongs to (``.../snapshots/<commit>/file``), else None."""
-    parts = path.parts
+    parts = Path(path).parts
     if "snapshots" in parts:
         i = parts.index("snapshots")
         if i + 1 < len(parts) and _COMMIT.match(parts[i + 1]):

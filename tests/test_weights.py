@@ -21,6 +21,7 @@ class FakeHub:
     def __init__(self, cache: Path, online: bool = True) -> None:
         self.cache = cache
         self.online = online
+        self.reachable = True
         self.calls: list[tuple[str, str]] = []
 
     @staticmethod
@@ -63,14 +64,24 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
+    import dataclasses
+
     import huggingface_hub
     from huggingface_hub import constants
 
+    from msibench.scoring import backbones
+
+    # the fake hub cannot serve the real files, so the scorers' content pins (sha256) are lifted; their refusal is
+    # tested on its own below
+    unpinned = tuple(dataclasses.replace(w, sha256=()) for w in backbones.SCORER_WEIGHTS)
+    monkeypatch.setattr(backbones, "SCORER_WEIGHTS", unpinned)
     hub = FakeHub(tmp_path / "hf-cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", hub.list_repo_files)
     monkeypatch.setattr(weights, "_download_url", hub.download_url)
+    # the hosts answer while the fake hub is online (a reachable host can still fail a download: see below)
+    monkeypatch.setattr(weights, "unreachable", lambda source: None if hub.reachable else "no network (fake)")
     return hub
 
 
@@ -99,10 +110,12 @@ def test_fetch_records_sha256_and_ls_reports_present_missing_different(fake_hub,
     assert ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "model.safetensors.index.json") in files
     assert ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "README.md") not in files
     # the record holds each file's sha256, and the scorer's offline lookup finds the hub files
+    from msibench.scoring.backbones import DINO_REVISION
+
     record = weights.read_fetched()
-    dino = record["hf:facebook/dino-vits16@main:pytorch_model.bin"]
-    assert dino["sha256"] == weights.sha256_file(dino["path"]) and dino["commit"] == "c" * 40
-    assert locate_hub_file("facebook/dino-vits16", "pytorch_model.bin") == Path(dino["path"])
+    dino = record[f"hf:facebook/dino-vits16@{DINO_REVISION}:pytorch_model.bin"]
+    assert dino["sha256"] == weights.sha256_file(dino["path"]) and dino["commit"] == DINO_REVISION
+    assert locate_hub_file("facebook/dino-vits16", "pytorch_model.bin", DINO_REVISION) == Path(dino["path"])
     yolo = record["github:ultralytics/assets@v8.3.0:yolo11x-seg.pt"]
     assert Path(yolo["path"]) == weights.github_dir() / "yolo11x-seg.pt"
     assert yolo["path"].endswith("weights/yolo11x-seg.pt")
@@ -123,8 +136,8 @@ def test_fetch_records_sha256_and_ls_reports_present_missing_different(fake_hub,
     assert {s.status for s in status(entries, verify=True)} == {"present"}
 
 
-def test_offline_fetch_reports_every_failure_in_one_message(fake_hub):
-    fake_hub.online = False
+def test_failed_downloads_are_reported_in_one_message(fake_hub):
+    fake_hub.online = False  # the hosts answer, every download fails
     entries = selection(True, ["customnet"])
     with pytest.raises(WeightsError) as err:
         fetch(entries)
@@ -136,10 +149,57 @@ def test_offline_fetch_reports_every_failure_in_one_message(fake_hub):
     assert len(fake_hub.calls) == 5  # one attempt per file, no retries
 
 
+def test_offline_fetch_tries_no_file_of_an_unreachable_host(fake_hub):
+    fake_hub.online = fake_hub.reachable = False
+    with pytest.raises(WeightsError) as err:
+        fetch(selection(True, ["lambda-eclipse"]))
+    text = str(err.value)
+    assert fake_hub.calls == []  # neither a download nor a file listing was attempted
+    assert "diffusion_pytorch_model.*: not fetched: no network (fake)" in text  # a pattern is not even listed
+    assert "yolo11x-seg.pt: not fetched: no network (fake)" in text
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_fetch_fails_at_once_with_the_real_hub_client(tmp_path, monkeypatch):
+    """huggingface_hub retries a connection error five times with backoff (23 s a file); the fetch asks each host
+    once and fails every file of an unreachable one at once. Sleeps are recorded, never slept."""
+    import time
+
+    from huggingface_hub import constants
+
+    url = f"http://127.0.0.1:{closed_port()}"  # nothing listens: connection refused
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(weights, "GITHUB_URL", url, raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    with pytest.raises(WeightsError) as err:
+        fetch(selection(True, []))
+    text = str(err.value)
+    assert text.startswith("4 weight file(s) could not be fetched") and sleeps == []
+    assert text.count(f"not fetched: cannot reach 127.0.0.1:{url.rsplit(':', 1)[1]}") == 4
+    # HF_HUB_OFFLINE is named as the reason, without a connection
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="dino-vits16.*not fetched: HF_HUB_OFFLINE is set"):
+        fetch(selection(True, []))
+
+
 def test_weights_cli(fake_hub):
     runner = CliRunner()
+    res = runner.invoke(main, ["weights", "ls", "--scorers", "--method", "customnet"])
+    assert res.exit_code == 1 and "5 missing" in res.output and "[revision not pinned]" in res.output
     res = runner.invoke(main, ["weights", "ls", "--scorers"])
-    assert res.exit_code == 1 and "4 missing" in res.output and "[revision not pinned]" in res.output
+    assert res.exit_code == 1 and "4 missing" in res.output and "[revision not pinned]" not in res.output
     res = runner.invoke(main, ["weights", "fetch", "--scorers"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["weights", "ls", "--scorers"])
@@ -148,3 +208,28 @@ def test_weights_cli(fake_hub):
     assert res.exit_code != 0 and "unknown method 'nope'" in res.output
     res = runner.invoke(main, ["weights", "ls", "--method", "ssr-encoder"])
     assert "manual" in res.output and "drive.google.com" in res.output
+
+
+def test_scorer_weights_are_pinned_and_a_file_unlike_its_pinned_sha256_is_refused(tmp_path, monkeypatch):
+    """Every scoring weight is pinned (hub commits, the YOLO release tag); a file whose content differs from its
+    pinned sha256 is not recorded as fetched and is named in the error."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from msibench.scoring import backbones
+
+    scorers = backbones.SCORER_WEIGHTS
+    assert all(w.pinned for w in scorers), [w.label for w in scorers if not w.pinned]
+    assert all(re.fullmatch(r"[0-9a-f]{40}", w.revision) for w in scorers if w.source == "hf")
+    CLIP_FILE, CLIP_SHA256 = backbones.CLIP_FILE, backbones.CLIP_SHA256  # noqa: N806
+    clip = next(w for w in scorers if CLIP_FILE in w.files)
+    assert dict(clip.sha256) == {CLIP_FILE: CLIP_SHA256}
+    hub = FakeHub(tmp_path / "hf-cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(weights, "unreachable", lambda source: None)
+    refused = f"{CLIP_FILE}: sha256 [0-9a-f]{{64}} differs from the pinned {CLIP_SHA256}"
+    with pytest.raises(WeightsError, match=refused):
+        fetch([("scorers", clip)])
+    assert not any(key.startswith(f"hf:{clip.repo_id}") for key in weights.read_fetched())
+    assert [s.status for s in status([("scorers", clip)])] == ["different"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from msibench.cache import cache_dir, sha256_file
 from msibench.coco import CATEGORY_ID, COCO_CATEGORIES
-from msibench.weights import WeightFiles, locate_hub_file
+from msibench.weights import WeightFiles, locate_hub_file, snapshot_commit
 
 if TYPE_CHECKING:
     import torch
@@ -54,21 +54,29 @@ DEFAULT_CLIP = "openai"
 DEFAULT_DETECTOR = "yolo11x-seg.pt"
 YOLO_ASSETS_URL = "https://github.com/ultralytics/assets/releases"
 
-# Where the defaults come from (``msibench weights fetch --scorers``). The hub revisions could not be looked up
-# where this was written (no hub access), so DINO and CLIP follow the repos' main branch; ``msibench weights ls``
-# reports them as not pinned and the fetch records the commit and sha256 it got. YOLO11 assets are pinned by
-# their release tag.
+# Where the defaults come from (``msibench weights fetch --scorers``), pinned: the hub repos by commit, the YOLO11
+# asset by its release tag. The two hub commits were not read from the hub (no hub access where this was written):
+# they are the snapshot commits that public projects pin for these repos, found by code search: DINO's in two
+# independent pinned-revision configs; CLIP's, with the file's sha256 and size (605,143,284 bytes), in more than
+# five. A wrong commit fails the fetch naming it; a file that differs from the pinned sha256 is refused.
 YOLO_RELEASE = "v8.3.0"
-DINO_REVISION: str | None = None
+DINO_REVISION: str | None = "abe3b354cb6a9b6f146096b14a4a9d7eecbcb4bd"
 CLIP_HUB_ID = "timm/vit_base_patch32_clip_224.openai"
 CLIP_FILE = "open_clip_model.safetensors"
-CLIP_REVISION: str | None = None
+CLIP_REVISION: str | None = "a6f597a30f7b82c51704746581f9a4e41421e878"
+CLIP_SHA256 = "e6d1bd7789aa45192b3bf90570a789b478bae1b74ebcce7eddd908e83a2b7c31"
 SCORER_WEIGHTS = (
     WeightFiles(
         "ultralytics/assets", (DEFAULT_DETECTOR,), YOLO_RELEASE, "YOLO11x-seg (detector metrics, crops)", "github"
     ),
     WeightFiles(DEFAULT_DINO, ("config.json", "pytorch_model.bin"), DINO_REVISION, "DINO ViT-S/16 (DINO-I, collapse)"),
-    WeightFiles(CLIP_HUB_ID, (CLIP_FILE,), CLIP_REVISION, "OpenAI CLIP ViT-B/32 (CLIP-I, CLIP-B)"),
+    WeightFiles(
+        CLIP_HUB_ID,
+        (CLIP_FILE,),
+        CLIP_REVISION,
+        "OpenAI CLIP ViT-B/32 (CLIP-I, CLIP-B)",
+        sha256=((CLIP_FILE, CLIP_SHA256),),
+    ),
 )
 FETCH_HINT = "`msibench weights fetch --scorers` downloads the default scoring weights"
 
@@ -401,9 +409,15 @@ def _transformers_dino(
         module = AutoModel.from_pretrained(ref, add_pooling_layer=False, **hub)
     except (OSError, ValueError, TypeError) as err:
         raise fail(err) from err
-    revision = getattr(module.config, "_commit_hash", None)
-    if revision:
-        name = f"{name}@{revision}"
+    if hub:  # the commit names the weights: the pinned one, else the snapshot the cache holds for main
+        config_file = locate_hub_file(ref, "config.json", revision)
+        commit = (
+            revision
+            or getattr(module.config, "_commit_hash", None)
+            or (snapshot_commit(config_file) if config_file is not None else None)
+        )
+        if commit:
+            name = f"{name}@{commit}"
     module = _prepare_module(module, device)
 
     def forward(x):
@@ -456,7 +470,10 @@ def load_clip(
             model = open_clip.create_model(CLIP_ARCH, pretrained=str(cached), force_quick_gelu=spec == "openai")
         except Exception as err:
             raise fail(err) from err
+        # the hub commit the file belongs to names the weights (as DINO's): another revision is another scorer
+        commit = snapshot_commit(cached)
         name = f"open_clip:{CLIP_ARCH}{'-quickgelu' if spec == 'openai' else ''}:{spec}"
+        name += f"@{commit}" if commit else ""
     model = _prepare_module(model, device)
     tokenizer = open_clip.get_tokenizer(CLIP_ARCH)
 

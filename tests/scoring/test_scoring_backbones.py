@@ -222,3 +222,29 @@ def test_scoring_never_downloads_and_names_every_missing_weight_at_once(monkeypa
     assert "yolo11x-seg.pt" in text and "facebook/dino-vits16" in text and "ViT-B-32" in text
     assert "msibench weights fetch --scorers" in text
     assert attempts == []
+
+
+def test_default_dino_and_clip_load_from_their_pinned_snapshots_and_name_them(tmp_path, monkeypatch, no_downloads):
+    """The defaults are read from the hub-cache snapshot of their pinned commit (where `msibench weights fetch`
+    puts them), and the commit is part of the backbone's identity (scorer version, feature-cache keys)."""
+    import open_clip
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTModel
+
+    from msibench.scoring import backbones
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    dino_dir = cache / "models--facebook--dino-vits16" / "snapshots" / backbones.DINO_REVISION
+    config = ViTConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=6, intermediate_size=32,
+                       image_size=32, patch_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(dino_dir)
+    clip_dir = cache / f"models--{backbones.CLIP_HUB_ID.replace('/', '--')}" / "snapshots" / backbones.CLIP_REVISION
+    clip_dir.mkdir(parents=True)
+    source = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, clip_dir / backbones.CLIP_FILE)
+    dino, clip = load_dino(), load_clip()
+    assert dino.name == f"hf:facebook/dino-vits16@{backbones.DINO_REVISION}"
+    assert clip.identity.startswith(f"open_clip:ViT-B-32-quickgelu:openai@{backbones.CLIP_REVISION}|")
