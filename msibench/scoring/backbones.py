@@ -396,6 +396,11 @@ def _transformers_dino(
 ) -> ImageEncoder:
     # local_files_only: a hub id is read from the hub cache, never downloaded (nor retried against the network)
     hub = {} if Path(ref).is_dir() else {"local_files_only": True, "revision": revision}
+    if hub and locate_hub_file(ref, "config.json", revision) is None:
+        # said plainly: transformers' own message blames a connection it never tried
+        from msibench.weights import hub_cache_dir
+
+        raise fail(f"{ref}@{revision or 'main'} is not in the local hub cache ({hub_cache_dir()})")
     try:
         from transformers import AutoConfig, AutoModel
 
@@ -512,8 +517,9 @@ def _open_clip_cached_file(tag: str) -> Path:
         found = locate_hub_file(repo, filename, revision)
         if found is not None:
             return found
+    repo, _, revision = candidates[0]
     raise FileNotFoundError(
-        f"{candidates[0][0]} ({' or '.join(c[1] for c in candidates)}) is not in the local hub cache"
+        f"{repo}@{revision or 'main'} ({' or '.join(c[1] for c in candidates)}) is not in the local hub cache"
     )
 
 

@@ -77,6 +77,9 @@ def test_missing_dino_and_clip_weights_offline(no_downloads):
         load_dino()
     text = str(err.value)
     assert "facebook/dino-vits16" in text and "MSIBENCH_DINO_WEIGHTS" in text and "--dino-weights" in text
+    # which revision is missing, and where it was looked for (not a connection error: none is attempted)
+    assert f"facebook/dino-vits16@{backbones.DINO_REVISION} is not in the local hub cache" in text
+    assert "connect" not in text
     with pytest.raises(BackboneError, match="no such file"):
         load_dino("./nowhere/dino.safetensors")
     with pytest.raises(BackboneError) as err:
