@@ -150,3 +150,21 @@ def test_by_k_keeps_k1_apart_and_offsets_error_bars(ablation_runs, tmp_path):
         clip_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "CLIP-B")
         lo, hi = clip_ax.get_ylim()
         assert 0.15 < lo and hi < 0.45
+
+
+def test_by_k_shows_identity_collapse_per_k_by_default(tmp_path):
+    """Identity collapse is reported per K with its interval, like every other metric of the multi track."""
+    run = write_run(tmp_path / "run", CONFIGS["+CLSQ"], 0)
+    lines = []
+    for line in (run / "scores.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["track"] == "multi":  # one confused subject of K at K = 4 and 5, none below
+            rec["metrics"].update(collapse_subjects=rec["k"], collapse_confused=int(rec["k"] >= 4))
+        lines.append(json.dumps(rec))
+    (run / "scores.jsonl").write_text("\n".join(lines) + "\n")
+    with paper_style():
+        _, rows = by_k_figure([load_run(f"x={run}")])
+    collapse = {int(r["k"]): r for r in rows if r["metric"] == "collapse"}
+    assert set(collapse) == {2, 3, 4, 5}
+    assert collapse[2]["mean"] == 0.0 and collapse[4]["mean"] == pytest.approx(0.25)
+    assert collapse[5]["mean"] == pytest.approx(0.2) and collapse[5]["n"] == 6
