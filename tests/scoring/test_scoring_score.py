@@ -333,3 +333,68 @@ def test_masks_are_decoded_only_for_subjects_of_a_z_pair(run_copy, coco_root):
         if t.track == "multi"
     )
     assert len(decoded) == in_pairs
+
+
+def test_z_pairs_are_the_same_for_a_scored_and_a_failed_generation(tmp_path, coco_root):
+    """Two subjects overlapping by a sliver (2.5 % of the smaller box) form no Z-Acc pair, two overlapping by half
+    form one: for a scored image at any resolution and for a failed generation alike (the denominator of Z-Acc is
+    the task's, whatever happened to the image)."""
+    import copy
+
+    from scoring_helpers import manifest_with_tasks
+
+    from msibench.bench.manifest import default_manifest_path
+    from msibench.methods.paste import PasteMethod
+    from msibench.runner import run_method
+    from msibench.scoring.aggregate import aggregate, find_group
+
+    raw = json.loads(default_manifest_path().read_text())
+    base = next(t for t in raw["tasks"] if t["track"] == "multi" and len(t["subjects"]) == 2)
+    tasks = []
+    for name, right in (("sliver", [0.49, 0.1, 0.9, 0.5]), ("deep", [0.3, 0.1, 0.7, 0.5])):
+        task = copy.deepcopy(base)
+        task["id"] = f"multi-k2-{name}"
+        task["subjects"][0]["box"], task["subjects"][1]["box"] = [0.1, 0.1, 0.5, 0.5], right
+        tasks.append(task)
+    manifest_path = tmp_path / "manifest.json"
+    manifest_with_tasks(manifest_path, tasks)
+    manifest = load_manifest(manifest_path)
+    expected = {"multi-k2-sliver": 0, "multi-k2-deep": 1}
+
+    def oracle(run_dir):
+        by_image = {}
+        for r in read_records(run_dir / "records.jsonl"):
+            with Image.open(run_dir / r["image"]) as im:
+                by_image[image_key(im)] = manifest.by_id[r["task_id"]]
+
+        def detect(images):
+            out = []
+            for image in images:
+                task = by_image[image_key(image)]
+                masks = layered_masks(task, image.size)
+                boxes, cats = [s.box for s in task.subjects], [s.category_id for s in task.subjects]
+                out.append(Detections.build(boxes, cats, image_size=image.size, masks=masks))
+            return out
+
+        return CallableDetector(detect, name="oracle", has_masks=True)
+
+    for resolution in (64, 512):
+        run_dir = tmp_path / f"run{resolution}"
+        run_method(PasteMethod(resolution=resolution), run_dir=run_dir, manifest=manifest_path, coco_root=coco_root,
+                   progress=False)  # fmt: skip
+        scorer = Scorer(ScorerConfig(metrics=("z_acc",)), detector=oracle(run_dir))
+        score_run(run_dir, scorer, coco_root=coco_root, progress=False)
+        _, records = load_scores(run_dir)
+        assert {r["task_id"]: r["metrics"]["z_pairs"] for r in records} == expected, resolution
+    # the same tasks, every generation failed
+    gen = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    for r in gen:
+        r.update(status="failed", image=None, image_sha256=None, reason="CUDA out of memory")
+    (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    score_run(run_dir, Scorer(ScorerConfig(metrics=("z_acc",)), detector=oracle(tmp_path / "run64")),
+              coco_root=coco_root, progress=False, rescore=True)  # fmt: skip
+    _, records = load_scores(run_dir)
+    assert {r["task_id"]: r["overlap_pairs"] for r in records} == expected
+    multi = find_group(aggregate(records), "multi", None)
+    assert multi.metrics["z_acc"].n == 1 and multi.metrics["z_acc"].mean == 0.0  # the deep pair, counted wrong
+    assert multi.z_tasks_without_overlap == 1
