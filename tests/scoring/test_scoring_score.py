@@ -398,3 +398,30 @@ def test_z_pairs_are_the_same_for_a_scored_and_a_failed_generation(tmp_path, coc
     multi = find_group(aggregate(records), "multi", None)
     assert multi.metrics["z_acc"].n == 1 and multi.metrics["z_acc"].mean == 0.0  # the deep pair, counted wrong
     assert multi.z_tasks_without_overlap == 1
+
+
+def test_the_detector_runs_only_on_images_whose_requested_metrics_need_it(run_copy, coco_root):
+    """What each track needs: the multi track's detector metrics always need a pass; identity needs one only when
+    its crop comes from detections (category, matched); CLIP-B never does."""
+    needs = {
+        (crop, metrics): (ScorerConfig(identity_crop=crop, metrics=metrics).needs_detection("single"),
+                          ScorerConfig(identity_crop=crop, metrics=metrics).needs_detection("multi"))
+        for crop in ("category", "matched", "target", "full")
+        for metrics in (("dino_i", "clip_b", "yolo_l"), ("clip_b",))
+    }  # fmt: skip
+    assert needs == {
+        ("category", ("dino_i", "clip_b", "yolo_l")): (True, True),
+        ("matched", ("dino_i", "clip_b", "yolo_l")): (True, True),
+        ("target", ("dino_i", "clip_b", "yolo_l")): (False, True),
+        ("full", ("dino_i", "clip_b", "yolo_l")): (False, True),
+        **{(crop, ("clip_b",)): (False, False) for crop in ("category", "matched", "target", "full")},
+    }
+    detector = oracle_detector(run_copy)
+    seen = []
+    counting = CallableDetector(
+        lambda images: seen.append(len(images)) or detector.fn(images), name="oracle", has_masks=True
+    )
+    cfg = ScorerConfig(metrics=("yolo_subj", "dino_i"), identity_crop="full")
+    score_run(run_copy, Scorer(cfg, detector=counting, dino=stats_encoder()), coco_root=coco_root, progress=False)
+    _, records = load_scores(run_copy)
+    assert sum(seen) == sum(r["track"] == "multi" for r in records) == 4  # the single track: no pass
