@@ -80,6 +80,31 @@ def test_references_come_from_clean_reviewed_pools(built, coco_val):
     assert 414619 not in {a for ids in pools.values() for a in ids}
 
 
+# Passed the rule and an earlier review, then rejected by eye on the v2 contact sheet (reasons in the review file).
+REJECTED_ON_THE_CONTACT_SHEET = {
+    478735: "person",  # legs hidden behind a table: cut at the hips
+    2047515: "motorcycle",  # a scooter-shaped pizza cutter
+    1966302: "dining table",  # notched where an unannotated pot stands, a leg cut by a chair
+    1123710: "oven",  # left side hidden by a door frame
+    1955442: "potted plant",  # a small patch of a flower bed
+    1955906: "potted plant",  # a patch of a flower bed
+    167841: "bus",  # front corner hidden by the bus in front
+    1556148: "orange",  # a bite out of its outline where another orange is in front
+    51846: "cat",  # a band of carpet in the mask
+    1115755: "keyboard",  # a drive and cables across the keys
+}
+
+
+def test_references_rejected_on_the_contact_sheet_serve_nowhere(built):
+    review = load_review()
+    manifest = load_manifest()  # the packaged default
+    pooled = {a for ids in built["build"]["pools"].values() for a in ids}
+    used = {s.reference.annotation_id for t in manifest.tasks for s in t.subjects}
+    for ann_id, category in REJECTED_ON_THE_CONTACT_SHEET.items():
+        assert review.rejected.get(ann_id), (ann_id, category)
+        assert ann_id not in pooled and ann_id not in used, (ann_id, category)
+
+
 def test_pool_members_pass_the_rule(coco_root, built):
     coco = load_split(coco_root, "val2017")
     wanted = {a for ids in built["build"]["pools"].values() for a in ids}
