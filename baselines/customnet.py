@@ -26,7 +26,8 @@ Weights (``-M weights=...``, default ``$MSIBENCH_CUSTOMNET_WEIGHTS``, else the h
 - a model folder written by ``mscustomnet convert-customnet`` (config.json + model.safetensors);
 - the official checkpoint file itself (``customnet_v1.pt``), converted in memory by ``mscustomnet.model.convert``;
 - a hub repo id with ``-M weights_file=`` and ``-M revision=`` (default ``TencentARC/CustomNet``, ``customnet_v1.pt``),
-  downloaded with ``huggingface_hub`` on first use.
+  downloaded with ``huggingface_hub`` on first use (``msibench weights fetch --method customnet`` beforehand;
+  read from the hub cache only when the hub cannot be reached).
 
 Defaults are the official ones, from TencentARC/CustomNet@23a378fc8cfcec72181cc4fd625c708f9485e490:
 ``main/app.py`` (``run_generation``: ``sampler.sample(S=50, ...)``, ``cfg_type=0`` with ``"all": 3.0``,
@@ -56,7 +57,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles
+from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -81,10 +82,10 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 DTYPES = ("float32", "float16", "bfloat16")
 IMPLEMENTATION_VERSION = 2
 
-_HINT = (
-    f"Download {WEIGHTS_FILE} from the hub repo {WEIGHTS_ID} (`huggingface-cli download {WEIGHTS_ID} {WEIGHTS_FILE}`) "
-    f"and pass the file, or a folder converted from it by `mscustomnet convert-customnet`, with -M weights=PATH "
-    f"(or set {WEIGHTS_ENV}=PATH)."
+_HINT = fetch_remedy(
+    "customnet",
+    f"-M weights=PATH (the {WEIGHTS_FILE} file, or a folder converted from it by `mscustomnet convert-customnet`; "
+    f"or set {WEIGHTS_ENV}=PATH)",
 )
 
 
@@ -279,13 +280,11 @@ class CustomNetMethod(Method):
     def _download(self) -> Path:
         o = self.options
         try:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(o["weights"], o["weights_file"], revision=o["revision"]))
+            return hub_download(o["weights"], o["weights_file"], o["revision"])  # cache only when the hub is down
         except Exception as err:  # offline, unknown repo, revision or file: one readable message for all
             raise WeightsUnavailableError(
-                f"customnet: cannot get {o['weights']} {o['weights_file']} (revision {o['revision']}) from the hub "
-                f"({type(err).__name__}: {err}). {_HINT}"
+                f"customnet: cannot get {o['weights']} {o['weights_file']} (revision {o['revision']}) from the hub: "
+                f"{hub_failure(err)}. {_HINT}"
             ) from err
 
     # ------------------------------------------------------------------------------------------ generation

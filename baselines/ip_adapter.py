@@ -47,7 +47,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles
+from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -117,14 +117,11 @@ def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
             f"{ADAPTER_ID} (revision {ADAPTER_REVISION}) into {path}, keeping its relative path."
         )
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(source, filename, revision=revision))
+        return hub_download(source, filename, revision)  # from the hub cache only when the hub is unreachable
     except Exception as err:  # offline, unknown repo, missing file: all end here with one readable message
         raise WeightsUnavailableError(
-            f"ip-adapter: cannot get {what} {filename!r} from the hub repo {source!r} at revision {revision} "
-            f"({type(err).__name__}: {err}). Download it first, e.g. `huggingface-cli download {source} {filename} "
-            f"--revision {revision}`, or pass a local folder with -M adapter=DIR (or set {ADAPTER_ENV})."
+            f"ip-adapter: cannot get {what} {filename!r} from the hub repo {source!r} at revision {revision}: "
+            f"{hub_failure(err)}. {fetch_remedy('ip-adapter', f'-M adapter=DIR (or set {ADAPTER_ENV})')}"
         ) from err
 
 

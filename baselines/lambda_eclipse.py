@@ -53,7 +53,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles
+from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure, hub_kwargs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -429,18 +429,18 @@ class LambdaEclipseMethod(Method):
         source, revision, local = self._source(key)
         hub_id = _HUB_IDS[key]
         where = f"local folder {source}" if local else f"{source!r} (revision {revision})"
+        reason = f"{type(err).__name__}: {err}" if local else hub_failure(err)
         return WeightsUnavailableError(
-            f"lambda-eclipse: cannot load the {key.replace('_', ' ')} from {where}: {type(err).__name__}: {err}\n"
-            f"  It needs {_CONTENTS[key]}. Download the official weights with "
-            f"`huggingface-cli download {hub_id} --revision {revision}` (network, HF_HUB_OFFLINE unset), or pass a "
-            f"local copy with -M {key}=DIR or {ENV_VARS[key]}=DIR."
+            f"lambda-eclipse: cannot load the {key.replace('_', ' ')} from {where}: {reason}\n"
+            f"  It needs {_CONTENTS[key]} (official: {hub_id}). "
+            + fetch_remedy(self.name, f"-M {key}=DIR or {ENV_VARS[key]}=DIR")
         )
 
     def _pretrained_kwargs(self, key: str) -> dict[str, Any]:
         source, revision, local = self._source(key)
         kwargs: dict[str, Any] = {"pretrained_model_name_or_path": str(Path(source).expanduser()) if local else source}
         if not local:
-            kwargs["revision"] = revision
+            kwargs.update(revision=revision, **hub_kwargs())  # the hub cache only when the hub is unreachable
         return kwargs
 
     def _load_text_encoder(self, dtype, projection_dim: int):
@@ -675,14 +675,13 @@ def _quiet_loading():
 
 def _download_prior(repo_id: str, revision: str, config_file: str, weight_files: Sequence[str]) -> Path:
     """Fetch the prior's config and its first available weights file into the hub cache; return the folder."""
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
-    config_path = Path(hf_hub_download(repo_id, config_file, revision=revision))
+    config_path = hub_download(repo_id, config_file, revision)
     errors = []
     for name in weight_files:
         try:
-            hf_hub_download(repo_id, name, revision=revision)
+            hub_download(repo_id, name, revision)
             return config_path.parent
         except EntryNotFoundError as err:
             errors.append(str(err))

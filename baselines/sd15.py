@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from msibench.weights import WeightFiles
+from msibench.weights import WeightFiles, fetch_remedy, hub_failure, hub_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -91,14 +91,18 @@ def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 def from_pretrained(
     loader: Any, source: str, what: str, error: type[Exception], option: str, method: str, **kwargs: Any
 ) -> Any:
-    """``loader(source, **kwargs)``; a failure becomes ``error`` naming the download command and ``option``.
+    """``loader(source, **kwargs)``; a failure becomes ``error`` naming ``msibench weights fetch`` and ``option``.
 
-    A ``revision`` keyword applies to hub ids only (a local folder has none).
+    A ``revision`` keyword applies to hub ids only (a local folder has none). A hub id is read from the hub cache
+    only when the hub cannot be reached (:func:`msibench.weights.hub_kwargs`): no retries, a missing file fails at
+    once.
     """
     local = Path(source).expanduser()
     revision = kwargs.pop("revision", None)
-    if not local.exists() and revision:
-        kwargs["revision"] = revision
+    if not local.exists():
+        kwargs.update(hub_kwargs())
+        if revision:
+            kwargs["revision"] = revision
     try:
         return loader(str(local) if local.exists() else source, **kwargs)
     except (OSError, ValueError) as err:
@@ -108,13 +112,10 @@ def from_pretrained(
                 "folder that holds it in the diffusers/transformers layout."
             ) from err
         subfolder = kwargs.get("subfolder")
-        include = f' --include "{subfolder}/*"' if subfolder else ""
-        at = f" --revision {revision}" if revision else ""
         raise error(
             f"{method}: cannot load the {what} from the hub repo {source}"
             f"{f' (subfolder {subfolder})' if subfolder else ''}{f' at revision {revision}' if revision else ''}: "
-            f"{err}. Download it first (`huggingface-cli download {source}{include}{at}`), or point {option} at a "
-            "local copy."
+            f"{hub_failure(err)}. {fetch_remedy(method, option)}"
         ) from err
 
 

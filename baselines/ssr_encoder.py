@@ -67,7 +67,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles
+from msibench.weights import WeightFiles, hub_download, hub_failure
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -191,16 +191,15 @@ class SSREncoderMethod(Method):
                 raise WeightsUnavailableError(_missing_weights_message(f"{', '.join(absent)} not found"))
             return files
         try:
-            from huggingface_hub import hf_hub_download
-
             return tuple(  # type: ignore[return-value]
-                Path(hf_hub_download(source, name, revision=o["weights_revision"]))
-                for name in (o["aligner_file"], o["layers_file"])
+                hub_download(source, name, o["weights_revision"]) for name in (o["aligner_file"], o["layers_file"])
             )
         except Exception as err:  # offline, unknown repo, missing file
+            # The official weights are not on the hub (manual in msibench weights ls): no fetch command to name.
             raise WeightsUnavailableError(
                 _missing_weights_message(
-                    f"{source!r} is neither a local folder nor a reachable hub repo ({type(err).__name__}: {err})"
+                    f"{source!r} (revision {o['weights_revision']}) is neither a local folder nor a hub repo "
+                    f"with {o['aligner_file']} and {o['layers_file']}: {hub_failure(err)}"
                 )
             ) from err
 

@@ -196,6 +196,53 @@ def unreachable(source: str) -> str | None:
         return f"cannot reach {url.hostname}:{port} ({err.strerror or err})"
 
 
+# What the hub probe answered, per endpoint and proxy setting: asked once per process (see hub_offline).
+_HUB_PROBES: dict[tuple[str | None, ...], str | None] = {}
+
+
+def hub_offline() -> str | None:
+    """Why a method adapter must read hub ids from the local hub cache only, or None when the hub answers.
+
+    ``HF_HUB_OFFLINE`` is read each time; the TCP probe of :func:`unreachable` runs once per process for a given
+    endpoint and proxy setting, so a setup that loads twenty files asks once. Offline, a cached file then loads at
+    once and a missing one fails at once, instead of huggingface_hub retrying it for 23 s."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return unreachable("hf")
+    key = (hub_endpoint(), *(os.environ.get(v) for v in _PROXY_VARS))
+    if key not in _HUB_PROBES:
+        _HUB_PROBES[key] = unreachable("hf")
+    return _HUB_PROBES[key]
+
+
+def hub_kwargs() -> dict[str, Any]:
+    """The keywords of a method's hub load (``hf_hub_download``, ``from_pretrained``): ``local_files_only`` when
+    the hub cannot be reached (:func:`hub_offline`), else none, so that an online machine downloads as usual."""
+    return {"local_files_only": True} if hub_offline() else {}
+
+
+def hub_download(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """``hf_hub_download`` of one file with :func:`hub_kwargs`: from the cache only when the hub is unreachable."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, filename, revision=revision, **hub_kwargs()))
+
+
+def hub_failure(err: BaseException) -> str:
+    """Why a method's hub load failed, in a few words: offline, that the hub cache lacks the file (not the
+    library's advice to turn downloads on); online, the library's error."""
+    why = hub_offline()
+    if why and isinstance(err, OSError):
+        return f"not in the hub cache {hub_cache_dir()}, and the hub is unreachable: {why}"
+    return f"{type(err).__name__}: {err}"
+
+
+def fetch_remedy(method: str, local: str) -> str:
+    """The remedies a method's "cannot get weights" message names: the one command first, then a local copy."""
+    return f"Fetch it with `msibench weights fetch --method {method}`, or pass a local copy with {local}."
+
+
 def locate_hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
     """A file of a hub repo in the local hub cache, or None; never touches the network."""
     from huggingface_hub import try_to_load_from_cache

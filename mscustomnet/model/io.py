@@ -123,14 +123,21 @@ def resolve_weights(source: str, revision: str | None = None, what: str = "model
         raise WeightsNotFoundError(f"{what} weights {source!r}: no such folder, and not a hub id. {hint}".strip())
     from huggingface_hub import snapshot_download
 
+    from msibench.weights import hub_failure, hub_kwargs
+
     try:
         return Path(
-            snapshot_download(repo_id=source, revision=revision or None, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+            snapshot_download(
+                repo_id=source,
+                revision=revision or None,
+                allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
+                **hub_kwargs(),  # the hub cache only when the hub is unreachable: no retries
+            )
         )
     except Exception as err:  # offline, unknown repo or revision, no network: all end the same way for the user
         raise WeightsNotFoundError(
-            f"{what} weights {source!r} (revision {revision or 'default'}) are not available: "
-            f"{type(err).__name__}: {err}. {hint}".strip()
+            f"{what} weights {source!r} (revision {revision or 'default'}): {CONFIG_FILE} and {WEIGHTS_FILE} are "
+            f"not available: {hub_failure(err)}. {hint}".strip()
         ) from err
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,13 +171,15 @@ def test_missing_weights_name_what_to_download(tmp_path, monkeypatch, tiny_adapt
     with pytest.raises(WeightsUnavailableError, match=str(empty)):
         IPAdapterMethod().config()
     monkeypatch.delenv("MSIBENCH_IP_ADAPTER_WEIGHTS")
-    # Offline (tests set HF_HUB_OFFLINE=1) the hub id cannot be fetched: the error gives the download command.
-    with pytest.raises(WeightsUnavailableError, match="huggingface-cli download h94/IP-Adapter"):
+    # Offline (tests set HF_HUB_OFFLINE=1) the hub id cannot be fetched: the error gives the fetch command.
+    fetch = re.escape("`msibench weights fetch --method ip-adapter`")
+    with pytest.raises(WeightsUnavailableError, match=rf"'h94/IP-Adapter' at revision 018e402.*{fetch}.*-M adapter="):
         IPAdapterMethod(dtype="float32").setup("cpu")
-    # With the adapter at hand, each missing hub component is named with its download command and its option.
-    with pytest.raises(WeightsUnavailableError, match=r"VAE .*stabilityai/sd-vae-ft-mse --revision 31f26fd.*-M vae="):
+    # With the adapter at hand, each missing hub component is named with the fetch command and its option.
+    vae = rf"VAE .*stabilityai/sd-vae-ft-mse at revision 31f26fd.*{fetch}.*-M vae="
+    with pytest.raises(WeightsUnavailableError, match=vae):
         IPAdapterMethod(adapter=str(tiny_adapter_dir), dtype="float32").setup("cpu")
-    base = r"download stable-diffusion-v1-5/stable-diffusion-v1-5 --revision 451f4fe.*-M base_model=DIR"
+    base = rf"stable-diffusion-v1-5/stable-diffusion-v1-5 at revision 451f4fe.*{fetch}.*-M base_model=DIR"
     with pytest.raises(WeightsUnavailableError, match=base):
         IPAdapterMethod(adapter=str(tiny_adapter_dir), vae="", dtype="float32").setup("cpu")
     # A bare weights file is accepted, but then the image encoder has to be named as well.
