@@ -88,6 +88,9 @@ REJECTED_ON_THE_CONTACT_SHEET = {
     1123710: "oven",  # left side hidden by a door frame
     1955442: "potted plant",  # a small patch of a flower bed
     1955906: "potted plant",  # a patch of a flower bed
+    1952361: "potted plant",  # a rectangular patch of pansies in a flower bed, no pot (same photo)
+    1954220: "potted plant",  # a rectangular patch of pansies in a flower bed, no pot (same photo)
+    1954615: "potted plant",  # a patch of a flower bed, no pot (same photo)
     167841: "bus",  # front corner hidden by the bus in front
     1556148: "orange",  # a bite out of its outline where another orange is in front
     51846: "cat",  # a band of carpet in the mask
