@@ -23,7 +23,6 @@ The issue's target: a 5-method x 200-task report "in well under a minute on 2 co
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -56,42 +55,15 @@ def parse_args() -> argparse.Namespace:
 
 def layout_detector(manifest, runs: list[Path]):
     """Detections from each image's task layout: subject 0 missed on K >= 4, a wrong category on K = 2."""
-    import numpy as np
-    from PIL import Image
+    from msibench.scoring.oracle import Drawn, oracle_detector, task_images, task_layout
 
-    from msibench.records import read_records
-    from msibench.scoring.detect import CallableDetector, Detections
+    def layout(task):
+        drawn = task_layout(task)[1:] if task.k >= 4 else task_layout(task)
+        if task.track == "multi" and task.k == 2:
+            drawn.append(Drawn([0.02, 0.02, 0.2, 0.2], 80))
+        return drawn
 
-    def key(image) -> str:
-        return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
-
-    by_image: dict[str, object] = {}
-    for run in runs:
-        for r in read_records(run):
-            if r["status"] == "ok":
-                with Image.open(run / r["image"]) as im:
-                    by_image[key(im)] = manifest.by_id[r["task_id"]]
-
-    def detect(images):
-        out = []
-        for image in images:
-            task = by_image[key(image)]
-            subjects = list(task.subjects)[1:] if task.k >= 4 else list(task.subjects)
-            boxes = [list(s.box) for s in subjects]
-            cats = [s.category_id for s in subjects]
-            if task.track == "multi" and task.k == 2:
-                boxes.append([0.02, 0.02, 0.2, 0.2])
-                cats.append(80)
-            w, h = image.size
-            masks = []
-            for x0, y0, x1, y1 in boxes:
-                m = np.zeros((h, w), dtype=bool)
-                m[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = True
-                masks.append(m)
-            out.append(Detections.build(boxes, cats, image_size=image.size, masks=masks))
-        return out
-
-    return CallableDetector(detect, name="bench-layout-detector", has_masks=True)
+    return oracle_detector(task_images(runs, manifest), layout, name="bench-layout-detector", masks="boxes")
 
 
 def make_runs(workdir: Path, resolution: int, coco_root: Path, manifest_name: str) -> list[Path]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -92,7 +91,6 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="crop_sensitivity_"))
     os.environ["MSIBENCH_CACHE"] = str(workdir / "cache")
 
-    import numpy as np
     import torch
     from PIL import Image
     from transformers import Dinov2Model
@@ -100,11 +98,10 @@ def main(argv=None) -> dict:
     from msibench.bench.manifest import load_manifest
     from msibench.bench.prepare import reference_paths
     from msibench.methods.paste import PasteMethod
-    from msibench.records import read_records
     from msibench.runner import run_method
     from msibench.scoring.aggregate import aggregate, find_group
     from msibench.scoring.backbones import image_encoder_from_callable
-    from msibench.scoring.detect import CallableDetector, Detections
+    from msibench.scoring.oracle import Drawn, oracle_detector, run_images
     from msibench.scoring.score import score_run
     from msibench.scoring.scorer import Scorer, ScorerConfig
     from msibench.scoring.store import load_scores
@@ -119,12 +116,13 @@ def main(argv=None) -> dict:
         "paste": (PasteMethod(resolution=args.resolution), False),
         "paste, layout ignored": (paste_ignoring_layout()(resolution=args.resolution), True),
     }
-    drawn: dict[str, tuple[list[list[float]], list[int]]] = {}  # image pixels sha -> (boxes, categories)
+    drawn: dict[str, list[Drawn]] = {}  # image pixels sha -> the boxes paste drew, with their categories
     folders = {}
     for label, (method, moved) in runs.items():
         folder = workdir / method.name
         run_method(method, run_dir=folder, coco_root=args.coco_root, limit=args.limit, progress=False)
-        for rec in read_records(folder / "records.jsonl"):
+
+        def layout(rec, moved=moved):
             task = manifest.by_id[rec["task_id"]]
             boxes = []
             for j, s in enumerate(task.subjects):
@@ -132,20 +130,13 @@ def main(argv=None) -> dict:
                 with Image.open(ref) as im:
                     size = im.size
                 box = moved_box(s.box, rec["seed"], j) if moved else s.box
-                boxes.append(fitted_box(box, size, args.resolution))
-            with Image.open(folder / rec["image"]) as im:
-                key = hashlib.sha256(np.asarray(im.convert("RGB")).tobytes()).hexdigest()
-            drawn[key] = (boxes, [s.category_id for s in task.subjects])
+                boxes.append(Drawn(fitted_box(box, size, args.resolution), s.category_id, score=0.9))
+            return boxes
+
+        drawn.update(run_images([folder], layout))
         folders[label] = folder
 
-    def detect(images):
-        out = []
-        for image in images:
-            boxes, cats = drawn[hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()]
-            out.append(Detections.build(boxes, cats, image_size=image.size, scores=[0.9] * len(boxes)))
-        return out
-
-    detector = CallableDetector(detect, name="oracle: the boxes paste drew", has_masks=False)
+    detector = oracle_detector(drawn, lambda boxes: boxes, name="oracle: the boxes paste drew", masks=None)
     rows = []
     for label, folder in folders.items():
         for mode in MODES:

@@ -12,18 +12,14 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from msibench.bench.manifest import load_manifest
 from msibench.methods.base import Capabilities
 from msibench.methods.paste import PasteMethod
-from msibench.records import read_records
 
 WRONG_CATEGORY = (80, "toaster")
 
@@ -57,61 +53,22 @@ class LimitedPaste(PasteMethod):
         return super().generate(requests)
 
 
-def _image_key(image) -> str:
-    return hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
-
-
-def _layered_masks(boxes, zs, size):
-    w, h = size
-    masks = [np.zeros((h, w), dtype=bool) for _ in boxes]
-    for i in sorted(range(len(boxes)), key=lambda i: zs[i]):
-        x0, y0, x1, y1 = boxes[i]
-        region = np.zeros((h, w), dtype=bool)
-        region[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = True
-        for m in masks:
-            m &= ~region
-        masks[i] = region
-    return masks
-
-
 def layout_detector(run_dirs: list[Path]):
     """Detections derived from each image's task layout, with a miss, a wrong category and an extra instance."""
-    from msibench.scoring.detect import CallableDetector, Detections
+    from msibench.scoring.oracle import Drawn, oracle_detector, task_images, task_layout
 
-    manifest = load_manifest()
-    by_image = {}
-    for run_dir in run_dirs:
-        for r in read_records(run_dir):
-            if r["status"] == "ok":
-                with Image.open(run_dir / r["image"]) as im:
-                    by_image[_image_key(im)] = manifest.by_id[r["task_id"]]
+    def layout(task):
+        drawn = task_layout(task)
+        if task.track == "multi" and task.k >= 3:
+            drawn = drawn[1:]  # the first subject is not found
+        drawn = [dataclasses.replace(d, score=0.9 - 0.1 * i) for i, d in enumerate(drawn)]
+        if task.track == "multi" and task.k == 2 and WRONG_CATEGORY[0] not in [d.category_id for d in drawn]:
+            drawn.append(Drawn([0.02, 0.02, 0.2, 0.2], WRONG_CATEGORY[0], z=-1, score=0.4))
+        if task.track == "multi" and task.k == 4:  # another instance of a requested category, matched to none
+            drawn.append(Drawn([0.8, 0.8, 0.98, 0.98], task.subjects[1].category_id, z=-1, score=0.3))
+        return drawn
 
-    def detect(images):
-        out = []
-        for image in images:
-            task = by_image[_image_key(image)]
-            subjects = list(task.subjects)
-            if task.track == "multi" and task.k >= 3:
-                subjects = subjects[1:]  # the first subject is not found
-            boxes = [list(s.box) for s in subjects]
-            cats = [s.category_id for s in subjects]
-            zs = [s.z for s in subjects]
-            scores = [0.9 - 0.1 * i for i in range(len(subjects))]
-            if task.track == "multi" and task.k == 2 and WRONG_CATEGORY[0] not in cats:
-                boxes.append([0.02, 0.02, 0.2, 0.2])
-                cats.append(WRONG_CATEGORY[0])
-                zs.append(-1)
-                scores.append(0.4)
-            if task.track == "multi" and task.k == 4:
-                boxes.append([0.8, 0.8, 0.98, 0.98])  # another instance of a requested category, matched to none
-                cats.append(task.subjects[1].category_id)
-                zs.append(-1)
-                scores.append(0.3)
-            masks = _layered_masks(boxes, zs, image.size)
-            out.append(Detections.build(boxes, cats, image_size=image.size, scores=scores, masks=masks))
-        return out
-
-    return CallableDetector(detect, name="report-test-layout-detector", has_masks=True)
+    return oracle_detector(task_images(run_dirs, load_manifest()), layout, name="report-test-layout-detector")
 
 
 def stats_encoder():

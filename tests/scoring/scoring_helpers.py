@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
-
-
-def image_key(image) -> str:
-    return hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
-
 
 def stats_encoder(name: str = "test-stats-v1"):
     """A cheap deterministic identity backbone: per-channel mean and std of the preprocessed crop."""

@@ -3,64 +3,37 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
-from scoring_helpers import image_key, stats_encoder
+from scoring_helpers import stats_encoder
 
 from msibench.bench.manifest import load_manifest
 from msibench.records import append_record, read_records
 from msibench.scoring.detect import CallableDetector, Detections
+from msibench.scoring.oracle import Drawn, image_key, task_images, task_layout
+from msibench.scoring.oracle import oracle_detector as oracle_detector_of
 from msibench.scoring.score import score_run
 from msibench.scoring.scorer import ScoreConflictError, Scorer, ScorerConfig
 from msibench.scoring.store import load_scores
 
 
-def layered_masks(task, size, invert=False):
-    """Visible masks when subjects are drawn in z order (reversed with ``invert``)."""
-    w, h = size
-    order = sorted(range(task.k), key=lambda i: task.subjects[i].z, reverse=invert)
-    masks = [np.zeros((h, w), dtype=bool) for _ in range(task.k)]
-    for i in order:  # back to front: each later subject hides the earlier ones
-        x0, y0, x1, y1 = task.subjects[i].box
-        region = np.zeros((h, w), dtype=bool)
-        region[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = True
-        for m in masks:
-            m &= ~region
-        masks[i] = region
-    return masks
-
-
 def oracle_detector(run_dir: Path, invert=False, drop_first=False):
-    """Detects exactly the layout (boxes and classes) of the task each image belongs to."""
-    manifest = load_manifest()
-    by_image = {}
-    for r in read_records(run_dir):
-        if r["status"] != "ok":
-            continue
-        with Image.open(run_dir / r["image"]) as im:
-            by_image[image_key(im)] = manifest.by_id[r["task_id"]]
+    """Detects exactly the layout (boxes and classes) of the task each image belongs to; with ``drop_first`` it
+    misses the first subject (which still hides what is behind it)."""
 
-    def detect(images):
-        out = []
-        for image in images:
-            task = by_image[image_key(image)]
-            subjects = task.subjects[1:] if drop_first else task.subjects
-            masks = layered_masks(task, image.size, invert)[1 if drop_first else 0 :]
-            out.append(
-                Detections.build(
-                    [s.box for s in subjects], [s.category_id for s in subjects], image_size=image.size, masks=masks
-                )
-            )
-        return out
+    def layout(task):
+        drawn = task_layout(task, invert=invert)
+        return [dataclasses.replace(drawn[0], found=False), *drawn[1:]] if drop_first else drawn
 
-    return CallableDetector(detect, name=f"oracle-invert{invert}-drop{drop_first}", has_masks=True)
+    name = f"oracle-invert{invert}-drop{drop_first}"
+    return oracle_detector_of(task_images([run_dir], load_manifest()), layout, name=name)
 
 
 def scorer_for(run_dir, *, invert=False, drop_first=False, **config):
@@ -283,13 +256,10 @@ def test_layout_free_crop_finds_a_subject_drawn_away_from_its_box(coco_root):
         sha = hashlib.sha256(ref_path.read_bytes()).hexdigest()
         items.append(ScoreItem(task, {"sample_index": 0}, image, f"img{n}", [(sha, ref_path)]))
 
-    def detect(images):
-        return [
-            Detections.build([drawn[image_key(im)][0]], [drawn[image_key(im)][1]], image_size=im.size, scores=[0.8])
-            for im in images
-        ]
+    def layout(box_and_category):
+        return [Drawn(*box_and_category, score=0.8)]
 
-    detector = CallableDetector(detect, name="drawn-boxes", has_masks=False)
+    detector = oracle_detector_of(drawn, layout, name="drawn-boxes", masks=None)
     encoder = stats_encoder()
     results = {}
     for mode in ("category", "matched"):
@@ -362,21 +332,7 @@ def test_z_pairs_are_the_same_for_a_scored_and_a_failed_generation(tmp_path, coc
     expected = {"multi-k2-sliver": 0, "multi-k2-deep": 1}
 
     def oracle(run_dir):
-        by_image = {}
-        for r in read_records(run_dir / "records.jsonl"):
-            with Image.open(run_dir / r["image"]) as im:
-                by_image[image_key(im)] = manifest.by_id[r["task_id"]]
-
-        def detect(images):
-            out = []
-            for image in images:
-                task = by_image[image_key(image)]
-                masks = layered_masks(task, image.size)
-                boxes, cats = [s.box for s in task.subjects], [s.category_id for s in task.subjects]
-                out.append(Detections.build(boxes, cats, image_size=image.size, masks=masks))
-            return out
-
-        return CallableDetector(detect, name="oracle", has_masks=True)
+        return oracle_detector_of(task_images([run_dir], manifest), name="oracle")
 
     for resolution in (64, 512):
         run_dir = tmp_path / f"run{resolution}"
