@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msibench.cache import cache_dir, sha256_file
+from msibench.images import why_undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,11 @@ def _write_cache_entry(path: str | Path, data: bytes) -> None:
 def _make_into_cache(job: tuple[str, str, int, str]) -> tuple[str, int, int, str | None]:
     """(sha256, width, height, None), or (sha256, 0, 0, reason) when the source cannot be decoded: one damaged
     image is shown as such in its card, it does not stop the report. Writing the cache entry may still raise."""
-    from PIL import Image
-
     source, sha, size, cached = job
     try:
         data, (width, height) = make_thumbnail(source, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        return sha, 0, 0, f"{type(err).__name__}: {err}"
+    except Exception as err:  # PIL raises many kinds for a damaged file (msibench.images)
+        return sha, 0, 0, why_undecodable(err)
     _write_cache_entry(cached, data)
     return sha, width, height, None
 

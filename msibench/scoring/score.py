@@ -25,6 +25,7 @@ from msibench import exitcodes
 from msibench.bench.manifest import Manifest, Task
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import remove_stale_temp_files
+from msibench.images import load_rgb, why_undecodable
 from msibench.records import (
     RECORDS_FILE,
     FolderWriters,
@@ -45,7 +46,7 @@ from msibench.scoring.store import (
 )
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,17 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
             items = []
             for gen, task, image_path, sha in chunk:
                 try:
-                    image = _load_image(image_path)
-                except Exception as err:  # PIL raises many kinds for a damaged file (see _load_image)
-                    _fail(scores_path, gen, task, scorer_hash, sha, f"image cannot be decoded: {_why(err)}", summary)
+                    image = load_rgb(image_path)
+                except Exception as err:  # PIL raises many kinds for a damaged file (msibench.images)
+                    _fail(
+                        scores_path,
+                        gen,
+                        task,
+                        scorer_hash,
+                        sha,
+                        f"image cannot be decoded: {why_undecodable(err)}",
+                        summary,
+                    )
                     continue
                 try:
                     items.append(ScoreItem(task, gen, image, sha, references(task)))
@@ -241,27 +250,6 @@ def _score_isolating_failures(scorer: Scorer, items: list[ScoreItem], scorer_has
         logger.warning("scoring a batch of %d failed (%s); retrying one by one", len(items), err)
     for item in items:
         yield from _score_isolating_failures(scorer, [item], scorer_hash, summary)
-
-
-def _load_image(path: Path) -> Image.Image:
-    """The fully decoded RGB image. Anything can come out of a damaged file: OSError, ValueError, SyntaxError,
-    DecompressionBombError, and with ultralytics imported (it wraps ``PIL.Image.open`` to add HEIF on the first
-    unidentified file) even a ModuleNotFoundError for pi_heif; callers catch them all."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
-
-
-def _why(err: BaseException) -> str:
-    """A readable reason: the decoder's own error, not what a wrapper raised while handling it."""
-    from PIL import UnidentifiedImageError
-
-    cause = err.__context__ if isinstance(err, ImportError) and err.__context__ is not None else err
-    if isinstance(cause, UnidentifiedImageError):
-        return f"not a readable image ({cause})"
-    return f"{type(cause).__name__}: {cause}"
 
 
 def _not_generated(
