@@ -203,12 +203,18 @@ def read_jsonl_committed(path: Path) -> list[dict[str, Any]]:
         with path.open("r+b") as f:
             f.truncate(end)
         data = data[:end]
+    return parse_jsonl(path, data, "; rebuild into a new folder")
+
+
+def parse_jsonl(path: Path, data: bytes, remedy: str = "") -> list[dict[str, Any]]:
+    """The records of the complete lines ``data`` of the JSONL file ``path``; a line that is not JSON is a
+    ValueError naming the file and line (``remedy`` appended)."""
     records = []
     for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({e}); rebuild into a new folder") from e
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e}){remedy}") from e
     return records
 
 

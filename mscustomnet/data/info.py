@@ -13,7 +13,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mscustomnet.data.build import CONFIG_FILE, LAYOUT_DIR, MANIFEST_FILE, POOL_DIR, POOL_FILE, STATS_FILE
+from mscustomnet.data.build import (
+    CONFIG_FILE,
+    LAYOUT_DIR,
+    MANIFEST_FILE,
+    POOL_DIR,
+    POOL_FILE,
+    STATS_FILE,
+    parse_jsonl,
+)
 
 
 class MSIInfoError(ValueError):
@@ -33,14 +41,11 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     data = path.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]  # a partial last line is not committed yet
-    records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise MSIInfoError(f"{path}: line {number} is not valid JSON ({err})") from err
-    return records
+    data = data[: data.rfind(b"\n") + 1]  # a partial last line is not committed yet (info only reads)
+    try:
+        return parse_jsonl(path, data)
+    except ValueError as err:
+        raise MSIInfoError(str(err)) from err
 
 
 def msi_info(folder: str | Path, *, check_files: bool = False) -> dict[str, Any]:
