@@ -41,7 +41,9 @@ def main(verbose: int) -> None:
 @click.argument("what", type=click.Choice(["methods", "tracks", "tasks"]), default="methods")
 @click.option("--track", type=click.Choice(["single", "multi"]), default=None, help="tasks: only this track.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None, help="tasks: only tasks with K subjects.")
-@click.option("--manifest", default=None, help="tracks, tasks: a manifest file, or a packaged name: v2 (default), v1.")
+@click.option(
+    "--manifest", default=None, help="tracks, tasks: a manifest file, or a packaged name: v3 (default), v2, v1."
+)
 def ls_command(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
     """List registered methods (with their capabilities), the benchmark's tracks, or its tasks (id, K,
     categories, prompt; filter with --track and --k)."""
@@ -86,7 +88,7 @@ def _ls_benchmark(what: str, track: str | None, k: int | None, manifest: str | N
             if per_k:
                 ks = ", ".join(f"{n} with K={kk}" for kk, n in sorted(per_k.items()))
                 click.echo(f"{name:<7} {sum(per_k.values())} tasks ({ks}); metrics: {metrics[name]}")
-        click.echo(f"(manifest {bench.name}; --manifest v1 selects the older one)")
+        click.echo(f"(manifest {bench.name}; --manifest v2 or v1 selects an older one)")
         return
     if not tasks:
         raise click.ClickException(f"no task of {bench.path} has track={track} and K={k}")
@@ -103,7 +105,7 @@ def bench_group() -> None:
     """Build or inspect the benchmark manifest."""
 
 
-_MANIFEST_HELP = "Manifest file, or a packaged name: v2 (default) or v1."
+_MANIFEST_HELP = "Manifest file, or a packaged name: v3 (default), v2 or v1."
 
 
 @bench_group.command("build")

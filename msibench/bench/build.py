@@ -9,9 +9,11 @@ letterboxed: scaled by 1 / max(W, H) and centred, so box aspect ratios are kept)
 References (paper Sec. IV-A: "a pool of ten representative subject exemplars" per category, from which each task
 draws its references): per category, a pool of up to ``pool_size`` instances that pass the reference-quality rule
 (:mod:`msibench.bench.quality`) and the hand review (``msibench/data/reference_review.json``), best score first and
-distinct photos before a second instance of one photo. A subject draws its reference with the seed from its
-category's pool, never from the scene's own photo, never twice within a task, and preferring pool entries that no
-task has used yet, so the pools are used evenly.
+distinct photos before a second instance of one photo, photos whose bytes are confirmed by a second source before
+unconfirmed ones (:data:`UNCONFIRMED_PHOTOS`). A subject draws its reference with the seed from its category's pool,
+never from the scene's own photo, never from a photo another reference of the task comes from, never from a
+reference that already serves ``max_uses_per_reference`` subjects, and among the allowed entries from those used
+least so far, so the subjects spread over each pool.
 
 Single-subject track: ``single_n`` tasks with one subject, going round the categories so that as many categories as
 the data allows are covered before any repeats.
@@ -22,11 +24,12 @@ When the split cannot fill a track under these rules, the builder builds what it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,10 +45,17 @@ from msibench.coco import CATEGORY_NAME, CocoSplit, decode_mask, load_split, mas
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = "2"
-BUILDER_VERSION = "2"
+MANIFEST_VERSION = "3"
+BUILDER_VERSION = "3"
 REVIEW_FORMAT = "msibench-reference-review"
 REVIEW_FILE_NAME = "reference_review.json"
+# val2017 photos of ../shared/data/coco2017-val-plus whose bytes no second source confirms: the 6 photos that only
+# github.com/TWSFar/FCOS@536b9a29 data/COCO carries, a source that overlaps no other (its README's sources). The other
+# 206 are confirmed: the 158 of the coco2017-mini slice, and 48 from lizhogn/tiny_coco_dataset, a source whose photos
+# match the slice's and keras-retinanet-test-data's byte for byte where they overlap. A pool ranks confirmed photos
+# first, so an unconfirmed one serves only where its category has no confirmed candidate left (docs/benchmark.md
+# lists those); the manifest marks each source's ``bytes_confirmed``.
+UNCONFIRMED_PHOTOS = frozenset({14473, 32811, 184762, 289343, 340272, 438017})
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,11 @@ class BuildParams:
     single_n: int = 100
     # Clean exemplars per category that tasks draw their references from (paper Sec. IV-A: ten).
     pool_size: int = 10
+    # No reference serves more subjects than this across the benchmark (issue 22: v2's only dining table served 33
+    # subjects and one baby 20, so a method's score there measured one object's identity many times over). 8 of the
+    # 450 subjects is under 2 %; a subject whose category has no reference below the cap is not placed (the scene
+    # takes its next instance or the task is not made), the cap is never relaxed.
+    max_uses_per_reference: int = 8
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "subject_counts": list(self.subject_counts)}
@@ -100,6 +115,8 @@ class Review:
     split: str
     accepted: frozenset[int]
     rejected: dict[int, str]
+    # Why each accepted one was kept (the v2 review listed accepted ids without reasons; they map to "").
+    accepted_reasons: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 class BuildError(RuntimeError):
@@ -120,15 +137,24 @@ def load_review(path: str | Path | None = None) -> Review:
     if not isinstance(raw, dict) or raw.get("format") != REVIEW_FORMAT:
         raise BuildError(f"{path}: field 'format': expected {REVIEW_FORMAT!r}")
     try:
-        accepted = frozenset(int(v) for v in raw["accepted"])
+        raw_accepted = raw["accepted"]
+        # id -> reason; a plain list of ids (the v2 format) is accepted without reasons.
+        reasons = (
+            {int(k): str(v) for k, v in raw_accepted.items()}
+            if isinstance(raw_accepted, dict)
+            else {int(v): "" for v in raw_accepted}
+        )
         rejected = {int(k): str(v) for k, v in raw["rejected"].items()}
         split = str(raw["split"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise BuildError(f"{path}: needs 'split', 'accepted' (ids) and 'rejected' (id -> reason): {err}") from err
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise BuildError(
+            f"{path}: needs 'split', 'accepted' (id -> reason) and 'rejected' (id -> reason): {err}"
+        ) from err
+    accepted = frozenset(reasons)
     both = sorted(accepted & set(rejected))
     if both:
         raise BuildError(f"{path}: annotation {both[0]} is both accepted and rejected")
-    return Review(str(path), hashlib.sha256(blob).hexdigest(), split, accepted, rejected)
+    return Review(str(path), hashlib.sha256(blob).hexdigest(), split, accepted, rejected, reasons)
 
 
 def build_manifest(
@@ -152,9 +178,11 @@ def build_manifest(
     pools, pool_stats = _reference_pools(coco, by_image, review, params)
     backgrounds = load_backgrounds()
 
-    used_refs: set[int] = set()
-    multi, multi_stats = _multi_track(coco, salient, pools, backgrounds, params, used_refs)
+    used_refs: Counter[int] = Counter()  # reference annotation id -> subjects it serves
+    # The single-subject track draws first: it takes a few subjects per category, going round them, so that every
+    # category keeps single-subject tasks even where the multi-subject scenes would spend its references' capped uses.
     single, single_stats = _single_track(coco, salient, instances, pools, backgrounds, params, used_refs)
+    multi, multi_stats = _multi_track(coco, salient, pools, backgrounds, params, used_refs)
     tasks = multi + single
 
     source_ids = sorted({s["reference"]["image_id"] for t in tasks for s in t["subjects"]})
@@ -162,6 +190,7 @@ def build_manifest(
     categories_multi = sorted({s["category"] for t in multi for s in t["subjects"]})
     categories_single = sorted({s["category"] for t in single for s in t["subjects"]})
     references = {s["reference"]["annotation_id"] for t in tasks for s in t["subjects"]}
+    uses = sorted(used_refs.values())
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -184,7 +213,12 @@ def build_manifest(
                 "single": {**single_stats, "categories": len(categories_single)},
                 "categories_covered": len(set(categories_multi) | set(categories_single)),
                 "distinct_references": len(references),
+                "uses_per_reference": {
+                    "max": uses[-1] if uses else 0,
+                    "mean": round(sum(uses) / len(uses), 3) if uses else 0.0,
+                },
                 "source_images": len(sources),
+                "unconfirmed_source_images": [s["image_id"] for s in sources if not s["bytes_confirmed"]],
                 "references": pool_stats,
             },
         },
@@ -236,7 +270,8 @@ def _instances(coco: CocoSplit) -> list[_Instance]:
 
 def assess_split(coco: CocoSplit, by_image: dict[int, list[_Instance]]) -> dict[int, tuple[q.ReferenceQuality, Any]]:
     """Every non-crowd instance's verdict under the reference rule, with the segmentation a reference of it pins
-    (the annotation's own, or its cleaned mask as compressed RLE when contained instances were subtracted)."""
+    (the annotation's own, or its cleaned mask as compressed RLE when contained instances are subtracted from the
+    cut-out: never while :data:`msibench.bench.quality.CUTOUT_KEEPS_CONTAINED`)."""
     from pycocotools import mask as mask_utils
 
     out = {}
@@ -252,7 +287,7 @@ def assess_split(coco: CocoSplit, by_image: dict[int, list[_Instance]]) -> dict[
                 continue
             verdict = verdicts[inst.ann_id]
             segmentation = inst.segmentation
-            if verdict.subtracted:
+            if q.cutout_subtracted(verdict):
                 cleaned = q.reference_mask(verdict, photo, masks)
                 rle = mask_utils.encode(np.asfortranarray(cleaned.astype(np.uint8)))
                 segmentation = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
@@ -280,13 +315,15 @@ def _reference_pools(
         per_cat[verdict.category_id].append(_PoolEntry(by_id[ann_id], verdict, segmentation))
     pools: dict[int, list[_PoolEntry]] = {}
     for cat, entries in sorted(per_cat.items()):
-        # Best score first, one instance per photo before any photo's second: the pool spans as many photos
-        # (identities, viewpoints, backgrounds) as the data has.
+        # Confirmed photos first (an unconfirmed one only fills a slot no confirmed candidate can), then best score
+        # first, one instance per photo before any photo's second: the pool spans as many photos (identities,
+        # viewpoints, backgrounds) as the data has.
         entries.sort(key=lambda e: (-e.quality.score, e.ann_id))
         rank_in_photo: dict[int, int] = defaultdict(int)
         keyed = []
         for e in entries:
-            keyed.append(((rank_in_photo[e.image_id], -e.quality.score, e.ann_id), e))
+            unconfirmed = e.image_id in UNCONFIRMED_PHOTOS
+            keyed.append(((unconfirmed, rank_in_photo[e.image_id], -e.quality.score, e.ann_id), e))
             rank_in_photo[e.image_id] += 1
         pools[cat] = [e for _, e in sorted(keyed, key=lambda p: p[0])][: params.pool_size]
     members = [e for entries in pools.values() for e in entries]
@@ -307,25 +344,34 @@ def _reference_pools(
         "pool_categories": len(pools),
         "pool_references": len(members),
         "pool_unreviewed": len(unreviewed),
-        "pool_with_subtracted_instances": sum(bool(e.quality.subtracted) for e in members),
+        "pool_with_subtracted_instances": sum(bool(q.cutout_subtracted(e.quality)) for e in members),
+        "pool_with_contained_instances_kept": sum(bool(e.quality.subtracted) for e in members),
+        "pool_from_unconfirmed_photos": sum(e.image_id in UNCONFIRMED_PHOTOS for e in members),
     }
     return pools, stats
 
 
-def _pick_reference(
+def _pick_reference(  # noqa: PLR0913
     pools: dict[int, list[_PoolEntry]],
     category_id: int,
     scene_image_id: int,
     rng: random.Random,
-    used_globally: set[int],
-    used_in_task: set[int] = frozenset(),
+    uses: Counter[int],
+    max_uses: int,
+    photos_in_task: set[int] = frozenset(),
 ) -> _PoolEntry | None:
-    """Draw a reference from the category's pool: never from the scene's photo, never twice in one task (None when
-    the pool has no such entry left); entries no task has used yet come first."""
-    eligible = [e for e in pools.get(category_id, []) if e.image_id != scene_image_id and e.ann_id not in used_in_task]
-    fresh = [e for e in eligible if e.ann_id not in used_globally]
-    options = fresh or eligible
-    return rng.choice(options) if options else None
+    """Draw a reference from the category's pool: never from the scene's photo, never from a photo another reference
+    of the task comes from, never one that serves ``max_uses`` subjects already (None when no entry is left); among
+    the allowed entries, one of those used least so far."""
+    eligible = [
+        e
+        for e in pools.get(category_id, [])
+        if e.image_id != scene_image_id and e.image_id not in photos_in_task and uses[e.ann_id] < max_uses
+    ]
+    if not eligible:
+        return None
+    least = min(uses[e.ann_id] for e in eligible)
+    return rng.choice([e for e in eligible if uses[e.ann_id] == least])
 
 
 def _rng(params: BuildParams, *key: object) -> random.Random:
@@ -358,7 +404,9 @@ def _subject(inst: _Instance, ref: _PoolEntry, z: int, coco: CocoSplit) -> dict[
             "segmentation": ref.segmentation,
             "mask_area": float(ref.quality.mask_area),
             "touches_border": ref.quality.truncated,
-            "subtracted": list(ref.quality.subtracted),
+            "subtracted": list(q.cutout_subtracted(ref.quality)),
+            # Contained instances that stay inside the cut-out (quality.CUTOUT_KEEPS_CONTAINED).
+            "contained": list(ref.quality.subtracted),
             "quality_score": round(ref.quality.score, 3),
         },
     }
@@ -390,17 +438,21 @@ def _task(
     }
 
 
-def _choose_subjects(
+def _choose_subjects(  # noqa: PLR0913
     scene_id: int,
     salient: list[_Instance],
     k: int,
     pools: dict[int, list[_PoolEntry]],
     rng: random.Random,
-    used_refs: set[int],
+    used_refs: Counter[int],
+    max_uses: int,
+    scarce: frozenset[int] = frozenset(),
 ) -> tuple[list[_Instance], list[_PoolEntry]] | None:
+    """The scene's K subjects with their references: its salient instances that can get one, largest first, except
+    that instances of a ``scarce`` category come after all the others (they are taken only to complete K)."""
     chosen, refs = [], []
-    for inst in salient:  # largest first
-        ref = _pick_reference(pools, inst.category_id, scene_id, rng, used_refs, {r.ann_id for r in refs})
+    for inst in sorted(salient, key=lambda i: (i.category_id in scarce, -i.area, i.ann_id)):
+        ref = _pick_reference(pools, inst.category_id, scene_id, rng, used_refs, max_uses, {r.image_id for r in refs})
         if ref is None:
             continue
         chosen.append(inst)
@@ -418,26 +470,45 @@ def _placeable(salient: list[_Instance], pools: dict[int, list[_PoolEntry]], sce
     return sum(min(n, sum(e.image_id != scene_id for e in pools.get(cat, []))) for cat, n in wanted.items())
 
 
+def _scarce_categories(salient, pools, params) -> frozenset[int]:
+    """Categories whose pool cannot serve all their salient instances in the multi-subject scenes: more such
+    instances than the pool's references x ``max_uses_per_reference`` (on val-plus: person alone)."""
+    lowest_k = min(params.subject_counts)
+    demand: Counter[int] = Counter()
+    for image_id, insts in salient.items():
+        if _placeable(insts, pools, image_id) >= lowest_k:
+            demand.update(i.category_id for i in insts if pools.get(i.category_id))
+    return frozenset(cat for cat, n in demand.items() if n > len(pools[cat]) * params.max_uses_per_reference)
+
+
 def _multi_track(coco, salient, pools, backgrounds, params, used_refs):
+    """Hardest K first. A scarce category's references (:func:`_scarce_categories`) would run out in the first
+    scenes that use them, leaving later scenes unfillable: so a scene takes such subjects only to complete K, and
+    scenes that need fewer of them go first (scenes no K has used before those already used, a seeded order within
+    equal need)."""
     tasks: list[dict[str, Any]] = []
     used_scenes: set[int] = set()
     reused = 0
     per_k_count, eligible_per_k = {}, {}
-    # Hardest first: fewer scenes have many salient subjects, so they choose before the easy counts do.
+    scarce = _scarce_categories(salient, pools, params)
+
+    def scarce_need(scene_id: int, k: int) -> int:
+        others = [i for i in salient[scene_id] if i.category_id not in scarce]
+        return max(0, k - _placeable(others, pools, scene_id))
+
     for k in sorted(params.subject_counts, reverse=True):
         eligible = sorted(image_id for image_id, insts in salient.items() if _placeable(insts, pools, image_id) >= k)
-        order_rng = _rng(params, "multi-order", k)
-        fresh = [s for s in eligible if s not in used_scenes]
-        order_rng.shuffle(fresh)
-        stale = [s for s in eligible if s in used_scenes]
-        order_rng.shuffle(stale)
+        _rng(params, "multi-order", k).shuffle(eligible)
+        order = sorted(eligible, key=lambda s: (s in used_scenes, scarce_need(s, k)))  # stable: seeded within ties
         made: list[dict[str, Any]] = []
-        for scene_id in fresh + stale:
+        for scene_id in order:
             if len(made) == params.per_k:
                 break
             task_id = f"multi-k{k}-{len(made):03d}"
             rng = _rng(params, task_id)
-            picked = _choose_subjects(scene_id, salient[scene_id], k, pools, rng, used_refs)
+            picked = _choose_subjects(
+                scene_id, salient[scene_id], k, pools, rng, used_refs, params.max_uses_per_reference, scarce
+            )
             if picked is None:
                 continue
             reused += scene_id in used_scenes
@@ -447,8 +518,8 @@ def _multi_track(coco, salient, pools, backgrounds, params, used_refs):
         if len(made) < params.per_k:
             logger.warning(
                 "K=%d: only %d of %d tasks: %d scenes of %s have >= %d salient subjects (beta=%g) with clean "
-                "references from other photos",
-                k, len(made), params.per_k, len(eligible), coco.split, k, params.beta,
+                "references from other photos, and a reference serves at most %d subjects",
+                k, len(made), params.per_k, len(eligible), coco.split, k, params.beta, params.max_uses_per_reference,
             )  # fmt: skip
         per_k_count[str(k)] = len(made)
         eligible_per_k[str(k)] = len(eligible)
@@ -459,6 +530,7 @@ def _multi_track(coco, salient, pools, backgrounds, params, used_refs):
         "tasks": len(tasks),
         "tasks_per_k": per_k_count,
         "eligible_scenes_per_k": eligible_per_k,
+        "scarce_categories": sorted(CATEGORY_NAME[c] for c in scarce),
         "scenes_reused": reused,
         "distinct_scenes": len(used_scenes),
     }
@@ -504,8 +576,10 @@ def _single_track(coco, salient, instances, pools, backgrounds, params, used_ref
             inst = per_cat[cat][rounds]
             task_id = f"single-{len(tasks):03d}"
             rng = _rng(params, task_id)
-            ref = _pick_reference(pools, cat, inst.image_id, rng, used_refs)
-            used_refs.add(ref.ann_id)
+            ref = _pick_reference(pools, cat, inst.image_id, rng, used_refs, params.max_uses_per_reference)
+            if ref is None:  # every reference of the category serves max_uses_per_reference subjects already
+                continue
+            used_refs[ref.ann_id] += 1
             tasks.append(_task(task_id, "single", inst.image_id, [inst], [ref], coco, backgrounds, rng))
         rounds += 1
         if all(rounds >= len(v) for v in per_cat.values()):
@@ -522,6 +596,7 @@ def _source(coco: CocoSplit, image_id: int) -> dict[str, Any]:
         raise BuildError(f"{path}: source image of reference image {image_id} not found")
     return {
         "image_id": image_id,
+        "bytes_confirmed": image_id not in UNCONFIRMED_PHOTOS,
         "split": coco.split,
         "file_name": image["file_name"],
         "coco_url": image.get("coco_url") or f"http://images.cocodataset.org/{coco.split}/{image['file_name']}",

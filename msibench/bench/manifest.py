@@ -21,9 +21,12 @@ from msibench.coco import CATEGORY_ID, CATEGORY_NAME
 
 MANIFEST_FORMAT = "msibench-manifest"
 # Manifests shipped in the package, loadable by name (``--manifest v1``). v1 (builder 1): references ranked by
-# border and mask area only; v2 (builder 2, the default): references from the reference-quality rule + hand review.
-PACKAGED_MANIFESTS = {"v1": "msibench_v1.json", "v2": "msibench_v2.json"}
-DEFAULT_MANIFEST = "v2"
+# border and mask area only; v2 (builder 2, from the 158-photo coco2017-mini slice): references from the
+# reference-quality rule + hand review; v3 (builder 3, the default, from the 212-photo coco2017-val-plus): more
+# photos, every pool member reviewed beside its photo, contained instances kept in the cut-out, and balanced use
+# (at most 8 subjects per reference, no two references of a task from one photo). Scores of versions differ.
+PACKAGED_MANIFESTS = {"v1": "msibench_v1.json", "v2": "msibench_v2.json", "v3": "msibench_v3.json"}
+DEFAULT_MANIFEST = "v3"
 DEFAULT_MANIFEST_NAME = PACKAGED_MANIFESTS[DEFAULT_MANIFEST]
 TRACKS = ("single", "multi")
 
@@ -41,6 +44,9 @@ class Source:
     sha256: str
     width: int
     height: int
+    # False for a photo whose pinned bytes no second source confirmed when the manifest was built (v3 marks them;
+    # older manifests have no such field, so every source counts as confirmed).
+    bytes_confirmed: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,8 @@ def default_manifest_path() -> Path:
 
 
 def resolve_manifest_path(spec: str | Path | None) -> Path:
-    """A manifest file from ``--manifest``: None is the default (v2); an existing file is itself; otherwise a packaged
-    name (``v1``, ``v2``) is that packaged manifest."""
+    """A manifest file from ``--manifest``: None is the default (v3); an existing file is itself; otherwise a packaged
+    name (``v1``, ``v2``, ``v3``) is that packaged manifest."""
     if spec is None:
         return default_manifest_path()
     path = Path(spec)
@@ -174,7 +180,8 @@ def dumps(manifest: dict[str, Any]) -> bytes:
 
 
 def load_manifest(path: str | Path | None = None) -> Manifest:
-    """Load and validate a manifest: a file, or a packaged name (``v1``, ``v2``); the packaged v2 by default."""
+    """Load and validate a manifest: a file, or a packaged name (``v1``, ``v2``, ``v3``); the packaged v3 by
+    default."""
     path = resolve_manifest_path(path)
     try:
         blob = path.read_bytes()
@@ -240,6 +247,7 @@ def parse_manifest(raw: Any, path: str, sha256: str) -> Manifest:
             sha256=sha,
             width=chk.get(src, "width", int),
             height=chk.get(src, "height", int),
+            bytes_confirmed=chk.get(src, "bytes_confirmed", bool) if "bytes_confirmed" in src else True,
         )
         sources[source.image_id] = source
 

@@ -172,9 +172,18 @@ def _source_file(source: Source, root: Path | None) -> Path:
     if actual != source.sha256:
         raise ChecksumError(
             f"{path}: sha256 {actual} does not match the manifest ({source.sha256}) for COCO image "
-            f"{source.image_id}; the file is corrupt or not the COCO 2017 original"
+            f"{source.image_id}; the file is corrupt or not the COCO 2017 original{_unconfirmed_note(source)}"
         )
     return path
+
+
+def _unconfirmed_note(source: Source) -> str:
+    if source.bytes_confirmed:
+        return ""
+    return (
+        f". Photo {source.image_id} is one whose pinned bytes no second source confirmed when the manifest was built "
+        "(docs/benchmark.md lists them): if your copy is the COCO original, the pinned copy was not; please report it"
+    )
 
 
 def _download(source: Source, path: Path) -> None:
@@ -187,8 +196,12 @@ def _download(source: Source, path: Path) -> None:
             f"cannot download COCO image {source.image_id} from {source.coco_url} ({err}). Offline? Pass "
             f"--coco-root DIR (or set {COCO_ROOT_ENV}) to a COCO 2017 folder holding {source.split}/"
         ) from err
-    if hashlib.sha256(data).hexdigest() != source.sha256:
-        raise ChecksumError(f"{source.coco_url}: downloaded file does not match the manifest's sha256")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != source.sha256:
+        raise ChecksumError(
+            f"COCO image {source.image_id} ({source.split}/{source.file_name}) downloaded from {source.coco_url} has "
+            f"sha256 {actual}, the manifest pins {source.sha256}; nothing was written{_unconfirmed_note(source)}"
+        )
     atomic_write_bytes(path, data)
 
 

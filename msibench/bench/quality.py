@@ -79,6 +79,16 @@ MIN_THICKNESS_RATIO = 0.06
 # faster overall on the val2017 slice, with the same verdicts).
 THICKNESS_GRID = 256
 
+# Holes (issue 22): a contained instance that is not too large to keep (at most MAX_CONTAINED_FRACTION of the mask: a
+# held phone, a cup on a table, a driver behind a windscreen) STAYS in the reference cut-out instead of being cut out
+# of it. Subtracting it left a white hole shaped like the object (v2's baby 519484 with a phone-shaped hole in its
+# hands), which reads as damage to the subject, while the small object it holds or carries reads as what it is and
+# is part of how the subject looks in a photo. Above the fraction the instance is a container and rejected. So no
+# reference cut-out has a hole where a held or overlapping instance was subtracted: the object stays, or the
+# reference is rejected. The measurements above still remove the contained pixels (they count as covering the box),
+# which is stricter than the kept cut-out. Applied by :func:`cutout_subtracted`.
+CUTOUT_KEEPS_CONTAINED = True
+
 CAUSES = ("empty", "truncated", "small", "container", "occluded", "fragment", "sliver")
 # Causes that leave one recognisable object, only a worse view of it (cut by the frame, small, partly hidden). A
 # training pool whose category lacks clean candidates may be filled with these, ranked after every clean one; a
@@ -229,6 +239,12 @@ def reference_mask(
     return own
 
 
+def cutout_subtracted(quality: ReferenceQuality) -> tuple[int, ...]:
+    """The instances removed from the reference cut-out's mask: none while :data:`CUTOUT_KEEPS_CONTAINED` (contained
+    instances stay in the cut-out, which has no holes where they were), else :attr:`ReferenceQuality.subtracted`."""
+    return () if CUTOUT_KEEPS_CONTAINED else quality.subtracted
+
+
 def rank_key(quality: ReferenceQuality) -> tuple:
     """Sort key, best first: clean before rejected, rejected ones by fewer causes, then higher score, then id."""
     return (len(quality.causes), -quality.score, quality.ann_id)
@@ -340,6 +356,7 @@ __all__ = [
     "BORDER_MARGIN_PX",
     "CAUSES",
     "CONTAINED_OVERLAP",
+    "CUTOUT_KEEPS_CONTAINED",
     "FALLBACK_CAUSES",
     "MAX_BORDER_RUN",
     "MAX_CONTAINED_FRACTION",
@@ -356,6 +373,7 @@ __all__ = [
     "assess_annotations",
     "assess_photo",
     "border_run",
+    "cutout_subtracted",
     "pixel_box",
     "rank_key",
     "reference_mask",
