@@ -35,6 +35,17 @@ def coco_root(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def coco_plus_root(shared_dir: Path) -> Path:
+    """The 212-photo val2017 slice MSIBench v3 (the default manifest) is built from: the references of the default
+    manifest are cut out of its photos. It holds every val2017 photo of coco2017-mini (same bytes and annotations),
+    but no train2017 (the MSI tests keep ``coco_root``)."""
+    root = shared_dir / "data" / "coco2017-val-plus"
+    if not (root / "annotations" / "instances_val2017.json").is_file():
+        pytest.skip(f"COCO val-plus slice not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
 def dinov2_dir(shared_dir: Path) -> Path:
     path = shared_dir / "models" / "dinov2-s14-imgfocus"
     if not (path / "model.safetensors").is_file():

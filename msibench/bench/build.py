@@ -448,18 +448,48 @@ def _choose_subjects(  # noqa: PLR0913
     max_uses: int,
     scarce: frozenset[int] = frozenset(),
 ) -> tuple[list[_Instance], list[_PoolEntry]] | None:
-    """The scene's K subjects with their references: its salient instances that can get one, largest first, except
-    that instances of a ``scarce`` category come after all the others (they are taken only to complete K)."""
-    chosen, refs = [], []
-    for inst in sorted(salient, key=lambda i: (i.category_id in scarce, -i.area, i.ann_id)):
-        ref = _pick_reference(pools, inst.category_id, scene_id, rng, used_refs, max_uses, {r.image_id for r in refs})
-        if ref is None:
-            continue
-        chosen.append(inst)
-        refs.append(ref)
-        if len(chosen) == k:
-            return chosen, refs
-    return None
+    """The scene's K subjects with their references, or None when the rules leave no way to place K.
+
+    Subjects: the salient instances that can get a reference, largest first, except that instances of a ``scarce``
+    category come after all the others (taken only to complete K). References: for each subject, an allowed pool
+    entry (not from the scene's photo, nor from a photo another reference of the task comes from, below
+    ``max_uses``), least used first (seeded order within equal use). A search over these choices in that order
+    backs off only where a choice leaves the later subjects no reference, so a greedy draw never loses a task that
+    the rules allow."""
+    order = sorted(salient, key=lambda i: (i.category_id in scarce, -i.area, i.ann_id))
+    options = []
+    for inst in order:
+        entries = [
+            e for e in pools.get(inst.category_id, []) if e.image_id != scene_id and used_refs[e.ann_id] < max_uses
+        ]
+        rng.shuffle(entries)
+        entries.sort(key=lambda e: used_refs[e.ann_id])  # stable: least used first, seeded within equal use
+        if entries:
+            options.append((inst, entries))
+    photos_after = [set() for _ in range(len(options) + 1)]  # photos the options from i on could still use
+    for i in range(len(options) - 1, -1, -1):
+        photos_after[i] = photos_after[i + 1] | {e.image_id for e in options[i][1]}
+    chosen: list[tuple[_Instance, _PoolEntry]] = []
+
+    def search(i: int, photos: frozenset[int]) -> bool:
+        need = k - len(chosen)
+        if need == 0:
+            return True
+        if len(options) - i < need or len(photos_after[i] - photos) < need:
+            return False
+        inst, entries = options[i]
+        for entry in entries:
+            if entry.image_id in photos:
+                continue
+            chosen.append((inst, entry))
+            if search(i + 1, photos | {entry.image_id}):
+                return True
+            chosen.pop()
+        return search(i + 1, photos)  # this instance cannot be placed alongside the earlier ones: skip it
+
+    if not search(0, frozenset()):
+        return None
+    return [inst for inst, _ in chosen], [entry for _, entry in chosen]
 
 
 def _placeable(salient: list[_Instance], pools: dict[int, list[_PoolEntry]], scene_id: int) -> int:

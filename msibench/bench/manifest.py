@@ -387,7 +387,20 @@ def manifest_info(manifest: Manifest) -> str:
         if len(keys) > 1:
             lines.append(row(track, "all", [t for key in keys for t in groups[key]]))
     lines.append(row("all", "", list(manifest.tasks)))
-    lines.append(f"source images: {len(manifest.sources)}")
+    unconfirmed = sorted(i for i, src in manifest.sources.items() if not src.bytes_confirmed)
+    lines.append(
+        f"source images: {len(manifest.sources)}"
+        + (f" ({len(unconfirmed)} whose bytes no second source confirms: {', '.join(map(str, unconfirmed))})"
+           if unconfirmed else "")
+    )  # fmt: skip
+    uses: dict[int, int] = {}
+    for task in manifest.tasks:
+        for subject in task.subjects:
+            uses[subject.reference.annotation_id] = uses.get(subject.reference.annotation_id, 0) + 1
+    lines.append(
+        f"uses per reference: max {max(uses.values())}, mean {sum(uses.values()) / len(uses):.2f} "
+        f"({sum(uses.values())} subjects, {len(uses)} references)"
+    )
     build = manifest.build
     pools = build.get("pools")
     if pools:
