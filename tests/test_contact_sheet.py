@@ -13,7 +13,7 @@ from msibench.bench.manifest import load_manifest
 from msibench.bench.prepare import reference_paths
 
 
-def test_contact_sheet_shows_every_distinct_reference(tmp_path, coco_root):
+def test_contact_sheet_shows_every_distinct_reference(tmp_path, coco_plus_root):
     manifest = load_manifest()
     grouped = references_by_category(manifest)
     distinct = {s.reference.annotation_id for t in manifest.tasks for s in t.subjects}
@@ -23,8 +23,8 @@ def test_contact_sheet_shows_every_distinct_reference(tmp_path, coco_root):
 
     out = tmp_path / "sheet.png"
     res = subprocess.run(
-        [sys.executable, "-m", "msibench", "bench", "contact-sheet", "--coco-root", str(coco_root), "--out", str(out),
-         "--columns", "10"],
+        [sys.executable, "-m", "msibench", "bench", "contact-sheet", "--coco-root", str(coco_plus_root),
+         "--out", str(out), "--columns", "10"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -42,8 +42,8 @@ def test_contact_sheet_shows_every_distinct_reference(tmp_path, coco_root):
     assert (sheet[1:y, 1 : TILE - 1] == 255).all()  # white around it
 
 
-def test_bench_info_reports_v2_and_v1_by_name():
-    for name in ("v2", "v1"):
+def test_bench_info_reports_v3_v2_and_v1_by_name():
+    for name in ("v3", "v2", "v1"):
         res = subprocess.run(
             [sys.executable, "-m", "msibench", "bench", "info", "--manifest", name],
             capture_output=True, text=True, timeout=60,
@@ -53,4 +53,17 @@ def test_bench_info_reports_v2_and_v1_by_name():
     bad = subprocess.run(
         [sys.executable, "-m", "msibench", "bench", "info", "--manifest", "v9"], capture_output=True, text=True
     )
-    assert bad.returncode == 1 and "packaged manifests by name: v1, v2" in bad.stderr
+    assert bad.returncode == 1 and "packaged manifests by name: v1, v2, v3" in bad.stderr
+
+
+def test_committed_v3_info_is_what_bench_info_prints():
+    """results/msibench_v3_info.txt (quoted in docs/benchmark.md) is what `bench info` prints, uses included."""
+    from pathlib import Path
+
+    res = subprocess.run(
+        [sys.executable, "-m", "msibench", "bench", "info"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    committed = (Path(__file__).resolve().parents[1] / "results" / "msibench_v3_info.txt").read_text()
+    assert res.stdout == committed
+    assert "uses per reference: max 8," in committed and "289343, 340272" in committed

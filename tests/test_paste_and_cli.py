@@ -87,12 +87,12 @@ def test_help_and_ls_do_not_import_torch():
     assert "paste" in res.stdout and "mscustomnet" in res.stdout
 
 
-def test_bench_build_cli_reproduces_the_packaged_manifest(tmp_path, coco_root):
+def test_bench_build_cli_reproduces_the_packaged_manifest(tmp_path, coco_plus_root):
     from msibench.bench.manifest import default_manifest_path
 
     out = tmp_path / "m.json"
     res = subprocess.run(
-        [sys.executable, "-m", "msibench", "bench", "build", "--coco-root", str(coco_root), "--out", str(out)],
+        [sys.executable, "-m", "msibench", "bench", "build", "--coco-root", str(coco_plus_root), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -101,9 +101,9 @@ def test_bench_build_cli_reproduces_the_packaged_manifest(tmp_path, coco_root):
     assert out.read_bytes() == default_manifest_path().read_bytes()
 
 
-def test_data_prepare_cli(coco_root):
+def test_data_prepare_cli(coco_plus_root):
     res = subprocess.run(
-        [sys.executable, "-m", "msibench", "data", "prepare", "--coco-root", str(coco_root)],
+        [sys.executable, "-m", "msibench", "data", "prepare", "--coco-root", str(coco_plus_root)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -167,3 +167,13 @@ def test_fragments_slivers_small_and_empty():
 def test_wrong_mask_shape_names_the_annotation():
     with pytest.raises(ValueError, match="annotation 7"):
         q.assess_photo([q.PhotoInstance(7, 1, (0.0, 0.0, 5.0, 5.0))], [np.zeros((4, 4), bool)], 10, 10)
+
+
+def test_cutouts_keep_contained_instances_instead_of_holes(val_verdicts):
+    """Issue 22: a contained instance small enough to keep (a driver behind a windscreen, a held phone) stays in the
+    reference cut-out: nothing is subtracted from the mask a reference is cut with, so it has no hole."""
+    verdicts, _, _ = val_verdicts
+    taxi = verdicts[139476]
+    assert q.CUTOUT_KEEPS_CONTAINED is True
+    assert taxi.clean and taxi.subtracted == (2029719,)  # what the rule measured without it
+    assert q.cutout_subtracted(taxi) == ()
