@@ -192,6 +192,26 @@ def bench_contact_sheet(manifest: str | None, out: Path, coco_root: Path | None,
     click.echo(f"wrote {out} ({sheet.width}x{sheet.height})")
 
 
+@bench_group.command("pool-figure")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write (CSV beside)."
+)
+@click.option("--manifest", "manifests", multiple=True, default=("v2", "v3"), show_default=True, help=_MANIFEST_HELP)
+def bench_pool_figure(out: Path, manifests: tuple[str, ...]) -> None:
+    """Pool sizes per category (beside the paper's ten for each of the 80) and subjects served per reference."""
+    from msibench.bench.manifest import ManifestError, load_manifest
+    from msibench.bench.pool_figure import render_pool_figure
+
+    try:
+        loaded = {}
+        for spec in manifests:
+            m = load_manifest(spec)
+            loaded[m.name] = m
+    except ManifestError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"wrote {render_pool_figure(loaded, out)}")
+
+
 @main.group("data")
 def data_group() -> None:
     """Benchmark data (reference cut-outs and masks) in the cache."""

@@ -67,3 +67,28 @@ def test_committed_v3_info_is_what_bench_info_prints():
     committed = (Path(__file__).resolve().parents[1] / "results" / "msibench_v3_info.txt").read_text()
     assert res.stdout == committed
     assert "uses per reference: max 8," in committed and "289343, 340272" in committed
+
+
+def test_pool_figure_compares_pools_with_the_paper(tmp_path):
+    """`bench pool-figure`: per category pool sizes (the paper: 10 for each of 80) and subjects per reference."""
+    import csv
+
+    from msibench.bench.pool_figure import pool_sizes, reference_uses
+
+    v3 = load_manifest("v3")
+    sizes = pool_sizes(v3)
+    assert len(sizes) == 80 and sum(sizes) == sum(len(v) for v in v3.build["pools"].values())
+    assert max(reference_uses(v3)) <= 8 < max(reference_uses(load_manifest("v2")))
+    out = tmp_path / "pools.png"
+    res = subprocess.run(
+        [sys.executable, "-m", "msibench", "bench", "pool-figure", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert Image.open(out).size[0] > 1000
+    rows = list(csv.reader(out.with_suffix(".csv").open()))
+    paper = [r for r in rows if r and r[0] == "paper"]
+    assert len(paper) == 80 and {r[2] for r in paper} == {"10"}
+    assert sum(int(r[2]) for r in rows if r and r[0] == "v3" and len(r) == 3 and r[1] in v3.build["pools"]) == sum(
+        sizes
+    )
