@@ -2,7 +2,8 @@
 
 Multi-subject track: for K = 2..5, ``per_k`` tasks each reusing the layout of a real scene with at least K
 salient instances (mask area / image area > ``beta``, not crowd). The subjects are the scene's K largest salient
-instances whose category has a reference from another photo; boxes are normalized to a square canvas (the scene
+instances that can get a reference under the rules below (instances of a category whose pool cannot serve all its
+scene instances come last, see :func:`_multi_track`); boxes are normalized to a square canvas (the scene
 letterboxed: scaled by 1 / max(W, H) and centred, so box aspect ratios are kept); z-order from the occlusion prior
 (smaller mask area = nearer = higher z, drawn on top).
 
@@ -16,7 +17,8 @@ reference that already serves ``max_uses_per_reference`` subjects, and among the
 least so far, so the subjects spread over each pool.
 
 Single-subject track: ``single_n`` tasks with one subject, going round the categories so that as many categories as
-the data allows are covered before any repeats.
+the data allows are covered before any repeats. It draws its references first (then K = 5 down to 2), so that every
+category keeps single-subject tasks under the use cap.
 
 When the split cannot fill a track under these rules, the builder builds what it can and says so in the manifest's
 ``build.stats`` (``requested`` next to ``tasks``); it never relaxes the rule.
