@@ -360,3 +360,65 @@ __all__ = [
     "rank_key",
     "reference_mask",
 ]
+
+
+# ------------------------------------------------------------------------------------- MSI training-pool measures
+# Used by ``mscustomnet data build-msi`` on top of the rule above (MSIBench pools are reviewed by eye instead). They
+# are not part of QUALITY_VERSION: the MSI build's own format version covers them.
+
+# A fallback (a candidate rejected only for a worse view of one object, FALLBACK_CAUSES) never serves when the frame
+# cuts it on two opposite edges (left and right, or top and bottom): it spans the photo, so only a band of it is in
+# view, its ends and its shape are not, and for the surfaces that do this (tables, beds, pizzas in close-up) that
+# band is mostly what lies on them. Train 390240, a "dining table" that is a cake's paper wrapper on a window sill,
+# runs along the left (0.91 of its side) and right (0.96) edges; on the slice it served 10 of 24 scenes.
+SPANS_FRAME_CAUSE = "spans_frame"
+# References reach the image encoder with their long side at 224 px (:data:`SHARPNESS_SIDE`). The variance of the
+# Laplacian of the grey photo pixels inside the (3 px eroded) mask at that scale measures the detail an encoder gets:
+# defocus, motion blur, magnification of a small crop and a near-black object all leave little. Below 15 a
+# reference counts as blurred, not clean (a fallback at best). Hand-checked on the 336 clean pool references of the
+# train and val slices: the 8 below 15 are the defocused 82x93 background player (train 1710395, 11.2), a blurred
+# wine glass, a blurred broccoli, a hat and four near-black blobs (a car, a cup, a book, a chair); the next ones
+# (16-19: a dark TV, a dark chair, a plain grey TV, a bidet) are sharp.
+BLURRED_CAUSE = "blurred"
+MIN_SHARPNESS = 15.0
+SHARPNESS_SIDE = 224
+SHARPNESS_ERODE_PX = 3
+
+
+def frame_cut_edges(mask: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, ...]:
+    """The image edges ("top", "bottom", "left", "right") along which the full-size ``mask`` runs, within
+    :data:`BORDER_MARGIN_PX`, for more than :data:`MAX_BORDER_RUN` of its box's side (:func:`border_run` per edge)."""
+    x0, y0, x1, y1 = box
+    m = BORDER_MARGIN_PX
+    runs = {
+        "top": mask[:m].any(axis=0).sum() / (x1 - x0),
+        "bottom": mask[-m:].any(axis=0).sum() / (x1 - x0),
+        "left": mask[:, :m].any(axis=1).sum() / (y1 - y0),
+        "right": mask[:, -m:].any(axis=1).sum() / (y1 - y0),
+    }
+    return tuple(edge for edge, run in runs.items() if run > MAX_BORDER_RUN)
+
+
+def spans_frame(mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    """Cut by the frame on two opposite edges (see :data:`SPANS_FRAME_CAUSE`)."""
+    edges = set(frame_cut_edges(mask, box))
+    return {"left", "right"} <= edges or {"top", "bottom"} <= edges
+
+
+def sharpness(grey: np.ndarray, mask: np.ndarray) -> float:
+    """Variance of the Laplacian of a reference's grey pixels (its box crop of the photo, any range of 0-255 values)
+    inside its ``mask`` (same size), measured with the crop scaled so its long side is :data:`SHARPNESS_SIDE` and the
+    mask eroded by :data:`SHARPNESS_ERODE_PX` (the outline against the white cut-out background is not detail).
+    0 when the eroded mask holds fewer than 16 pixels."""
+    from PIL import Image
+    from scipy import ndimage
+
+    h, w = mask.shape
+    scale = SHARPNESS_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    grey_img = Image.fromarray(np.asarray(grey, dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    small = np.asarray(Image.fromarray(np.asarray(mask, bool)).resize(size, Image.Resampling.NEAREST))
+    inner = ndimage.binary_erosion(small, iterations=SHARPNESS_ERODE_PX)
+    if inner.sum() < 16:
+        return 0.0
+    return float(ndimage.laplace(np.asarray(grey_img, dtype=np.float64))[inner].var())
