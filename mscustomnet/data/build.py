@@ -292,23 +292,21 @@ def msi_verdicts(
     width: int,
     height: int,
 ) -> dict[int, quality.ReferenceQuality]:
-    """The shared rule's verdicts of one photo with the MSI pool's causes added: a fallback cut on two opposite
-    edges ``spans_frame``; a clean reference whose sharpness is below :data:`msibench.bench.quality.MIN_SHARPNESS`
-    is ``blurred`` instead. The photo is read only when it has a clean instance; when it cannot be read the verdicts
-    stay as they are (cutting the reference fails later, and the candidate is skipped with the reason)."""
-    index = {inst.ann_id: i for i, inst in enumerate(instances)}
+    """The shared rule's verdicts of one photo with the MSI pool's causes added: a fallback cut by the frame whose
+    box reaches two opposite edges of the photo ``spans_frame``; a clean reference whose sharpness is below
+    :data:`msibench.bench.quality.MIN_SHARPNESS` is ``blurred`` instead. The photo is read only when it has a clean
+    instance; when it cannot be read the verdicts stay as they are (cutting the reference fails later, and the
+    candidate is skipped with the reason)."""
     out = dict(verdicts)
-    grey = None
+    grey: np.ndarray | None = None
+    if any(v.clean for v in verdicts.values()):
+        rgb, _ = _open_rgb(image_path, width, height)
+        grey = None if rgb is None else np.asarray(Image.fromarray(rgb).convert("L"))
     for ann_id, verdict in verdicts.items():
         if not verdict.clean and verdict.truncated and all(c in MSI_FALLBACK_CAUSES for c in verdict.causes):
-            if quality.spans_frame(masks[index[ann_id]], verdict.box):
+            if quality.spans_frame(verdict.box, width, height):
                 out[ann_id] = dataclasses.replace(verdict, causes=(*verdict.causes, quality.SPANS_FRAME_CAUSE))
-        elif verdict.clean:
-            if grey is None:
-                rgb, _ = _open_rgb(image_path, width, height)
-                if rgb is None:
-                    return out
-                grey = np.asarray(Image.fromarray(rgb).convert("L"))
+        elif verdict.clean and grey is not None:
             x0, y0, x1, y1 = verdict.box
             mask = quality.reference_mask(verdict, instances, masks)[y0:y1, x0:x1]
             if quality.sharpness(grey[y0:y1, x0:x1], mask) < quality.MIN_SHARPNESS:
@@ -586,7 +584,8 @@ def plan_scene(
     """Sample references and the prompt of one scene (Eq. 3-5). Returns (manifest record, '') or (None, reason).
 
     References are drawn without replacement within the scene: a random clean pool entry while the category has one
-    left, else the best-ranked entry the rule rejected (recorded as ``reference_clean: false``)."""
+    left, else a random one among the entries the rule rejected with the fewest causes (recorded as
+    ``reference_clean: false``)."""
     image_id = int(coco.image_ids[rows[0]])
     image = coco.images[image_id]
     rng = np.random.default_rng([seed, image_id])
@@ -611,7 +610,11 @@ def plan_scene(
                 f"(pool of {len(pool)}); a scene never gets the same reference twice"
             )
         clean = [e for e in eligible if e.clean]
-        reference = clean[int(rng.integers(len(clean)))] if clean else eligible[0]
+        # Without a clean entry, a random one among the fallbacks with the fewest causes: always the best-ranked one
+        # made a single fallback serve every subject of its category (on the train slice, one table 10 of 22 scenes).
+        fewest = min(len(e.causes) for e in eligible)
+        options = clean or [e for e in eligible if len(e.causes) == fewest]
+        reference = options[int(rng.integers(len(options)))]
         used.add(reference.ann_id)
         subjects.append(
             {

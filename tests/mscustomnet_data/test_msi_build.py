@@ -221,6 +221,24 @@ def test_plan_scene_draws_without_replacement_clean_first(tiny_coco: Path) -> No
     assert record is None and "3 subjects of category" in reason and "never gets the same reference twice" in reason
 
 
+def test_plan_scene_spreads_fallbacks_over_the_least_rejected(tiny_coco: Path) -> None:
+    coco = load_instances(tiny_coco / "annotations" / "instances_train2017.json")
+    rows = np.flatnonzero((coco.image_ids == 1) & ~coco.iscrowd)
+    worse = PoolEntry(4, 9, 0, (0.0, 0.0, 10.0, 10.0), 100, ("small", "occluded"), 9.0)
+    pools = {
+        int(c): [_entry(int(c) * 10 + 1, 7, clean=False, category_id=int(c)),
+                 _entry(int(c) * 10 + 2, 8, clean=False, category_id=int(c)),
+                 PoolEntry(int(c) * 10 + 3, 9, int(c), worse.bbox, 100, worse.causes, 9.0)]
+        for c in coco.category_ids[rows]
+    }  # fmt: skip
+    picks = set()
+    for seed in range(12):
+        record, _ = plan_scene(coco, rows, pools, {}, seed)
+        picks.update(s["reference_id"] % 10 for s in record["subjects"])
+        assert not any(s["reference_clean"] for s in record["subjects"])
+    assert picks == {1, 2}  # both single-cause fallbacks serve, the two-cause one never does
+
+
 def test_same_seed_same_bytes(tiny_coco: Path, tiny_build: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     build_msi(BuildConfig(coco_root=tiny_coco, split="train2017", out=again, workers=2), progress=False)
