@@ -30,9 +30,10 @@ def main() -> None:
         sys.exit(__doc__)
     for build in map(Path, sys.argv[1:]):
         f = mismatch(build)
+        over_15, over_2 = (100 * sum(x > t for x in f) / len(f) for t in (1.5, 2.0))
         print(
             f"{build}: {len(f)} subjects, median factor {statistics.median(f):.2f}, "
-            f"> 1.5x: {100 * sum(x > 1.5 for x in f) / len(f):.0f} %, > 2x: {100 * sum(x > 2 for x in f) / len(f):.0f} %"
+            f"> 1.5x: {over_15:.0f} %, > 2x: {over_2:.0f} %"
         )
 
 
