@@ -55,7 +55,7 @@ def test_page_lists_exactly_the_undecided_pool_members(page):
     text = page.read_text()
     ids = {int(x.split('"')[0]) for x in text.split('data-ann="')[1:]}
     assert ids == set(UNDECIDED)
-    assert "src=\"http" not in text and "href=\"http" not in text  # self-contained
+    assert 'src="http' not in text and 'href="http' not in text  # self-contained
     # the rule's measurements next to the thresholds, and the subtracted phone named
     assert "occlusion" in text and "&lt;= 0.2" in text and "cell phone 327720" in text
 
@@ -168,6 +168,16 @@ def test_build_names_every_missing_photo_before_any_work(coco_root, tmp_path, mo
     shutil.rmtree(root / "val2017")
     result = CliRunner().invoke(main, ["bench", "build", "--coco-root", str(root), "--out", str(out)])
     assert result.exit_code == 1 and "val2017 does not exist" in result.output
+
+
+def test_review_page_names_the_missing_photo_of_a_candidate(coco_root, partial_review, tmp_path):
+    root, _ = _partial_root(coco_root, tmp_path / "coco", drop=0)
+    (root / "val2017" / "000000168974.jpg").unlink()  # the baby's photo (candidate 519484)
+    out = tmp_path / "review.html"
+    args = ["bench", "review", "--coco-root", str(root), "--out", str(out), "--review", str(partial_review)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "the review page needs 3 photos" in result.output
+    assert "000000168974.jpg" in result.output and not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------------------ browser
