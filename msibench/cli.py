@@ -153,26 +153,41 @@ def bench_build(coco_root: Path, out: Path, seed: int, split: str, review: Path 
     default=None,
     help="Review file whose undecided pool members to show (default: the packaged reference_review.json).",
 )
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    help="Only the candidates of this COCO category (repeatable), to review a full COCO in parts.",
+)
 @click.pass_context
 def bench_review(
-    ctx: click.Context, coco_root: Path | None, out: Path | None, split: str, review: Path | None
+    ctx: click.Context,
+    coco_root: Path | None,
+    out: Path | None,
+    split: str,
+    review: Path | None,
+    categories: tuple[str, ...],
 ) -> None:
     """Write a static page of the pool members a review file has not decided yet (`bench review --coco-root DIR
     --out review.html`), to accept or reject by eye and export as a decisions file; merge that file into the
     review with `bench review apply FILE`. The pools are those `bench build` forms with the same --split and
     --review (they do not depend on --seed)."""
     if ctx.invoked_subcommand is not None:
-        if coco_root or out:
-            raise click.UsageError("--coco-root and --out make the page; `bench review apply FILE` takes neither")
+        if coco_root or out or categories:
+            raise click.UsageError(
+                "--coco-root, --out and --category make the page; `bench review apply FILE` takes none of them"
+            )
         return
     if coco_root is None or out is None:
         raise click.UsageError("bench review needs --coco-root DIR and --out PAGE.html (or: bench review apply FILE)")
     from msibench.bench.build import BuildError, BuildParams, load_review
-    from msibench.bench.review import write_review_page
+    from msibench.bench.review import ReviewError, write_review_page
     from msibench.coco import CocoError
 
     try:
-        n = write_review_page(coco_root, out, BuildParams(split=split), load_review(review))
+        n = write_review_page(coco_root, out, BuildParams(split=split), load_review(review), categories)
+    except ReviewError as err:
+        raise click.UsageError(str(err)) from err
     except (BuildError, CocoError) as err:
         raise click.ClickException(str(err)) from err
     except OSError as err:

@@ -132,7 +132,18 @@ def test_review_command_usage(tmp_path):
     runner = CliRunner()
     assert runner.invoke(main, ["bench", "review"]).exit_code == 2
     result = runner.invoke(main, ["bench", "review", "--out", str(tmp_path / "x.html"), "apply", "f.json"])
-    assert result.exit_code == 2 and "takes neither" in result.output
+    assert result.exit_code == 2 and "takes none of them" in result.output
+    page = ["bench", "review", "--coco-root", str(tmp_path), "--out", str(tmp_path / "x.html")]
+    result = runner.invoke(main, [*page, "--category", "dog", "--category", "table"])
+    assert result.exit_code == 2 and "--category 'table': not a COCO category" in result.output
+
+
+def test_review_page_of_one_category(coco_root, partial_review, tmp_path):
+    out = tmp_path / "chairs.html"
+    args = ["bench", "review", "--coco-root", str(coco_root), "--out", str(out), "--review", str(partial_review)]
+    result = CliRunner().invoke(main, [*args, "--category", "chair"])
+    assert result.exit_code == 0 and "1 unreviewed pool candidates" in result.output
+    assert 'data-ann="107078"' in out.read_text() and 'data-ann="519484"' not in out.read_text()
 
 
 def _partial_root(coco_root: Path, dest: Path, drop: int) -> tuple[Path, list[str]]:

@@ -51,7 +51,7 @@ DECISIONS = ("accept", "reject")
 CUTOUT = 288
 PHOTO = 288
 CONTEXT_PAD = 0.35
-JPEG_QUALITY = 88
+JPEG_QUALITY = 85
 # Outline colours: the candidate, instances touching it that cover part of its box (the rule's occluders), instances
 # cut out of its mask (contained), and any other instance in view.
 COLOURS = {"self": (0, 200, 0), "occluder": (235, 30, 30), "subtracted": (230, 0, 230), "other": (255, 200, 0)}
@@ -94,17 +94,27 @@ def unreviewed_candidates(coco: CocoSplit, params: BuildParams, review: Review) 
 
 
 def write_review_page(
-    coco_root: str | Path, out: str | Path, params: BuildParams | None = None, review: Review | None = None
+    coco_root: str | Path,
+    out: str | Path,
+    params: BuildParams | None = None,
+    review: Review | None = None,
+    categories: tuple[str, ...] = (),
 ) -> int:
-    """Write the review page of the unreviewed pool candidates of ``coco_root`` to ``out``; return how many."""
+    """Write the review page of the unreviewed pool candidates of ``coco_root`` to ``out`` (only those of
+    ``categories``, COCO names, when given: a full COCO's first page holds up to 800); return how many."""
     from msibench.cache import atomic_write_bytes
 
+    unknown = sorted(set(categories) - set(CATEGORY_NAME.values()))
+    if unknown:
+        raise ReviewError(f"--category {unknown[0]!r}: not a COCO category name (e.g. 'dining table')")
     params = params if params is not None else BuildParams()
     review = review if review is not None else load_review()
     if review.split != params.split:
         raise BuildError(f"{review.path}: reviews split {review.split}, the page is for {params.split}")
     coco = load_split(coco_root, params.split)
     candidates = unreviewed_candidates(coco, params, review)
+    if categories:
+        candidates = [c for c in candidates if c.category in categories]
     require_photos(coco, sorted({c.image_id for c in candidates}), "the review page")
     page = render_review_page(coco, candidates, review, params)
     atomic_write_bytes(Path(out), page.encode("utf-8"))
