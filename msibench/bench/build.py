@@ -538,12 +538,14 @@ def require_photos(coco: CocoSplit, image_ids: set[int] | list[int], who: str) -
     ``bench build`` asks for every annotated photo of the split: any of them may hold a pool reference, and the
     manifest pins the sha256 of those its tasks use (which ones is only known at the end of the build)."""
     folder = Path(coco.root) / coco.split
-    missing = sorted(coco.images[i]["file_name"] for i in image_ids if not coco.image_path(i).is_file())
+    # An annotation of an image the split does not list is reported by the build itself, naming the annotation.
+    listed = [i for i in image_ids if i in coco.images]
+    missing = sorted(coco.images[i]["file_name"] for i in listed if not coco.image_path(i).is_file())
     if not missing:
         return
     where = f"{folder} does not exist" if not folder.is_dir() else f"not in {folder}"
     raise BuildError(
-        f"{who} needs {len(image_ids)} photos of {coco.split} and {len(missing)} are missing ({where}); put the COCO "
+        f"{who} needs {len(listed)} photos of {coco.split} and {len(missing)} are missing ({where}); put the COCO "
         f"2017 originals there (http://images.cocodataset.org/zips/{coco.split}.zip) and run it again. Missing: "
         + ", ".join(missing)
     )
