@@ -4,7 +4,7 @@ conflicts; and ``bench build`` naming every missing photo before it does any wor
 
 The browser part is skipped when playwright or Chromium is missing, unless MSIBENCH_REQUIRE_BROWSER=1, where it
 fails instead (as tests/report/test_report_browser.py). MSIBENCH_REVIEW_SCREENSHOT=PATH saves the screenshot that
-docs/benchmark.md shows (docs/bench-review.png).
+docs/bench-review.md shows (docs/bench-review.png).
 """
 
 from __future__ import annotations
