@@ -140,6 +140,97 @@ def bench_build(coco_root: Path, out: Path, seed: int, split: str, review: Path 
         click.echo(f"warning: {stats['references']['pool_unreviewed']} pool references are not reviewed", err=True)
 
 
+@bench_group.group("review", invoke_without_command=True)
+@click.option(
+    "--coco-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="COCO 2017 root (annotations/ and the split's photos) whose pool candidates to review.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="HTML page to write.")
+@click.option("--split", default="val2017", show_default=True)
+@click.option(
+    "--review",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Review file whose undecided pool members to show (default: the packaged reference_review.json).",
+)
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    help="Only the candidates of this COCO category (repeatable), to review a full COCO in parts.",
+)
+@click.pass_context
+def bench_review(
+    ctx: click.Context,
+    coco_root: Path | None,
+    out: Path | None,
+    split: str,
+    review: Path | None,
+    categories: tuple[str, ...],
+) -> None:
+    """Write a static page of the pool members a review file has not decided yet (`bench review --coco-root DIR
+    --out review.html`), to accept or reject by eye and export as a decisions file; merge that file into the
+    review with `bench review apply FILE`. The pools are those `bench build` forms with the same --split and
+    --review (they do not depend on --seed)."""
+    if ctx.invoked_subcommand is not None:
+        if coco_root or out or categories:
+            raise click.UsageError(
+                "--coco-root, --out and --category make the page; `bench review apply FILE` takes none of them"
+            )
+        return
+    if coco_root is None or out is None:
+        raise click.UsageError("bench review needs --coco-root DIR and --out PAGE.html (or: bench review apply FILE)")
+    from msibench.bench.build import BuildError, BuildParams, load_review
+    from msibench.bench.review import ReviewError, write_review_page
+    from msibench.coco import CocoError
+
+    try:
+        n = write_review_page(coco_root, out, BuildParams(split=split), load_review(review), categories)
+    except ReviewError as err:
+        raise click.UsageError(str(err)) from err
+    except (BuildError, CocoError) as err:
+        raise click.ClickException(str(err)) from err
+    except OSError as err:
+        raise click.ClickException(f"--out {out}: cannot write the page there: {err}") from err
+    click.echo(f"wrote {out}: {n} unreviewed pool candidates of {split}" + ("" if n else " (nothing to review)"))
+
+
+@bench_review.command("apply")
+@click.argument("decisions", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--review",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Review file to merge into (default: the packaged msibench/data/reference_review.json).",
+)
+def bench_review_apply(decisions: Path, review: Path | None) -> None:
+    """Merge a decisions file exported by the review page into the review file. Every entry is checked first (a bad
+    one is named and nothing is written); decisions already in the review are kept; a decision that contradicts one
+    is reported and not applied (exit 1)."""
+    from msibench.bench.review import ReviewError, apply_decisions
+
+    try:
+        result = apply_decisions(decisions, review)
+    except ReviewError as err:
+        raise click.UsageError(str(err)) from err
+    except OSError as err:
+        raise click.ClickException(f"cannot write the review: {err}") from err
+    click.echo(
+        f"{len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(result.unchanged)} already in the "
+        f"review, {len(result.conflicts)} conflicting"
+    )
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if result.conflicts:
+        lines = "\n  ".join(result.conflicts)
+        raise click.ClickException(
+            f"{len(result.conflicts)} decisions contradict the review and were not applied (the review keeps its "
+            f"own; edit it by hand to change one):\n  {lines}"
+        )
+
+
 @bench_group.command("info")
 @click.option("--manifest", default=None, help=_MANIFEST_HELP)
 def bench_info(manifest: str | None) -> None:

@@ -52,7 +52,13 @@ from msibench.records import exclusive_or_busy
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+# 3: MSI-only pool rules on top of the shared reference rule (fallbacks spanning the frame, blurred references).
+FORMAT_VERSION = 3
+# Why a candidate is rejected: the shared rule's causes, then the MSI pool's own (msibench.bench.quality, "MSI
+# training-pool measures"). A blurred reference is a worse view of one whole object, like a small one: it may still
+# fill a pool that lacks clean references, ranked after them; one spanning the frame never serves.
+MSI_CAUSES = (*quality.CAUSES, quality.SPANS_FRAME_CAUSE, quality.BLURRED_CAUSE)
+MSI_FALLBACK_CAUSES = (*quality.FALLBACK_CAUSES, quality.BLURRED_CAUSE)
 POOL_SIZE = 30
 
 CONFIG_FILE = "config.json"
@@ -269,18 +275,55 @@ def _write_config(config: BuildConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------- pools
 
 
-def _assess_photo(task: tuple[int, int, int, list[tuple[int, int, tuple[float, ...], bool, Any]]]):
-    """The reference-quality verdicts of one photo's instances (worker side)."""
-    image_id, width, height, anns = task
+def _assess_photo(task: tuple[int, int, int, str, list[tuple[int, int, tuple[float, ...], bool, Any]]]):
+    """The reference-quality verdicts of one photo's instances (worker side), with the MSI pool's own causes."""
+    image_id, width, height, image_path, anns = task
     instances = [quality.PhotoInstance(ann_id, cat, bbox, crowd) for ann_id, cat, bbox, crowd, _ in anns]
     masks = [decode_mask(seg, height, width, where=f"annotation {ann_id}") for ann_id, _, _, _, seg in anns]
-    return image_id, quality.assess_photo(instances, masks, width, height)
+    verdicts = quality.assess_photo(instances, masks, width, height)
+    return image_id, msi_verdicts(verdicts, instances, masks, Path(image_path), width, height)
+
+
+def msi_verdicts(
+    verdicts: dict[int, quality.ReferenceQuality],
+    instances: list[quality.PhotoInstance],
+    masks: list[np.ndarray],
+    image_path: Path,
+    width: int,
+    height: int,
+) -> dict[int, quality.ReferenceQuality]:
+    """The shared rule's verdicts of one photo with the MSI pool's causes added: a fallback cut by the frame whose
+    box reaches two opposite edges of the photo ``spans_frame``; a clean reference whose sharpness is below
+    :data:`msibench.bench.quality.MIN_SHARPNESS` is ``blurred`` instead. The photo is read only when it has a clean
+    instance; when it cannot be read the verdicts stay as they are (cutting the reference fails later, and the
+    candidate is skipped with the reason)."""
+    out = dict(verdicts)
+    grey: np.ndarray | None = None
+    if any(v.clean for v in verdicts.values()):
+        rgb, _ = _open_rgb(image_path, width, height)
+        grey = None if rgb is None else np.asarray(Image.fromarray(rgb).convert("L"))
+    for ann_id, verdict in verdicts.items():
+        if not verdict.clean and verdict.truncated and all(c in MSI_FALLBACK_CAUSES for c in verdict.causes):
+            if quality.spans_frame(verdict.box, width, height):
+                out[ann_id] = dataclasses.replace(verdict, causes=(*verdict.causes, quality.SPANS_FRAME_CAUSE))
+        elif verdict.clean and grey is not None:
+            x0, y0, x1, y1 = verdict.box
+            mask = quality.reference_mask(verdict, instances, masks)[y0:y1, x0:x1]
+            if quality.sharpness(grey[y0:y1, x0:x1], mask) < quality.MIN_SHARPNESS:
+                out[ann_id] = dataclasses.replace(verdict, causes=(quality.BLURRED_CAUSE,))
+    return out
+
+
+def msi_usable(verdict: quality.ReferenceQuality) -> bool:
+    """Clean, or rejected only for :data:`MSI_FALLBACK_CAUSES`: may serve in an MSI pool."""
+    return all(cause in MSI_FALLBACK_CAUSES for cause in verdict.causes)
 
 
 def assess_references(
-    coco: CocoInstances, run: Callable[[Callable, Iterable], Iterator], progress: bool = False
+    coco: CocoInstances, image_dir: Path, run: Callable[[Callable, Iterable], Iterator], progress: bool = False
 ) -> dict[int, quality.ReferenceQuality]:
-    """Row index -> the reference-quality verdict of every non-crowd instance with a non-empty mask."""
+    """Row index -> the reference-quality verdict (:func:`msi_verdicts`) of every non-crowd instance with a non-empty
+    mask; ``image_dir`` holds the photos (read for the sharpness of clean instances)."""
     order = np.lexsort((coco.ann_ids, coco.image_ids))
     ids, starts = np.unique(coco.image_ids[order], return_index=True)
     bounds = [*starts.tolist(), len(order)]
@@ -292,7 +335,7 @@ def assess_references(
             image = coco.images[image_id]
             anns = [(int(coco.ann_ids[r]), int(coco.category_ids[r]), tuple(coco.bboxes[r].tolist()),
                      bool(coco.iscrowd[r]), coco.segmentations[r]) for r in rows]  # fmt: skip
-            yield image_id, image.width, image.height, anns
+            yield image_id, image.width, image.height, str(Path(image_dir) / image.file_name), anns
 
     verdicts: dict[int, quality.ReferenceQuality] = {}
     results = run(_assess_photo, tasks())
@@ -308,12 +351,12 @@ def rank_pool_candidates(coco: CocoInstances, verdicts: dict[int, quality.Refere
     """Per category, the row indices of pool candidates best first.
 
     Clean instances come before every rejected one; rejected ones only fill a pool whose category lacks clean
-    instances, and only those rejected for a worse view of one whole object (:data:`msibench.bench.quality.
-    FALLBACK_CAUSES`: truncated, small, occluded), never containers, fragments or slivers. Within each group, every
-    photo's best instance comes before any photo's second, so a pool spans as many photos as the data has; then
-    :func:`msibench.bench.quality.rank_key` (score, for rejected ones fewer causes first)."""
+    instances, and only those rejected for a worse view of one whole object (:data:`MSI_FALLBACK_CAUSES`: truncated,
+    small, occluded, blurred), never containers, fragments, slivers or fallbacks spanning the frame. Within each
+    group, every photo's best instance comes before any photo's second, so a pool spans as many photos as the data
+    has; then :func:`msibench.bench.quality.rank_key` (score, for rejected ones fewer causes first)."""
     by_category: dict[int, list[int]] = {}
-    usable = [row for row in verdicts if verdicts[row].usable_as_fallback]
+    usable = [row for row in verdicts if msi_usable(verdicts[row])]
     for row in sorted(usable, key=lambda r: quality.rank_key(verdicts[r])):
         by_category.setdefault(verdicts[row].category_id, []).append(row)
     ranked = {}
@@ -332,7 +375,7 @@ def rule_summary(coco: CocoInstances, verdicts: dict[int, quality.ReferenceQuali
     """What the reference-quality rule found, per category: candidates, clean ones and rejections per cause (an
     instance may have several causes); crowd annotations are never candidates."""
     per_category = {
-        name: {"candidates": 0, "clean": 0, "rejected": 0, "causes": dict.fromkeys(quality.CAUSES, 0)}
+        name: {"candidates": 0, "clean": 0, "rejected": 0, "causes": dict.fromkeys(MSI_CAUSES, 0)}
         for _, name in sorted(coco.categories.items())
     }
     for verdict in verdicts.values():
@@ -389,7 +432,7 @@ def build_pools(
     be read are reported and replaced by the next-ranked candidate.
     """
     out = Path(config.out)
-    verdicts = verdicts if verdicts is not None else assess_references(coco, run)
+    verdicts = verdicts if verdicts is not None else assess_references(coco, config.image_dir, run)
     ranked = rank_pool_candidates(coco, verdicts)
     row_of = {int(a): i for i, a in enumerate(coco.ann_ids.tolist())}
     pools: dict[int, list[PoolEntry]] = {c: [] for c in sorted(coco.categories)}
@@ -541,7 +584,8 @@ def plan_scene(
     """Sample references and the prompt of one scene (Eq. 3-5). Returns (manifest record, '') or (None, reason).
 
     References are drawn without replacement within the scene: a random clean pool entry while the category has one
-    left, else the best-ranked entry the rule rejected (recorded as ``reference_clean: false``)."""
+    left, else a random one among the entries the rule rejected with the fewest causes (recorded as
+    ``reference_clean: false``)."""
     image_id = int(coco.image_ids[rows[0]])
     image = coco.images[image_id]
     rng = np.random.default_rng([seed, image_id])
@@ -566,7 +610,11 @@ def plan_scene(
                 f"(pool of {len(pool)}); a scene never gets the same reference twice"
             )
         clean = [e for e in eligible if e.clean]
-        reference = clean[int(rng.integers(len(clean)))] if clean else eligible[0]
+        # Without a clean entry, a random one among the fallbacks with the fewest causes: always the best-ranked one
+        # made a single fallback serve every subject of its category (on the train slice, one table 10 of 22 scenes).
+        fewest = min(len(e.causes) for e in eligible)
+        options = clean or [e for e in eligible if len(e.causes) == fewest]
+        reference = options[int(rng.integers(len(options)))]
         used.add(reference.ann_id)
         subjects.append(
             {
@@ -654,7 +702,7 @@ def compute_stats(
             "candidates": sum(f["candidates"] for f in rule["per_category"].values()),
             "clean": sum(f["clean"] for f in rule["per_category"].values()),
             "rejected": sum(f["rejected"] for f in rule["per_category"].values()),
-            "rejected_by_cause": {cause: causes[cause] for cause in quality.CAUSES},
+            "rejected_by_cause": {cause: causes[cause] for cause in MSI_CAUSES},
             "pool_references": sum(len(p) for p in pools.values()),
             "pool_clean": sum(e.clean for p in pools.values() for e in p),
         },
@@ -744,7 +792,7 @@ def _build(config: BuildConfig, out: Path, write_config: bool, lock_fd: int, pro
         pools, pool_skipped, rule = _load_pools(pool_path)
     else:
         with _ordered_map(config.workers, lock_fd) as run:
-            verdicts = assess_references(coco, run, progress)
+            verdicts = assess_references(coco, config.image_dir, run, progress)
             pools, pool_skipped = build_pools(coco, config, run, progress, verdicts)
         rule = rule_summary(coco, verdicts)
         pool_json = {"categories": {str(c): [e.to_json() for e in entries] for c, entries in sorted(pools.items())}}

@@ -97,7 +97,8 @@ class Placement:
 
 
 def resize_reference(rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize a reference crop and its mask to ``size`` = (width, height)."""
+    """Resize a reference crop and its mask to ``size`` = (width, height): stretched to its subject's box, not fitted
+    with its aspect ratio (docs/msi-and-model.md says why)."""
     rgb_img = Image.fromarray(np.ascontiguousarray(rgb))
     mask_img = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
     if rgb_img.size != size:

@@ -167,6 +167,7 @@ def build_manifest(
     review = review if review is not None else load_review()
     if review.split != params.split:
         raise BuildError(f"{review.path}: reviews split {review.split}, the build reads {params.split}")
+    require_photos(coco, {a["image_id"] for a in coco.annotations}, "the build")
     instances = _instances(coco)
     by_image: dict[int, list[_Instance]] = defaultdict(list)
     for inst in instances:
@@ -636,3 +637,33 @@ def _source(coco: CocoSplit, image_id: int) -> dict[str, Any]:
         "width": image["width"],
         "height": image["height"],
     }
+
+
+def require_photos(coco: CocoSplit, image_ids: set[int] | list[int], who: str) -> None:
+    """Fail, before any work, naming every photo of ``image_ids`` that is not under the COCO root.
+
+    ``bench build`` asks for every annotated photo of the split: any of them may hold a pool reference, and the
+    manifest pins the sha256 of those its tasks use (which ones is only known at the end of the build)."""
+    folder = Path(coco.root) / coco.split
+    # An annotation of an image the split does not list is reported by the build itself, naming the annotation.
+    listed = [i for i in image_ids if i in coco.images]
+    missing = sorted(coco.images[i]["file_name"] for i in listed if not coco.image_path(i).is_file())
+    if not missing:
+        return
+    where = f"{folder} does not exist" if not folder.is_dir() else f"not in {folder}"
+    raise BuildError(
+        f"{who} needs {len(listed)} photos of {coco.split} and {len(missing)} are missing ({where}); put the COCO "
+        f"2017 originals there (http://images.cocodataset.org/zips/{coco.split}.zip) and run it again. Missing: "
+        + ", ".join(missing)
+    )
+
+
+def reference_pools(
+    coco: CocoSplit, params: BuildParams, review: Review
+) -> tuple[dict[int, list[_PoolEntry]], dict[str, Any]]:
+    """Per category id, the pool that :func:`build_manifest` with these ``params`` and ``review`` draws references
+    from (best first), and its statistics; ``msibench bench review`` shows the members not reviewed yet."""
+    by_image: dict[int, list[_Instance]] = defaultdict(list)
+    for inst in _instances(coco):
+        by_image[inst.image_id].append(inst)
+    return _reference_pools(coco, by_image, review, params)

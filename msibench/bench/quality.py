@@ -378,3 +378,54 @@ __all__ = [
     "rank_key",
     "reference_mask",
 ]
+
+
+# ------------------------------------------------------------------------------------- MSI training-pool measures
+# Used by ``mscustomnet data build-msi`` on top of the rule above (MSIBench pools are reviewed by eye instead). They
+# are not part of QUALITY_VERSION: the MSI build's own format version covers them.
+
+# A fallback (a candidate rejected only for a worse view of one object, FALLBACK_CAUSES) that the frame cuts never
+# serves when its box also reaches two opposite edges of the photo (left and right, or top and bottom, within
+# BORDER_MARGIN_PX): it spans the photo, so only a band of it is in view, its ends and its shape are not, and for the
+# surfaces that do this (tables, beds, pizzas in close-up) the band is mostly what lies on them or around them. On the
+# train slice: 390240, a "dining table" that is a cake's paper wrapper on a window sill (box 0-640 of 640 px wide,
+# it served 10 of 24 scenes), and 412563, the band of tablecloth around a teddy bear and a cup (box 1-480 of 480).
+SPANS_FRAME_CAUSE = "spans_frame"
+# References reach the image encoder with their long side at 224 px (:data:`SHARPNESS_SIDE`). The variance of the
+# Laplacian of the grey photo pixels inside the (3 px eroded) mask at that scale measures the detail an encoder gets:
+# defocus, motion blur, magnification of a small crop and a near-black object all leave little. Below 15 a
+# reference counts as blurred, not clean (a fallback at best). Hand-checked on the 336 clean pool references of the
+# train and val slices: the 8 below 15 are the defocused 82x93 background player (train 1710395, 11.2), a blurred
+# wine glass, a blurred broccoli, a hat and four near-black blobs (a car, a cup, a book, a chair); the next ones
+# (16-19: a dark TV, a dark chair, a plain grey TV, a bidet) are sharp.
+BLURRED_CAUSE = "blurred"
+MIN_SHARPNESS = 15.0
+SHARPNESS_SIDE = 224
+SHARPNESS_ERODE_PX = 3
+
+
+def spans_frame(box: tuple[int, int, int, int], width: int, height: int) -> bool:
+    """The pixel ``box`` reaches two opposite edges of a ``width`` x ``height`` photo, within
+    :data:`BORDER_MARGIN_PX` (see :data:`SPANS_FRAME_CAUSE`; the MSI pool applies it to truncated fallbacks)."""
+    x0, y0, x1, y1 = box
+    m = BORDER_MARGIN_PX
+    return (x0 < m and x1 > width - m) or (y0 < m and y1 > height - m)
+
+
+def sharpness(grey: np.ndarray, mask: np.ndarray) -> float:
+    """Variance of the Laplacian of a reference's grey pixels (its box crop of the photo, any range of 0-255 values)
+    inside its ``mask`` (same size), measured with the crop scaled so its long side is :data:`SHARPNESS_SIDE` and the
+    mask eroded by :data:`SHARPNESS_ERODE_PX` (the outline against the white cut-out background is not detail).
+    0 when the eroded mask holds fewer than 16 pixels."""
+    from PIL import Image
+    from scipy import ndimage
+
+    h, w = mask.shape
+    scale = SHARPNESS_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    grey_img = Image.fromarray(np.asarray(grey, dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    small = np.asarray(Image.fromarray(np.asarray(mask, bool)).resize(size, Image.Resampling.NEAREST))
+    inner = ndimage.binary_erosion(small, iterations=SHARPNESS_ERODE_PX)
+    if inner.sum() < 16:
+        return 0.0
+    return float(ndimage.laplace(np.asarray(grey_img, dtype=np.float64))[inner].var())

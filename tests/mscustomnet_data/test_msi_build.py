@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mscustomnet.data.build import BuildConfig, PoolEntry, build_msi, category_prompt, plan_scene
+from mscustomnet.data.build import MSI_FALLBACK_CAUSES, BuildConfig, PoolEntry, build_msi, category_prompt, plan_scene
 from mscustomnet.data.coco import load_instances
-from msibench.bench.quality import FALLBACK_CAUSES, assess_annotations
+from msibench.bench.quality import BLURRED_CAUSE, assess_annotations
 from msibench.coco import decode_mask, load_split
 
 
@@ -115,9 +115,9 @@ def test_pools_rank_quality_and_cut_references(mini_train_build: Path, coco_root
 
     for entries in pool["categories"].values():
         assert len(entries) <= 30
-        # A container, a fragment or a sliver never enters a pool; truncated, small or occluded instances only fill
-        # pools whose category lacks clean ones.
-        assert all(set(e["causes"]) <= set(FALLBACK_CAUSES) for e in entries)
+        # A container, a fragment, a sliver or a fallback spanning the frame never enters a pool; truncated, small,
+        # occluded or blurred instances only fill pools whose category lacks clean ones.
+        assert all(set(e["causes"]) <= set(MSI_FALLBACK_CAUSES) for e in entries)
         # Clean references first, then rejected ones; within each, every photo's first instance before any photo's
         # second.
         cleans = [e["clean"] for e in entries]
@@ -126,11 +126,13 @@ def test_pools_rank_quality_and_cut_references(mini_train_build: Path, coco_root
             photos = [e["image_id"] for e in entries if e["clean"] == group]
             firsts = [i for i, p in enumerate(photos) if p not in photos[:i]]
             assert firsts == list(range(len(firsts)))
-    # The verdicts in pool.json are the shared rule's, recomputed here from the annotations.
+    # The verdicts in pool.json are the shared rule's, recomputed here from the annotations (a clean one may be
+    # blurred: see test_msi_pool_rules.py).
     person = pool["categories"]["1"]
     for entry in person[:3] + person[-2:]:
         verdict = verdicts(entry["image_id"])[entry["ann_id"]]
-        assert list(verdict.causes) == entry["causes"] and verdict.mask_area == entry["mask_area"]
+        causes = [] if entry["causes"] == [BLURRED_CAUSE] else entry["causes"]
+        assert list(verdict.causes) == causes and verdict.mask_area == entry["mask_area"]
     best = person[0]
     assert best["clean"]
     x, y, w, h = best["bbox"]
@@ -219,16 +221,39 @@ def test_plan_scene_draws_without_replacement_clean_first(tiny_coco: Path) -> No
     assert record is None and "3 subjects of category" in reason and "never gets the same reference twice" in reason
 
 
+def test_plan_scene_spreads_fallbacks_over_the_least_rejected(tiny_coco: Path) -> None:
+    coco = load_instances(tiny_coco / "annotations" / "instances_train2017.json")
+    rows = np.flatnonzero((coco.image_ids == 1) & ~coco.iscrowd)
+    worse = PoolEntry(4, 9, 0, (0.0, 0.0, 10.0, 10.0), 100, ("small", "occluded"), 9.0)
+    pools = {
+        int(c): [_entry(int(c) * 10 + 1, 7, clean=False, category_id=int(c)),
+                 _entry(int(c) * 10 + 2, 8, clean=False, category_id=int(c)),
+                 PoolEntry(int(c) * 10 + 3, 9, int(c), worse.bbox, 100, worse.causes, 9.0)]
+        for c in coco.category_ids[rows]
+    }  # fmt: skip
+    picks = set()
+    for seed in range(12):
+        record, _ = plan_scene(coco, rows, pools, {}, seed)
+        picks.update(s["reference_id"] % 10 for s in record["subjects"])
+        assert not any(s["reference_clean"] for s in record["subjects"])
+    assert picks == {1, 2}  # both single-cause fallbacks serve, the two-cause one never does
+
+
 def test_same_seed_same_bytes(tiny_coco: Path, tiny_build: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     build_msi(BuildConfig(coco_root=tiny_coco, split="train2017", out=again, workers=2), progress=False)
     assert tree_bytes(again) == tree_bytes(tiny_build)  # also: worker count does not change the output
     other = tmp_path / "other"
     build_msi(BuildConfig(coco_root=tiny_coco, split="train2017", out=other, seed=1), progress=False)
-    # Every tiny candidate is rejected by the rule and rejected references are taken best-ranked first, so another
-    # seed keeps them (test_plan_scene_draws_without_replacement_clean_first covers the seeded draw of clean ones).
+    # Every tiny candidate is rejected by the rule; a scene draws among the fallbacks with the fewest causes with its
+    # seed, so another seed keeps the subjects and changes some of their references.
     records, other_records = read_jsonl(tiny_build / "manifest.jsonl"), read_jsonl(other / "manifest.jsonl")
-    assert [r["subjects"] for r in records] == [r["subjects"] for r in other_records]
+
+    def without_references(record: dict) -> list[dict]:
+        return [{k: v for k, v in s.items() if not k.startswith("reference")} for s in record["subjects"]]
+
+    assert [without_references(r) for r in records] == [without_references(r) for r in other_records]
+    assert [r["subjects"] for r in records] != [r["subjects"] for r in other_records]
 
 
 def test_resume_after_interruption_gives_identical_bytes(mini_train_build: Path, tmp_path: Path) -> None:
