@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from msibench import __version__
+from msibench.clierrors import METHOD_HELP, method_error
 
 
 def _setup_logging(verbose: int) -> None:
@@ -42,27 +43,46 @@ def main(verbose: int) -> None:
 @click.option("--track", type=click.Choice(["single", "multi"]), default=None, help="tasks: only this track.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None, help="tasks: only tasks with K subjects.")
 @click.option("--manifest", default=None, help="tracks, tasks: a manifest file, or a packaged name: v2 (default), v1.")
-def ls_command(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
-    """List registered methods (with their capabilities), the benchmark's tracks, or its tasks (id, K,
-    categories, prompt; filter with --track and --k)."""
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    metavar="SPEC",
+    help="methods: list this one too: path/to/file.py:Class or package.module:Class (repeatable).",
+)
+def ls_command(what: str, track: str | None, k: int | None, manifest: str | None, methods: tuple[str, ...]) -> None:
+    """List methods with their capabilities (the built-ins, installed plugins and any --method), the benchmark's
+    tracks, or its tasks (id, K, categories, prompt; filter with --track and --k)."""
     from msibench import registry
+    from msibench.clierrors import UsageClickError
 
     if what in ("tracks", "tasks"):
+        if methods:
+            raise UsageClickError("--method adds methods to `msibench ls methods`")
         _ls_benchmark(what, track, k, manifest)
         return
     if track is not None or k is not None:
         raise click.UsageError("--track and --k filter `msibench ls tasks`")
-    click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}module")
-    for name, target in registry.METHODS.items():
+    click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}source")
+    unusable = False
+    for name, source in registry.listing(methods):
+        where = source if isinstance(source, str) else source.describe()
         try:
+            if isinstance(source, str) and source.startswith("unusable: "):
+                raise registry.PluginError(source.removeprefix("unusable: "))
             caps = registry.build(name).capabilities
-        except registry.MethodUnavailableError as err:
-            click.echo(f"{name:<16}{'-':>13}  {'-':<7}{'-':<8}{'-':<14}{target}  (unavailable: {err})")
+        except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError, TypeError) as err:
+            unusable = unusable or not isinstance(err, registry.MethodUnavailableError)
+            target = registry.METHODS.get(name, "")
+            click.echo(f"{name:<16}{'-':>13}  {'-':<7}{'-':<8}{'-':<14}{target}  (unavailable: {err})".rstrip())
             continue
+        label = name if len(name) < 16 else name + " "
         click.echo(
-            f"{name:<16}{caps.max_subjects:>13}  {'yes' if caps.uses_layout else 'no':<7}"
-            f"{'yes' if caps.uses_zorder else 'no':<8}{','.join(caps.tracks):<14}{target}"
+            f"{label:<16}{caps.max_subjects:>13}  {'yes' if caps.uses_layout else 'no':<7}"
+            f"{'yes' if caps.uses_zorder else 'no':<8}{','.join(caps.tracks):<14}{where}"
         )
+    if unusable and methods:
+        raise SystemExit(2)
 
 
 def _ls_benchmark(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
@@ -221,7 +241,7 @@ def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
 
 
 @main.command("run", context_settings={"show_default": True})
-@click.option("--method", "method_name", required=True, help="Registered method name (msibench ls).")
+@click.option("--method", "method_name", required=True, metavar="SPEC", help=METHOD_HELP)
 @click.option("--track", type=click.Choice(["multi", "single", "all"]), default="all")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, help="Samples per task.")
 @click.option(
@@ -303,7 +323,7 @@ def run_command(
     try:
         method = registry.build(method_name, _parse_options(method_options))
     except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+        raise method_error(err) from err
     try:
         summary = run_method(
             method,

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from msibench import weights
 from msibench.cli import main
-from msibench.weights import WeightFiles, WeightsError, fetch, locate_hub_file, method_weights, selection, status
+from msibench.inventory import method_weights, selection
+from msibench.weights import WeightFiles, WeightsError, fetch, locate_hub_file, status
 
 
 class FakeHub:
