@@ -320,8 +320,10 @@ def run_command(
         cache_dir()  # $MSIBENCH_CACHE (references, weights) is usable, checked before anything is written
     except (OptionError, CacheDirError) as err:
         raise click.UsageError(str(err)) from err
+    from msibench.api import load_method
+
     try:
-        method = registry.build(method_name, _parse_options(method_options))
+        method = load_method(method_name, _parse_options(method_options))
     except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
         raise method_error(err) from err
     try:
@@ -394,7 +396,7 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
 
     @click.pass_context
     def callback(ctx: click.Context, **kw) -> None:
-        from msibench import registry
+        from msibench.api import load_method
         from msibench.runner import parse_shard, run_dir_for
 
         try:
@@ -411,7 +413,7 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
             ctx.exit(exitcodes.BUSY)
         run_dir = kw["run_dir"]
         if run_dir is None:
-            run_dir = run_dir_for(registry.build(kw["method_name"], _parse_options(kw["method_options"])), kw["out"])
+            run_dir = run_dir_for(load_method(kw["method_name"], _parse_options(kw["method_options"])), kw["out"])
         score_kw = {p.name: kw[p.name] for p in score_command.params if p.name in kw and p.name != "limit"}
         score_code = _exit_code(ctx, score_command, **score_kw, run_dirs=(Path(run_dir),), limit=None)
         from msibench.scoring.table import TableError, load_paper_table, load_run, render_table
