@@ -122,13 +122,15 @@ def test_a_relative_file_path_and_a_module_path(tmp_path, coco_root, monkeypatch
         ("def broken(:\n", "ToyMethod", "import failed: SyntaxError"),
         (TOY.format(name="paste"), "ToyMethod", "has the name 'paste', a duplicate name: the built-in method"),
         (TOY.format(name="toy").replace('    name = "toy"\n', ""), "ToyMethod", "keeps the base name 'method'"),
+        (TOY.format(name="toy").replace("def generate", "def _generate"), "ToyMethod", "does not implement generate"),
     ],
 )
 def test_a_bad_plugin_file_is_named_with_its_class_and_what_is_wrong(tmp_path, body, cls, what):
     plugin = tmp_path / "bad_plugin.py"
     plugin.write_text(body)
     spec = f"{plugin}:{cls}"
-    for args in (["run", "--method", spec], ["ls", "--method", spec], ["weights", "ls", "--method", spec]):
+    commands = (["run", "--method", spec], ["eval", "--method", spec], ["ls", "--method", spec])
+    for args in (*commands, ["weights", "ls", "--method", spec], ["weights", "fetch", "--method", spec]):
         res = _run(*args)
         assert res.exit_code == exitcodes.USAGE, (args, res.output)
         assert str(plugin) in res.output and what in res.output, (args, res.output)

@@ -234,3 +234,19 @@ def test_scorer_weights_are_pinned_and_a_file_unlike_its_pinned_sha256_is_refuse
         fetch([("scorers", clip)])
     assert not any(key.startswith(f"hf:{clip.repo_id}") for key in weights.read_fetched())
     assert [s.status for s in status([("scorers", clip)])] == ["different"]
+
+
+def test_the_hub_helpers_sit_below_the_registry_and_the_scorers():
+    """msibench.weights (hub helpers, fetch, status) imports no msibench module above it, so methods and scorers import
+    it without a circle; the inventory of what Table I needs (msibench.inventory) is the one that reaches up."""
+    import ast
+    import importlib.util
+
+    def msibench_imports(module: str) -> set[str]:
+        tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {n for n in names if n.startswith("msibench")}
+
+    assert msibench_imports("msibench.weights") == {"msibench.cache"}
+    assert {"msibench.registry", "msibench.scoring.backbones"} <= msibench_imports("msibench.inventory")
