@@ -245,7 +245,9 @@ def test_the_hub_helpers_sit_below_the_registry_and_the_scorers():
     def msibench_imports(module: str) -> set[str]:
         tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:  # from msibench import registry: msibench.registry
+                names |= {node.module if node.module != "msibench" else f"msibench.{a.name}" for a in node.names}
         return {n for n in names if n.startswith("msibench")}
 
     assert msibench_imports("msibench.weights") == {"msibench.cache"}
