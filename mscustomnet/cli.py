@@ -140,7 +140,7 @@ def format_info(info: dict) -> str:
 
 @main.command("init")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--tiny", is_flag=True, help="A tiny network of the same structure (a few hundred kB), random weights.")
+@click.option("--tiny", is_flag=True, help="A tiny network of the same structure (an 11 MB folder), random weights.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Initialisation seed.")
 @click.option(
     "--resolution", default=32, show_default=True, type=click.IntRange(min=8), help="Image size (multiple of 8)."

@@ -84,7 +84,7 @@ def init_tiny(
     path: str | Path, *, seed: int = 0, resolution: int = 32, multi_subject: bool = False, **metadata: Any
 ) -> Path:
     """Write a tiny randomly initialised model folder (:func:`~mscustomnet.model.config.tiny_config`: the network's
-    structure at a few hundred kilobytes), for the CPU smoke path and the tests.
+    structure in an 11 MB folder), for the CPU smoke path and the tests.
 
     By default a CustomNet-style folder (single subject, no category encoder): what ``model.init`` of a training
     configuration names, like the output of ``convert-customnet``; ``multi_subject`` writes an MS-CustomNet one that
