@@ -138,6 +138,39 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+@main.command("init")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tiny", is_flag=True, help="A tiny network of the same structure (an 11 MB folder), random weights.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Initialisation seed.")
+@click.option(
+    "--resolution", default=32, show_default=True, type=click.IntRange(min=8), help="Image size (multiple of 8)."
+)
+@click.option(
+    "--multi-subject",
+    is_flag=True,
+    help="Write an MS-CustomNet folder (with the category encoder) instead of a CustomNet-style one (model.init).",
+)
+def init_command(out: Path, tiny: bool, seed: int, resolution: int, multi_subject: bool) -> None:
+    """Write a randomly initialised model folder into OUT: the initial weights of the CPU smoke path
+    (configs/tiny_cpu.yaml's model.init; see docs/training.md)."""
+    from msibench.clierrors import UsageClickError
+
+    if not tiny:
+        raise UsageClickError(
+            "only --tiny is supported: the full-size initial weights are the public CustomNet checkpoint "
+            "(mscustomnet convert-customnet customnet_v1.pt OUT)"
+        )
+    if resolution % 8:
+        raise UsageClickError(f"--resolution {resolution}: must be a multiple of 8 (the VAE's factor)")
+    if out.exists() and any(out.iterdir()):
+        raise UsageClickError(f"{out}: exists and is not empty; choose a new folder")
+    from mscustomnet.model.io import init_tiny
+
+    folder = init_tiny(out, seed=seed, resolution=resolution, multi_subject=multi_subject)
+    kind = "MS-CustomNet" if multi_subject else "CustomNet-style"
+    click.echo(f"wrote {folder}: tiny {kind} model, {resolution} px, random weights (seed {seed})")
+
+
 def _register_model_commands() -> None:
     # The converter lives with the model, the trainer in its package; their modules import torch only inside the
     # command bodies.

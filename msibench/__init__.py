@@ -1,12 +1,29 @@
-"""MSIBench: an open, reproducible benchmark for controllable multi-subject image customization."""
+"""MSIBench: an open, reproducible benchmark for controllable multi-subject image customization.
+
+The Python API (:mod:`msibench.api`) is reachable from here: ``msibench.evaluate(method, tracks=..., seeds=...)``,
+``msibench.run_method``, ``msibench.score_run``, ``msibench.make_scorer``, ``msibench.load_method``,
+``msibench.table``. They are imported on first use, so ``import msibench`` (and the CLI's ``--help``) stays light.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = ("Evaluation", "evaluate", "load_method", "make_scorer", "run_method", "score_run", "table")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from msibench import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'msibench' has no attribute {name!r}")
 
 
 def _tame_ultralytics() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from msibench import __version__
+from msibench.clierrors import METHOD_HELP, method_error
 
 
 def _setup_logging(verbose: int) -> None:
@@ -44,27 +45,46 @@ def main(verbose: int) -> None:
 @click.option(
     "--manifest", default=None, help="tracks, tasks: a manifest file, or a packaged name: v3 (default), v2, v1."
 )
-def ls_command(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
-    """List registered methods (with their capabilities), the benchmark's tracks, or its tasks (id, K,
-    categories, prompt; filter with --track and --k)."""
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    metavar="SPEC",
+    help="methods: list this one too: path/to/file.py:Class or package.module:Class (repeatable).",
+)
+def ls_command(what: str, track: str | None, k: int | None, manifest: str | None, methods: tuple[str, ...]) -> None:
+    """List methods with their capabilities (the built-ins, installed plugins and any --method), the benchmark's
+    tracks, or its tasks (id, K, categories, prompt; filter with --track and --k)."""
     from msibench import registry
+    from msibench.clierrors import UsageClickError
 
     if what in ("tracks", "tasks"):
+        if methods:
+            raise UsageClickError("--method adds methods to `msibench ls methods`")
         _ls_benchmark(what, track, k, manifest)
         return
     if track is not None or k is not None:
         raise click.UsageError("--track and --k filter `msibench ls tasks`")
-    click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}module")
-    for name, target in registry.METHODS.items():
+    click.echo(f"{'method':<16}{'max subjects':>13}  {'layout':<7}{'z-order':<8}{'tracks':<14}source")
+    unusable = False
+    for name, source in registry.listing(methods):
+        where = source if isinstance(source, str) else source.describe()
         try:
+            if isinstance(source, str) and source.startswith("unusable: "):
+                raise registry.PluginError(source.removeprefix("unusable: "))
             caps = registry.build(name).capabilities
-        except registry.MethodUnavailableError as err:
-            click.echo(f"{name:<16}{'-':>13}  {'-':<7}{'-':<8}{'-':<14}{target}  (unavailable: {err})")
+        except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError, TypeError) as err:
+            unusable = unusable or not isinstance(err, registry.MethodUnavailableError)
+            target = registry.METHODS.get(name, "")
+            click.echo(f"{name:<16}{'-':>13}  {'-':<7}{'-':<8}{'-':<14}{target}  (unavailable: {err})".rstrip())
             continue
+        label = name if len(name) < 16 else name + " "
         click.echo(
-            f"{name:<16}{caps.max_subjects:>13}  {'yes' if caps.uses_layout else 'no':<7}"
-            f"{'yes' if caps.uses_zorder else 'no':<8}{','.join(caps.tracks):<14}{target}"
+            f"{label:<16}{caps.max_subjects:>13}  {'yes' if caps.uses_layout else 'no':<7}"
+            f"{'yes' if caps.uses_zorder else 'no':<8}{','.join(caps.tracks):<14}{where}"
         )
+    if unusable and methods:
+        raise SystemExit(2)
 
 
 def _ls_benchmark(what: str, track: str | None, k: int | None, manifest: str | None) -> None:
@@ -334,7 +354,7 @@ def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
 
 
 @main.command("run", context_settings={"show_default": True})
-@click.option("--method", "method_name", required=True, help="Registered method name (msibench ls).")
+@click.option("--method", "method_name", required=True, metavar="SPEC", help=METHOD_HELP)
 @click.option("--track", type=click.Choice(["multi", "single", "all"]), default="all")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, help="Samples per task.")
 @click.option(
@@ -413,10 +433,12 @@ def run_command(
         cache_dir()  # $MSIBENCH_CACHE (references, weights) is usable, checked before anything is written
     except (OptionError, CacheDirError) as err:
         raise click.UsageError(str(err)) from err
+    from msibench.api import load_method
+
     try:
-        method = registry.build(method_name, _parse_options(method_options))
+        method = load_method(method_name, _parse_options(method_options))
     except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+        raise method_error(err) from err
     try:
         summary = run_method(
             method,
@@ -487,7 +509,7 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
 
     @click.pass_context
     def callback(ctx: click.Context, **kw) -> None:
-        from msibench import registry
+        from msibench.api import load_method
         from msibench.runner import parse_shard, run_dir_for
 
         try:
@@ -504,7 +526,7 @@ def _make_eval_command(score_command: click.Command) -> click.Command:
             ctx.exit(exitcodes.BUSY)
         run_dir = kw["run_dir"]
         if run_dir is None:
-            run_dir = run_dir_for(registry.build(kw["method_name"], _parse_options(kw["method_options"])), kw["out"])
+            run_dir = run_dir_for(load_method(kw["method_name"], _parse_options(kw["method_options"])), kw["out"])
         score_kw = {p.name: kw[p.name] for p in score_command.params if p.name in kw and p.name != "limit"}
         score_code = _exit_code(ctx, score_command, **score_kw, run_dirs=(Path(run_dir),), limit=None)
         from msibench.scoring.table import TableError, load_paper_table, load_run, render_table

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from msibench import exitcodes
+from msibench import exitcodes, registry
 from msibench.bench.manifest import TRACKS, Manifest, Task, load_manifest
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import atomic_write_bytes, mkdtemp, remove_stale_temp_files, sha256_file
@@ -585,6 +585,9 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
         info = {
             **identity,
             "fingerprint": method.fingerprint(),
+            # where the class came from: a built-in, a plugin file (path + sha256), a module or an entry point
+            # (distribution + version); recorded, not part of the identity (the fingerprint is)
+            "method_source": registry.origin(type(method)).to_json(),
             "capabilities": method.capabilities.__dict__,
             "manifest": {
                 "name": manifest.name,

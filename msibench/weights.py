@@ -7,8 +7,9 @@ Nothing else in msibench downloads a scorer weight: the scorer reads these cache
 file in one message (see :mod:`msibench.scoring.backbones`).
 
 Declarations (:class:`WeightFiles`): the scorers' in :data:`msibench.scoring.backbones.SCORER_WEIGHTS`; each
-method's in its class attribute ``weights`` (``Method.weights``), reached through the lazy registry, so a method
-module declares its files without msibench importing it until asked.
+method's in its class attribute ``weights`` (``Method.weights``). What Table I needs, collected from both through
+the lazy registry, is :mod:`msibench.inventory`; this module sits below the registry and the scorers (it imports
+only :mod:`msibench.cache`), so methods and scorers import its hub helpers without an import circle.
 
 Where files go:
 - ``hf``: the Hugging Face hub cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``), through
@@ -33,7 +34,7 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,45 +104,6 @@ class FileStatus:
 
 class WeightsError(RuntimeError):
     """Weights could not be fetched; the message lists every file that failed and why."""
-
-
-# --------------------------------------------------------------------------------------------- declarations
-
-
-def scorer_weights() -> list[WeightFiles]:
-    from msibench.scoring.backbones import SCORER_WEIGHTS
-
-    return list(SCORER_WEIGHTS)
-
-
-def method_weights(name: str) -> list[WeightFiles]:
-    """The weight files the method ``name`` declares (``Method.weights``), through the lazy registry."""
-    from msibench import registry
-
-    declared = getattr(registry.resolve(name), "weights", ())
-    out = list(declared)
-    bad = [w for w in out if not isinstance(w, WeightFiles)]
-    if bad:
-        raise TypeError(f"method {name!r}: weights must be WeightFiles, got {bad[:1]}")
-    return out
-
-
-def selection(scorers: bool, methods: Sequence[str]) -> list[tuple[str, WeightFiles]]:
-    """(owner, declaration) for the scorers and/or ``methods`` ("all" = every registered method); neither given:
-    everything Table I needs."""
-    from msibench import registry
-
-    if not scorers and not methods:
-        scorers, methods = True, ["all"]
-    names: list[str] = []
-    for m in methods:
-        names.extend(registry.METHODS if m == "all" else [m])
-    out: list[tuple[str, WeightFiles]] = []
-    if scorers:
-        out += [("scorers", w) for w in scorer_weights()]
-    for name in dict.fromkeys(names):
-        out += [(name, w) for w in method_weights(name)]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ locations

@@ -7,7 +7,14 @@ import click
 
 _SELECT = [
     click.option("--scorers", is_flag=True, help="The scoring backbones (YOLO11x-seg, DINO ViT-S/16, CLIP ViT-B/32)."),
-    click.option("--method", "methods", multiple=True, help="A registered method, or all (repeatable)."),
+    click.option(
+        "--method",
+        "methods",
+        multiple=True,
+        metavar="SPEC",
+        help="A method (a built-in name, an installed plugin's name, path/to/file.py:Class or package.module:Class), "
+        "or all (every built-in); repeatable.",
+    ),
 ]
 
 
@@ -19,12 +26,14 @@ def _select(fn):
 
 def _entries(scorers: bool, methods: tuple[str, ...]):
     from msibench import registry
-    from msibench.weights import selection
+    from msibench.inventory import selection
 
     try:
         return selection(scorers, list(methods))
     except (registry.UnknownMethodError, registry.MethodUnavailableError, TypeError) as err:
-        raise click.ClickException(str(err)) from err
+        from msibench.clierrors import method_error
+
+        raise method_error(err) from err
 
 
 @click.group("weights")

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from msibench import weights
 from msibench.cli import main
-from msibench.weights import WeightFiles, WeightsError, fetch, locate_hub_file, method_weights, selection, status
+from msibench.inventory import method_weights, selection
+from msibench.weights import WeightFiles, WeightsError, fetch, locate_hub_file, status
 
 
 class FakeHub:
@@ -233,3 +234,21 @@ def test_scorer_weights_are_pinned_and_a_file_unlike_its_pinned_sha256_is_refuse
         fetch([("scorers", clip)])
     assert not any(key.startswith(f"hf:{clip.repo_id}") for key in weights.read_fetched())
     assert [s.status for s in status([("scorers", clip)])] == ["different"]
+
+
+def test_the_hub_helpers_sit_below_the_registry_and_the_scorers():
+    """msibench.weights (hub helpers, fetch, status) imports no msibench module above it, so methods and scorers import
+    it without a circle; the inventory of what Table I needs (msibench.inventory) is the one that reaches up."""
+    import ast
+    import importlib.util
+
+    def msibench_imports(module: str) -> set[str]:
+        tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:  # from msibench import registry: msibench.registry
+                names |= {node.module if node.module != "msibench" else f"msibench.{a.name}" for a in node.names}
+        return {n for n in names if n.startswith("msibench")}
+
+    assert msibench_imports("msibench.weights") == {"msibench.cache"}
+    assert {"msibench.registry", "msibench.scoring.backbones"} <= msibench_imports("msibench.inventory")

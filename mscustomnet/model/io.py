@@ -80,6 +80,26 @@ def save_model(model: CustomNetModel, path: str | Path, dtype: torch.dtype | Non
     return save_state(path, model.config, state, metadata=metadata)
 
 
+def init_tiny(
+    path: str | Path, *, seed: int = 0, resolution: int = 32, multi_subject: bool = False, **metadata: Any
+) -> Path:
+    """Write a tiny randomly initialised model folder (:func:`~mscustomnet.model.config.tiny_config`: the network's
+    structure in an 11 MB folder), for the CPU smoke path and the tests.
+
+    By default a CustomNet-style folder (single subject, no category encoder): what ``model.init`` of a training
+    configuration names, like the output of ``convert-customnet``; ``multi_subject`` writes an MS-CustomNet one that
+    ``msibench run --method mscustomnet -M weights=...`` loads directly. The same ``seed`` gives the same weights."""
+    import torch
+
+    from mscustomnet.model.config import tiny_config
+    from mscustomnet.model.network import CustomNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CustomNetModel(tiny_config(multi_subject=multi_subject, resolution=resolution))
+    return save_model(model, path, **{"init": {"kind": "tiny", "seed": seed}, **metadata})
+
+
 def _read_info(folder: Path) -> dict[str, Any]:
     cfg = folder / CONFIG_FILE
     try:

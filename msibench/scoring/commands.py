@@ -120,12 +120,13 @@ def score_command(
     if imgsz % 32:
         raise click.BadParameter(f"{imgsz} is not a multiple of 32 (the detector's stride)", param_hint="--imgsz")
 
+    from msibench.api import make_scorer
     from msibench.bench.manifest import ManifestError
     from msibench.bench.prepare import PrepareError
     from msibench.records import LockBusyError
     from msibench.scoring.backbones import BackboneError
     from msibench.scoring.score import score_run
-    from msibench.scoring.scorer import ScoreError, Scorer, ScorerConfig
+    from msibench.scoring.scorer import ScoreError, ScorerConfig
 
     if threads:
         import torch
@@ -146,8 +147,7 @@ def score_command(
             metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
             batch_size=batch_size,
         )
-        scorer = Scorer(config, device=device)
-        scorer.setup()
+        scorer = make_scorer(config, device=device)
     except (ValueError, BackboneError, ScoreError) as err:
         raise _fail(err) from err
     code = exitcodes.OK

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from mscustomnet.data.build import BuildConfig, build_msi
-from mscustomnet.model.config import tiny_config
-from mscustomnet.model.io import save_model
-from mscustomnet.model.network import CustomNetModel
+from mscustomnet.model.io import init_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +23,9 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_customnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A converted-CustomNet-style model folder of the tiny configuration (what model.init names)."""
-    torch.manual_seed(0)
-    return save_model(CustomNetModel(tiny_config(multi_subject=False)), tmp_path_factory.mktemp("tiny_customnet"))
+    """A converted-CustomNet-style model folder of the tiny configuration (what model.init names): what
+    `mscustomnet init --tiny` writes."""
+    return init_tiny(tmp_path_factory.mktemp("tiny_customnet"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,3 @@
+from mscustomnet.cli import main
+
+main()
