@@ -61,6 +61,12 @@ YOLO_ASSETS_URL = "https://github.com/ultralytics/assets/releases"
 # five. A wrong commit fails the fetch naming it; a file that differs from the pinned sha256 is refused.
 YOLO_RELEASE = "v8.3.0"
 DINO_REVISION: str | None = "abe3b354cb6a9b6f146096b14a4a9d7eecbcb4bd"
+# sha256 of facebook/dino-vits16's pytorch_model.bin, from the hub's Git LFS details of the file
+# (huggingface.co/facebook/dino-vits16/blob/a7a4d161f5c0bd70478c05ca5777ec7cd8848021/pytorch_model.bin, found by
+# search): the file was last changed in the repo's "First commit" (fbc9830, Aug 2021), before the pinned abe3b35
+# (May 2023, a README edit), so it is the same file at the pinned revision.
+DINO_FILE = "pytorch_model.bin"
+DINO_SHA256 = "a5bb4ddaf1b3abbdbba9962d7432bbdc633527c1c3e533e0bbc4d9d1b7e08d99"
 CLIP_HUB_ID = "timm/vit_base_patch32_clip_224.openai"
 CLIP_FILE = "open_clip_model.safetensors"
 CLIP_REVISION: str | None = "a6f597a30f7b82c51704746581f9a4e41421e878"
@@ -69,7 +75,13 @@ SCORER_WEIGHTS = (
     WeightFiles(
         "ultralytics/assets", (DEFAULT_DETECTOR,), YOLO_RELEASE, "YOLO11x-seg (detector metrics, crops)", "github"
     ),
-    WeightFiles(DEFAULT_DINO, ("config.json", "pytorch_model.bin"), DINO_REVISION, "DINO ViT-S/16 (DINO-I, collapse)"),
+    WeightFiles(
+        DEFAULT_DINO,
+        ("config.json", DINO_FILE),
+        DINO_REVISION,
+        "DINO ViT-S/16 (DINO-I, collapse)",
+        sha256=((DINO_FILE, DINO_SHA256),),
+    ),
     WeightFiles(
         CLIP_HUB_ID,
         (CLIP_FILE,),
