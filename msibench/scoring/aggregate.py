@@ -7,8 +7,9 @@
   give the same interval).
 - Z-Acc is a ratio of sums: correct pairs / evaluated pairs over all tasks with overlapping subjects (per task,
   the mean over samples of correct pairs); tasks without overlapping subjects are left out and counted. Its
-  interval resamples tasks and recomputes the ratio. Identity collapse is a ratio of sums in the same way:
-  confused subjects / evaluable subjects (lower is better).
+  interval resamples tasks and recomputes the ratio. Identity collapse (across categories, and within one:
+  ``collapse_same``) is a ratio of sums in the same way: confused subjects / evaluable subjects (lower is better).
+  ``found`` is the mean per-image fraction of subjects found (identity cropped from detections).
 - :func:`compare` pairs two runs task by task and gives the mean difference (B - A) with a paired bootstrap
   interval per metric.
 

@@ -12,8 +12,9 @@ wherever it was drawn, for the identity crop.
   algorithm on the distance between box centres. Confidence picks *which* instances count because a method that
   takes no layout draws its subjects anywhere, so position says nothing about which detection is the subject;
   the centre distance only decides *which* subject of the category gets which of them (it matters only when a
-  category has several subjects). A subject left without a detection (fewer instances of its category found
-  than asked for) is "not found".
+  category has several subjects; by default the scorer then re-pairs them by appearance,
+  ``scorer.pair_by_appearance``). A subject left without a detection (fewer instances of its category found than
+  asked for) is "not found".
 """
 
 from __future__ import annotations
