@@ -1,14 +1,16 @@
 """How much the identity crop decides DINO-I and identity collapse: the same runs scored under every crop mode.
 
-Two real ``paste`` runs over the MSIBench tasks: ``paste`` (each reference pasted into its target box, as a method
-that follows the layout) and ``paste, layout ignored`` (the same cut-outs, same sizes, each placed at a seeded
-random position, as a method that takes no layout draws its subjects somewhere else). Each run is scored with
-``--identity-crop category | matched | target | full``.
+Three real runs over the MSIBench tasks: ``paste`` (each reference pasted into its target box, as a method that
+follows the layout), ``paste, layout ignored`` (the same cut-outs, same sizes, each placed at a seeded random
+position, as a method that takes no layout draws its subjects somewhere else) and ``grey`` (a uniform grey image:
+a method that draws nothing). Each run is scored with ``--identity-crop category`` (with ``--identity-pairing
+appearance``, the default, and ``position``), ``matched``, ``target`` and ``full``.
 
 What stands in for the real scorer, and why (no YOLO, DINO or CLIP weights on this machine; random weights would
 make the numbers meaningless):
 - detections: the boxes paste actually drew (a perfect detector that knows where it pasted each cut-out), class =
-  the subject's category; so "not found" never happens here and the table isolates the crop rule;
+  the subject's category; so "not found" never happens for the two paste runs and the table isolates the crop
+  rule; on the grey images it detects nothing, so every subject is "not found" there;
 - identity backbone: the shared DINOv2 ViT-S/14 (../shared/models/dinov2-s14-imgfocus, CLS token, DINO-I's
   preprocessing), injected. It is NOT DINO ViT-S/16: the columns are "DINOv2-I", never DINO-I. CLIP-I is not
   computed (no CLIP weights).
@@ -31,7 +33,26 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("category", "matched", "target", "full")
+# (label, --identity-crop, --identity-pairing)
+MODES = (
+    ("category", "category", "appearance"),
+    ("category, positional pairing", "category", "position"),
+    ("matched", "matched", "appearance"),
+    ("target", "target", "appearance"),
+    ("full", "full", "appearance"),
+)
+GREY = (127, 127, 127)
+
+
+METRIC_LABELS = (
+    ("single", "dino_i", "single DINOv2-I"),
+    ("single", "found", "single found"),
+    ("multi", "dino_i", "multi DINOv2-I"),
+    ("multi", "found", "multi found"),
+    ("multi", "collapse", "multi collapse"),
+    ("multi", "collapse_same", "multi collapse, same category"),
+)
+METRIC_COLUMNS = tuple((track, metric) for track, metric, _ in METRIC_LABELS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,6 +106,26 @@ def paste_ignoring_layout():
     return PasteIgnoringLayout
 
 
+def grey_method():
+    from msibench.methods.paste import PasteMethod
+
+    class Grey(PasteMethod):
+        """Draws nothing: a uniform grey image of paste's resolution."""
+
+        name: ClassVar[str] = "grey"
+
+        def config(self) -> dict[str, Any]:
+            return {**super().config(), "draws": "nothing: uniform grey"}
+
+        def _compose(self, request):
+            from PIL import Image
+
+            size = self.config()["resolution"]
+            return Image.new("RGB", (size, size), GREY)
+
+    return Grey
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,6 +156,7 @@ def main(argv=None) -> dict:
     runs = {
         "paste": (PasteMethod(resolution=args.resolution), False),
         "paste, layout ignored": (paste_ignoring_layout()(resolution=args.resolution), True),
+        "grey (draws nothing)": (grey_method()(resolution=args.resolution), None),
     }
     drawn: dict[str, list[Drawn]] = {}  # image pixels sha -> the boxes paste drew, with their categories
     folders = {}
@@ -123,6 +165,8 @@ def main(argv=None) -> dict:
         run_method(method, run_dir=folder, coco_root=args.coco_root, limit=args.limit, progress=False)
 
         def layout(rec, moved=moved):
+            if moved is None:  # grey: nothing drawn, nothing detected
+                return []
             task = manifest.by_id[rec["task_id"]]
             boxes = []
             for j, s in enumerate(task.subjects):
@@ -139,14 +183,14 @@ def main(argv=None) -> dict:
     detector = oracle_detector(drawn, lambda boxes: boxes, name="oracle: the boxes paste drew", masks=None)
     rows = []
     for label, folder in folders.items():
-        for mode in MODES:
-            cfg = ScorerConfig(metrics=("dino_i", "collapse"), identity_crop=mode)
+        for mode, crop_mode, pairing in MODES:
+            cfg = ScorerConfig(metrics=("dino_i", "collapse"), identity_crop=crop_mode, identity_pairing=pairing)
             start = time.perf_counter()
             score_run(folder, Scorer(cfg, detector=detector, dino=dinov2), rescore=True, progress=False)
             _, records = load_scores(folder)
             summary = aggregate(records)
             row = {"run": label, "crop": mode, "seconds": round(time.perf_counter() - start, 1)}
-            for track, metric in (("single", "dino_i"), ("multi", "dino_i"), ("multi", "collapse")):
+            for track, metric in METRIC_COLUMNS:
                 stat = find_group(summary, track, None).metrics.get(metric)
                 row[f"{track}_{metric}"] = dataclasses.asdict(stat) if stat is not None else None
             crops = [s.get("crop") for r in records for s in r.get("subjects", [])]
@@ -162,13 +206,13 @@ def main(argv=None) -> dict:
         return f"{stat['mean']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
 
     lines = [
-        "| run | identity crop | single DINOv2-I | multi DINOv2-I | multi collapse | crops taken from |",
-        "|---|---|---:|---:|---:|---|",
+        "| run | identity crop | " + " | ".join(label for _, _, label in METRIC_LABELS) + " | crops taken from |",
+        "|---|---|" + "---:|" * len(METRIC_LABELS) + "---|",
     ]
     for r in rows:
         crops = ", ".join(f"{n} {c}" for c, n in r["crops"].items())
-        lines.append(f"| {r['run']} | {r['crop']} | {cell(r['single_dino_i'])} | {cell(r['multi_dino_i'])} | "
-                     f"{cell(r['multi_collapse'])} | {crops} |")  # fmt: skip
+        cells = " | ".join(cell(r[f"{track}_{metric}"]) for track, metric, _ in METRIC_LABELS)
+        lines.append(f"| {r['run']} | {r['crop']} | {cells} | {crops} |")
     table = "\n".join(lines) + "\n"
     print(table)
     result = {"command": " ".join(["python", "benchmarks/crop_sensitivity.py", *(argv or sys.argv[1:])]),

@@ -19,6 +19,13 @@ def scorer_weights() -> list[WeightFiles]:
     return list(SCORER_WEIGHTS)
 
 
+def grounding_weights() -> list[WeightFiles]:
+    """The optional open-vocabulary detector's (``msibench score --detector owlv2+sam``): not in Table I's set."""
+    from msibench.scoring.backbones import GROUNDING_WEIGHTS
+
+    return list(GROUNDING_WEIGHTS)
+
+
 def method_weights(name: str) -> list[WeightFiles]:
     """The weight files the method ``name`` declares (``Method.weights``), through the lazy registry (a built-in
     name, a ``file.py:Class`` / ``module:Class`` path or an installed entry point)."""
@@ -32,12 +39,12 @@ def method_weights(name: str) -> list[WeightFiles]:
     return out
 
 
-def selection(scorers: bool, methods: Sequence[str]) -> list[tuple[str, WeightFiles]]:
-    """(owner, declaration) for the scorers and/or ``methods`` ("all" = every built-in method); neither given:
-    everything Table I needs."""
+def selection(scorers: bool, methods: Sequence[str], grounding: bool = False) -> list[tuple[str, WeightFiles]]:
+    """(owner, declaration) for the scorers and/or ``methods`` ("all" = every built-in method) and/or the optional
+    grounding detector; none given: everything Table I needs (which does not include the grounding detector)."""
     from msibench import registry
 
-    if not scorers and not methods:
+    if not scorers and not methods and not grounding:
         scorers, methods = True, ["all"]
     names: list[str] = []
     for m in methods:
@@ -45,6 +52,8 @@ def selection(scorers: bool, methods: Sequence[str]) -> list[tuple[str, WeightFi
     out: list[tuple[str, WeightFiles]] = []
     if scorers:
         out += [("scorers", w) for w in scorer_weights()]
+    if grounding:
+        out += [("grounding", w) for w in grounding_weights()]
     for name in dict.fromkeys(names):
         out += [(name, w) for w in method_weights(name)]
     return out

@@ -15,6 +15,9 @@ _SELECT = [
         help="A method (a built-in name, an installed plugin's name, path/to/file.py:Class or package.module:Class), "
         "or all (every built-in); repeatable.",
     ),
+    click.option(
+        "--grounding", is_flag=True, help="The optional open-vocabulary detector (OWLv2, SAM masks): not in Table I."
+    ),
 ]
 
 
@@ -24,12 +27,12 @@ def _select(fn):
     return fn
 
 
-def _entries(scorers: bool, methods: tuple[str, ...]):
+def _entries(scorers: bool, methods: tuple[str, ...], grounding: bool = False):
     from msibench import registry
     from msibench.inventory import selection
 
     try:
-        return selection(scorers, list(methods))
+        return selection(scorers, list(methods), grounding)
     except (registry.UnknownMethodError, registry.MethodUnavailableError, TypeError) as err:
         from msibench.clierrors import method_error
 
@@ -45,12 +48,12 @@ def weights_group() -> None:
 
 @weights_group.command("fetch")
 @_select
-def fetch_command(scorers: bool, methods: tuple[str, ...]) -> None:
+def fetch_command(scorers: bool, methods: tuple[str, ...], grounding: bool) -> None:
     """Download every declared file that is missing or different, by hub id + revision; record its sha256."""
     from msibench.weights import WeightsError, fetch
 
     try:
-        done = fetch(_entries(scorers, methods), progress=lambda msg: click.echo(msg, err=True))
+        done = fetch(_entries(scorers, methods, grounding), progress=lambda msg: click.echo(msg, err=True))
     except WeightsError as err:
         raise click.ClickException(str(err)) from err
     _print(done)
@@ -61,12 +64,12 @@ def fetch_command(scorers: bool, methods: tuple[str, ...]) -> None:
 @click.option(
     "--verify", is_flag=True, help="Re-hash every present file (default: size and mtime against the record)."
 )
-def ls_command(scorers: bool, methods: tuple[str, ...], verify: bool) -> None:
+def ls_command(scorers: bool, methods: tuple[str, ...], grounding: bool, verify: bool) -> None:
     """Each declared file: present, missing, different (from its fetched sha256), unverified or manual.
     Exit code 1 when a file is missing or different."""
     from msibench.weights import status
 
-    rows = status(_entries(scorers, methods), verify=verify)
+    rows = status(_entries(scorers, methods, grounding), verify=verify)
     _print(rows)
     if any(r.status in ("missing", "different") for r in rows):
         raise SystemExit(1)

@@ -225,6 +225,8 @@ def test_scorer_weights_are_pinned_and_a_file_unlike_its_pinned_sha256_is_refuse
     CLIP_FILE, CLIP_SHA256 = backbones.CLIP_FILE, backbones.CLIP_SHA256  # noqa: N806
     clip = next(w for w in scorers if CLIP_FILE in w.files)
     assert dict(clip.sha256) == {CLIP_FILE: CLIP_SHA256}
+    dino = next(w for w in scorers if w.repo_id == backbones.DEFAULT_DINO)  # pinned as CLIP's is (issue 17)
+    assert dict(dino.sha256) == {"pytorch_model.bin": backbones.DINO_SHA256} and len(backbones.DINO_SHA256) == 64
     hub = FakeHub(tmp_path / "hf-cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)

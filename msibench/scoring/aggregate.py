@@ -7,8 +7,9 @@
   give the same interval).
 - Z-Acc is a ratio of sums: correct pairs / evaluated pairs over all tasks with overlapping subjects (per task,
   the mean over samples of correct pairs); tasks without overlapping subjects are left out and counted. Its
-  interval resamples tasks and recomputes the ratio. Identity collapse is a ratio of sums in the same way:
-  confused subjects / evaluable subjects (lower is better).
+  interval resamples tasks and recomputes the ratio. Identity collapse (across categories, and within one:
+  ``collapse_same``) is a ratio of sums in the same way: confused subjects / evaluable subjects (lower is better).
+  ``found`` is the mean per-image fraction of subjects found (identity cropped from detections).
 - :func:`compare` pairs two runs task by task and gives the mean difference (B - A) with a paired bootstrap
   interval per metric.
 
@@ -51,12 +52,28 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("clip_b", "CLIP-B", ("single", "multi")),
         MetricInfo("z_acc", "Z-Acc", ("multi",)),
         MetricInfo("collapse", "Collapse", ("multi",), lower_is_better=True),
+        # beyond the paper (scorer code version 3): among look-alikes of one category, after the appearance pairing
+        MetricInfo("collapse_same", "Collapse (same cat.)", ("multi",), lower_is_better=True),
+        # the fraction of subjects found (identity cropped from detections); not-found subjects score identity 0
+        MetricInfo("found", "Found", ("single", "multi")),
     )
 }
 TRACK_ORDER = ("single", "multi")
-RATIO_METRICS = {"z_acc": ("z_correct", "z_pairs"), "collapse": ("collapse_confused", "collapse_subjects")}
+RATIO_METRICS = {
+    "z_acc": ("z_correct", "z_pairs"),
+    "collapse": ("collapse_confused", "collapse_subjects"),
+    "collapse_same": ("collapse_same_confused", "collapse_same_subjects"),
+}
 # The value a failed generation gets where it is not 0: every subject collapsed.
-_FAILED_VALUE = {"collapse": 1.0}
+_FAILED_VALUE = {"collapse": 1.0, "collapse_same": 1.0}
+# Per ratio metric: the field of a failure record that gives its task's denominator when no sample was scored.
+_FAILED_DENOMINATOR = {
+    "z_acc": "overlap_pairs",
+    "collapse": "collapse_subjects",
+    "collapse_same": "collapse_same_subjects",
+}
+# Ratio metrics a failed generation gets entirely wrong (all confused), rather than 0 correct of its pairs.
+_FAILED_ALL = {"collapse", "collapse_same"}
 
 
 def _track_keys(track: str) -> set[str]:
@@ -121,8 +138,9 @@ def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict
     sums: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     ks: dict[tuple[str, str], int] = {}
     track_metrics: dict[str, set[str]] = defaultdict(set)
-    task_pairs: dict[tuple[str, str], float] = {}
-    task_subjects: dict[tuple[str, str], float] = {}
+    # a ratio metric's denominator (Z-Acc pairs, collapse-evaluable subjects) depends on the task only, so any
+    # scored sample gives it
+    task_den: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
     for rec in records:
         if rec.get("status") != "ok":
             continue
@@ -132,11 +150,9 @@ def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict
             track_metrics[key[0]].add(metric)
             if value is not None:
                 sums[key][metric].append(float(value))
-        if "z_pairs" in (rec.get("metrics") or {}):
-            # overlapping target pairs depend on the task only, so any scored sample gives them
-            task_pairs[key] = float(rec["metrics"]["z_pairs"])
-        if "collapse_subjects" in (rec.get("metrics") or {}):
-            task_subjects[key] = float(rec["metrics"]["collapse_subjects"])
+        for metric, (_, den_key) in RATIO_METRICS.items():
+            if den_key in (rec.get("metrics") or {}):
+                task_den[metric][key] = float(rec["metrics"][den_key])
     failures = [rec for rec in records if is_generation_failure(rec)]
     for track in {str(rec["track"]) for rec in failures}:
         if not track_metrics[track]:  # no scored image of the track: the failure records say what it reports
@@ -146,22 +162,20 @@ def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict
     for rec in failures:
         key = (str(rec["track"]), str(rec["task_id"]))
         ks[key] = int(rec["k"])
-        pairs = task_pairs.get(key, rec.get("overlap_pairs"))
-        subjects = task_subjects.get(key, rec.get("collapse_subjects"))
+        ratio_of = {key_: ratio for ratio, parts in RATIO_METRICS.items() for key_ in (ratio, *parts)}
         for metric in track_metrics[key[0]]:
-            if metric in ("z_pairs", "z_correct", "z_acc"):
-                count, correct = pairs, 0.0
-            elif metric in ("collapse_subjects", "collapse_confused", "collapse"):
-                count, correct = subjects, subjects  # every evaluable subject collapsed
-            else:
+            ratio = ratio_of.get(metric)
+            if ratio is None:
                 sums[key][metric].append(0.0)
                 continue
+            num_key, den_key = RATIO_METRICS[ratio]
+            count = task_den[ratio].get(key, rec.get(_FAILED_DENOMINATOR[ratio]))
             if count is None:
                 continue
-            if metric in ("z_pairs", "collapse_subjects"):
+            if metric == den_key:
                 sums[key][metric].append(float(count))
-            elif metric in ("z_correct", "collapse_confused"):
-                sums[key][metric].append(float(correct))
+            elif metric == num_key:  # every pair wrong: 0 correct; every evaluable subject collapsed
+                sums[key][metric].append(float(count) if ratio in _FAILED_ALL else 0.0)
             elif count:  # the rate itself, only where it is defined
                 sums[key][metric].append(_FAILED_VALUE.get(metric, 0.0))
     out = {}

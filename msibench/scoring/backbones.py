@@ -61,6 +61,12 @@ YOLO_ASSETS_URL = "https://github.com/ultralytics/assets/releases"
 # five. A wrong commit fails the fetch naming it; a file that differs from the pinned sha256 is refused.
 YOLO_RELEASE = "v8.3.0"
 DINO_REVISION: str | None = "abe3b354cb6a9b6f146096b14a4a9d7eecbcb4bd"
+# sha256 of facebook/dino-vits16's pytorch_model.bin, from the hub's Git LFS details of the file
+# (huggingface.co/facebook/dino-vits16/blob/a7a4d161f5c0bd70478c05ca5777ec7cd8848021/pytorch_model.bin, found by
+# search): the file was last changed in the repo's "First commit" (fbc9830, Aug 2021), before the pinned abe3b35
+# (May 2023, a README edit), so it is the same file at the pinned revision.
+DINO_FILE = "pytorch_model.bin"
+DINO_SHA256 = "a5bb4ddaf1b3abbdbba9962d7432bbdc633527c1c3e533e0bbc4d9d1b7e08d99"
 CLIP_HUB_ID = "timm/vit_base_patch32_clip_224.openai"
 CLIP_FILE = "open_clip_model.safetensors"
 CLIP_REVISION: str | None = "a6f597a30f7b82c51704746581f9a4e41421e878"
@@ -69,7 +75,13 @@ SCORER_WEIGHTS = (
     WeightFiles(
         "ultralytics/assets", (DEFAULT_DETECTOR,), YOLO_RELEASE, "YOLO11x-seg (detector metrics, crops)", "github"
     ),
-    WeightFiles(DEFAULT_DINO, ("config.json", "pytorch_model.bin"), DINO_REVISION, "DINO ViT-S/16 (DINO-I, collapse)"),
+    WeightFiles(
+        DEFAULT_DINO,
+        ("config.json", DINO_FILE),
+        DINO_REVISION,
+        "DINO ViT-S/16 (DINO-I, collapse)",
+        sha256=((DINO_FILE, DINO_SHA256),),
+    ),
     WeightFiles(
         CLIP_HUB_ID,
         (CLIP_FILE,),
@@ -79,6 +91,33 @@ SCORER_WEIGHTS = (
     ),
 )
 FETCH_HINT = "`msibench weights fetch --scorers` downloads the default scoring weights"
+
+# The optional open-vocabulary detector (``--detector owlv2`` / ``owlv2+sam``, see grounding.py); not part of the
+# default scorer, so ``msibench weights fetch --grounding`` fetches it, not ``--scorers``. Commits found by code
+# search (no hub access where this was written): OWLv2's pinned in more than five public projects, SAM's in two (a
+# snapshot_download pin and a hub-cache path); the file patterns are those a project pins for this OWLv2 commit.
+# File contents are not pinned by sha256 (OWLv2's weight sha256 appeared in one project only); the fetch records
+# the sha256 it got.
+OWLV2_HUB_ID = "google/owlv2-base-patch16-ensemble"
+OWLV2_REVISION = "cfd3195ba4ea9592eec887ded089f4c08eff231d"
+SAM_HUB_ID = "facebook/sam-vit-base"
+SAM_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"
+GROUNDING_WEIGHTS = (
+    WeightFiles(
+        OWLV2_HUB_ID,
+        ("*.json", "*.txt", "model.safetensors"),
+        OWLV2_REVISION,
+        "OWLv2 B/16 ensemble (optional open-vocabulary detector)",
+    ),
+    WeightFiles(
+        SAM_HUB_ID,
+        ("config.json", "preprocessor_config.json", "model.safetensors"),
+        SAM_REVISION,
+        "SAM ViT-B (instance masks for the open-vocabulary detector)",
+    ),
+)
+GROUNDING_MODELS = {"owlv2": (OWLV2_HUB_ID, OWLV2_REVISION), "sam": (SAM_HUB_ID, SAM_REVISION)}
+GROUNDING_FETCH_HINT = "`msibench weights fetch --grounding` downloads OWLv2 and SAM at their pinned revisions"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -657,3 +696,70 @@ def _coco_class_ids(names: Any, nc: int, spec: str) -> tuple[int, ...]:
     if unknown:
         raise BackboneError(f"YOLO11 {spec!r}: class names are not COCO-80 (e.g. {unknown[:3]})")
     return tuple(CATEGORY_ID[label] for label in labels)
+
+
+# ------------------------------------------------------------------------------------------- grounding
+
+
+def is_grounding_spec(spec: str | None) -> bool:
+    """A ``--detector`` spec naming the open-vocabulary detector: ``owlv2[:REF][+sam[:REF]]``."""
+    return spec is not None and str(spec).split("+", 1)[0].split(":", 1)[0] == "owlv2"
+
+
+def parse_grounding_spec(spec: str) -> dict[str, str]:
+    """``owlv2[:REF][+sam[:REF]]`` -> {"owlv2": REF, "sam": REF} (REF default: the pinned hub id); a bad spec is
+    a ValueError naming it."""
+    out: dict[str, str] = {}
+    for part in str(spec).split("+"):
+        name, _, ref = part.partition(":")
+        if name not in GROUNDING_MODELS or name in out:
+            raise ValueError(
+                f"detector spec {spec!r}: expected owlv2[:HUB_ID_OR_FOLDER][+sam[:HUB_ID_OR_FOLDER]], "
+                f"got part {part!r}"
+            )
+        out[name] = ref or GROUNDING_MODELS[name][0]
+    if "owlv2" not in out:
+        raise ValueError(f"detector spec {spec!r}: the grounding detector starts with owlv2")
+    return out
+
+
+def load_grounding_model(name: str, ref: str, *, device: str = "cpu") -> tuple[Any, Any, str]:
+    """(model, processor, identity) of ``name`` (``owlv2``: Owlv2ForObjectDetection + Owlv2Processor; ``sam``:
+    SamModel + SamProcessor) from a transformers folder or a hub id read offline from the hub cache (the default id
+    at its pinned commit). The identity names the weights: ``hf:ID@COMMIT`` or ``hf-dir:sha256:...``."""
+    hub_id, pinned = GROUNDING_MODELS[name]
+    label = {"owlv2": "OWLv2 detector", "sam": "SAM segmenter"}[name]
+
+    def fail(reason) -> BackboneError:
+        return BackboneError(
+            f"{label} weights {ref!r} cannot be loaded: {reason}. Give a transformers folder ({name}:PATH) or "
+            f"fetch them: {GROUNDING_FETCH_HINT} (scoring never downloads)"
+        )
+
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        hub: dict[str, Any] = {}
+        source, identity = str(local), f"hf-dir:sha256:{folder_sha256(local)}"
+    else:
+        if _looks_like_path(ref):
+            raise fail("no such folder")
+        revision = pinned if ref == hub_id else None
+        if locate_hub_file(ref, "config.json", revision) is None:
+            from msibench.weights import hub_cache_dir
+
+            raise fail(f"{ref}@{revision or 'main'} is not in the local hub cache ({hub_cache_dir()})")
+        hub = {"local_files_only": True, "revision": revision}
+        commit = revision or snapshot_commit(locate_hub_file(ref, "config.json", revision))
+        source, identity = ref, f"hf:{ref}@{commit or 'main'}"
+    try:
+        if name == "owlv2":
+            from transformers import Owlv2ForObjectDetection as Model
+            from transformers import Owlv2Processor as Processor
+        else:
+            from transformers import SamModel as Model
+            from transformers import SamProcessor as Processor
+        model = Model.from_pretrained(source, **hub)
+        processor = Processor.from_pretrained(source, **hub)
+    except (OSError, ValueError, TypeError) as err:
+        raise fail(err) from err
+    return _prepare_module(model, device), processor, identity

@@ -22,7 +22,9 @@ def _fail(err: Exception) -> click.ClickException:
     default=None,
     help="YOLO11 weights: a file name looked up offline (in $MSIBENCH_YOLO_WEIGHTS when it is a folder, "
     "$MSIBENCH_CACHE/weights, ultralytics' weights_dir), a path, or a model yaml for random weights. "
-    "Default: $MSIBENCH_YOLO_WEIGHTS when it is a file, else yolo11x-seg.pt.",
+    "Default: $MSIBENCH_YOLO_WEIGHTS when it is a file, else yolo11x-seg.pt. Open-vocabulary instead: "
+    "owlv2 (OWLv2 boxes, text queries per category) or owlv2+sam (with SAM masks, for Z-Acc); "
+    "owlv2:FOLDER+sam:FOLDER for local transformers folders (`msibench weights fetch --grounding`).",
 )
 @click.option(
     "--segmenter",
@@ -54,9 +56,17 @@ def _fail(err: Exception) -> click.ClickException:
     type=click.Choice(["category", "matched", "target", "full"]),
     default="category",
     help="Where DINO-I / CLIP-I / collapse crop each subject: category = found by its category wherever it is "
-    "(IoU with the target first, then the most confident detections left; not found: the whole image); "
-    "matched = the detection overlapping the target box, else the box (scorer code version 1); target = the box; "
-    "full = the whole image.",
+    "(IoU >= 0.1 with the target first, then the most confident detections left); matched = the detection on the "
+    "target box (IoU >= 0.1); in both, a subject not found has no crop and scores 0 (see the found rate); "
+    "target = the box; full = the whole image.",
+)
+@click.option(
+    "--identity-pairing",
+    type=click.Choice(["appearance", "position"]),
+    default="appearance",
+    help="With --identity-crop category: which found crop of a category is which subject of it. appearance = the "
+    "assignment that maximises total DINO similarity to the references (Hungarian), and same-category collapse "
+    "is measured; position = IoU with the target box, then nearest box centre (scorer code version 2).",
 )
 @click.option("--clip-b-mode", type=click.Choice(["full", "masked"]), default="full")
 @click.option(
@@ -93,6 +103,7 @@ def score_command(
     dino_weights,
     clip_weights,
     identity_crop,
+    identity_pairing,
     clip_b_mode,
     metrics,
     batch_size,
@@ -143,6 +154,7 @@ def score_command(
             dino=dino_weights,
             clip=clip_weights,
             identity_crop=identity_crop,
+            identity_pairing=identity_pairing,
             clip_b_mode=clip_b_mode,
             metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
             batch_size=batch_size,

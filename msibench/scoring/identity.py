@@ -3,15 +3,15 @@
 DINO-I and CLIP-I compare a reference cut-out (white background, as materialized by ``msibench data prepare``)
 with the subject's crop in the generated image. Crop modes (``--identity-crop``):
 
-- ``category`` (default, layout-free): the box of the detection that :func:`msibench.scoring.match.find_subjects`
-  assigns to the subject: found by its category wherever it was drawn (the detection overlapping its target box
-  first, else one of the most confident remaining detections of its category). A subject not found at all
-  (fewer instances of its category detected than asked for) is cropped as the *whole image*: the target box would
-  be an arbitrary patch of background for a method that takes no layout, while the whole image is the same for
-  every method and holds the subject if it is there in a form the detector missed.
-- ``matched`` (the layout-bound rule of scorer code version 1): the detection matched to the target box by IoU > 0,
-  else the target box.
-- ``target``: always the target box; ``full``: always the whole image.
+- ``category`` (default, layout-free): the box of a detection of the subject's category, wherever it was drawn:
+  :func:`msibench.scoring.match.find_subjects` picks which detections stand for a category's subjects (the
+  detection overlapping a target box first, else the most confident remaining ones); the scorer then pairs them
+  with the category's subjects by appearance (``--identity-pairing appearance``, the default) or keeps the
+  positional assignment (``position``). A subject not found (fewer instances of its category detected than asked
+  for) has no crop and scores 0: cropping the whole image instead gave a method that draws nothing a similarity
+  above that of a failed generation.
+- ``matched`` (layout-bound): the detection matched to the target box (IoU >= 0.1), else not found (0).
+- ``target``: always the target box; ``full``: always the whole image (diagnostics).
 
 Reference features are cached under ``$MSIBENCH_CACHE/features/`` keyed by the encoder identity (model weights +
 preprocessing version) and the sha256 of the reference file, so a changed model, preprocessing or reference

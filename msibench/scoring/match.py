@@ -3,8 +3,8 @@ wherever it was drawn, for the identity crop.
 
 - :func:`match_targets` (YOLO-L, Z-Acc, the ``matched`` crop): for every COCO category of a task, the subjects'
   target boxes and the detections of that category form an IoU matrix; scipy's ``linear_sum_assignment`` picks
-  the assignment with the largest total IoU, and assigned pairs with IoU 0 are dropped (the target stays
-  unmatched). Targets of different categories never compete.
+  the assignment with the largest total IoU among pairs with IoU >= :data:`MIN_MATCH_IOU` (0.1); a target
+  without such a pair stays unmatched. Targets of different categories never compete.
 - :func:`find_subjects` (the layout-free ``category`` crop of DINO-I / CLIP-I): the same IoU matching first, so
   a subject drawn where it was asked keeps the detection that overlaps its box; then, per category, the
   subjects still without a detection take the category's remaining detections: the r most confident ones (r =
@@ -12,8 +12,9 @@ wherever it was drawn, for the identity crop.
   algorithm on the distance between box centres. Confidence picks *which* instances count because a method that
   takes no layout draws its subjects anywhere, so position says nothing about which detection is the subject;
   the centre distance only decides *which* subject of the category gets which of them (it matters only when a
-  category has several subjects). A subject left without a detection (fewer instances of its category found
-  than asked for) is "not found".
+  category has several subjects; by default the scorer then re-pairs them by appearance,
+  ``scorer.pair_by_appearance``). A subject left without a detection (fewer instances of its category found than
+  asked for) is "not found".
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from msibench.scoring.detect import Detections
+
+# Part of the scorer version. Below IoU 0.1 a detection is not a (badly placed) instance of the target but
+# something else: the convention of detector error analysis (Hoiem et al., ECCV 2012, "Diagnosing Error in Object
+# Detectors", and the COCO analyze tool: IoU in [0.1, 0.5) is a localization error, below 0.1 a background
+# detection). Without it any overlap counted: a 0.26-confidence detection grazing the box at IoU 0.001 was taken
+# over a 0.95-confidence detection of the same category elsewhere, which then never became the subject's crop.
+MIN_MATCH_IOU = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,9 +81,11 @@ def match_targets(
         if len(d_idx) == 0:
             continue
         iou = box_iou(targets[t_idx], detections.boxes[d_idx])
-        rows, cols = linear_sum_assignment(iou, maximize=True)
+        # pairs below the minimum cannot be matched, so they must not take part in the assignment either
+        gain = np.where(iou >= MIN_MATCH_IOU, iou, 0.0)
+        rows, cols = linear_sum_assignment(gain, maximize=True)
         for r, c in zip(rows, cols, strict=True):
-            if iou[r, c] > 0.0:
+            if gain[r, c] > 0.0:
                 result[int(t_idx[r])] = Match(int(t_idx[r]), int(d_idx[c]), float(iou[r, c]))
     return [result[i] for i in range(len(targets))]
 

@@ -7,7 +7,8 @@ Definitions (also in the README):
 - YOLO-L: mean over target boxes of the IoU with the matched detection (0 when unmatched); YOLO-L@0.5 is the
   fraction of targets matched with IoU >= 0.5.
 - Z-Acc pairs (:func:`z_pair_indices`): the pairs of subjects whose target boxes overlap by at least
-  :data:`Z_MIN_OVERLAP` (5 %) of the smaller box's area, computed once from the manifest's normalised boxes, so
+  :data:`Z_MIN_OVERLAP` (5 %) of the smaller box's area, computed exactly (rational arithmetic on the boxes'
+  decimal coordinates, :func:`overlap_fraction_exact`) once from the manifest's normalised boxes, so
   every method is judged on the same pairs whatever its output resolution, and a failed generation on the same
   pairs as a scored one. Below 5 % the shared region is a sliver (on MSIBench v1, 24 of the 252 overlapping
   pairs; most of them 1-3 % of the smaller box, a strip a few pixels wide at 256 px) whose verdict is decided by
@@ -25,6 +26,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -85,20 +87,39 @@ def yolo_l(matches: Sequence[Match], categories: Sequence[int] | None = None) ->
 Z_MIN_OVERLAP = 0.05
 
 
-def overlap_fraction(a: Sequence[float], b: Sequence[float]) -> float:
-    """Area of the intersection of two normalised boxes over the area of the smaller one (0 when disjoint)."""
+def _exact(value: float) -> Fraction:
+    """A box coordinate as the decimal it was written as: the shortest decimal that round-trips to the float
+    (Python's repr), as a Fraction. Rational arithmetic on the float's binary value would not help: 0.42 - 0.40
+    is already below 0.02 in binary."""
+    return Fraction(float.__repr__(float(value)))
+
+
+def overlap_fraction_exact(a: Sequence[float], b: Sequence[float]) -> Fraction:
+    """:func:`overlap_fraction` in exact rational arithmetic on the boxes' decimal coordinates.
+
+    In floats, boxes (0, 0, 0.42, 0.3) and (0.40, 0, 0.80, 0.3) overlap by (0.42 - 0.40) * 0.3 / 0.12 =
+    0.0499999…, so a pair at exactly 5 % of the smaller box was dropped; exactly, it is 1/20."""
+    a, b = [_exact(v) for v in a], [_exact(v) for v in b]
     iw = min(a[2], b[2]) - max(a[0], b[0])
     ih = min(a[3], b[3]) - max(a[1], b[1])
     if iw <= 0 or ih <= 0:
-        return 0.0
+        return Fraction(0)
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return float(iw * ih / smaller) if smaller > 0 else 0.0
+    return iw * ih / smaller if smaller > 0 else Fraction(0)
+
+
+def overlap_fraction(a: Sequence[float], b: Sequence[float]) -> float:
+    """Area of the intersection of two normalised boxes over the area of the smaller one (0 when disjoint)."""
+    return float(overlap_fraction_exact(a, b))
 
 
 def z_pair_indices(boxes: Sequence[Sequence[float]], min_overlap: float = Z_MIN_OVERLAP) -> list[tuple[int, int]]:
     """The Z-Acc pairs (i < j) of a task: target boxes overlapping by >= ``min_overlap`` of the smaller box."""
     n = len(boxes)
-    return [(i, j) for i in range(n) for j in range(i + 1, n) if overlap_fraction(boxes[i], boxes[j]) >= min_overlap]
+    threshold = _exact(min_overlap)
+    return [
+        (i, j) for i in range(n) for j in range(i + 1, n) if overlap_fraction_exact(boxes[i], boxes[j]) >= threshold
+    ]
 
 
 def overlap_rect(
@@ -163,59 +184,93 @@ def _pixels(mask: np.ndarray | None, rect: tuple[int, int, int, int]) -> int | N
     return int(np.count_nonzero(mask[y0:y1, x0:x1]))
 
 
+COLLAPSE_SCOPES = ("other", "same")
+
+
 @dataclass(frozen=True)
 class CollapseResult:
     """Identity collapse of one multi-subject image (see :func:`collapse`)."""
 
-    confused: tuple[bool | None, ...]  # per subject; None: not evaluable (no subject of another category)
-    rival: tuple[int | None, ...]  # per subject: the other-category subject whose reference is closest to its crop
+    confused: tuple[bool | None, ...]  # per subject; None: not evaluable (no competing subject)
+    rival: tuple[int | None, ...]  # per subject: the competing subject whose reference is closest to its crop
     n_confused: int
     n_subjects: int  # evaluable subjects
     reason: str
 
 
-def collapse_evaluable(categories: Sequence[int]) -> list[bool]:
-    """Which subjects the collapse test applies to: those with at least one subject of another category."""
-    return [any(c != d for d in categories) for c in categories]
+def collapse_evaluable(categories: Sequence[int], scope: str = "other") -> list[bool]:
+    """Which subjects the collapse test of ``scope`` applies to: those with at least one subject of another
+    category (``"other"``), or of the same category (``"same"``)."""
+    if scope not in COLLAPSE_SCOPES:
+        raise ValueError(f"scope must be one of {COLLAPSE_SCOPES}, got {scope!r}")
+    n = len(categories)
+    return [any((categories[r] != categories[j]) == (scope == "other") for r in range(n) if r != j) for j in range(n)]
 
 
-def collapse(similarity: np.ndarray | Sequence[Sequence[float]], categories: Sequence[int]) -> CollapseResult:
+def collapse(
+    similarity: np.ndarray | Sequence[Sequence[float]],
+    categories: Sequence[int],
+    found: Sequence[bool] | None = None,
+    scope: str = "other",
+) -> CollapseResult:
     """Identity collapse (after "When Identities Collapse", arXiv 2603.26078) from the K x K similarities
     ``similarity[j, r]`` = cos(crop of subject j, reference of subject r) of one image.
 
-    Subject j is *confused* when its crop is strictly closer to the reference of another subject r than to its
-    own: similarity[j, r] > similarity[j, j]. Ties are not confused (the crop is not closer to the other
-    reference). Only references of *other categories* compete: two instances of one category are close in DINO
-    space by design, and with the layout-free crop which of two same-category detections is which subject is
-    decided by position, not identity, so a same-category "swap" would measure the crop rule, not the method.
-    A subject whose task has no other category is not evaluable and left out of the rate.
+    Subject j is *confused* when its crop is strictly closer to the reference of a competing subject r than to its
+    own: similarity[j, r] > similarity[j, j]; ties are not confused (the crop is not closer to the other
+    reference). A subject that was not found (``found[j]`` False: no crop, its row is ignored) is confused: its
+    identity is not in the image, as a failed generation's subjects count as collapsed.
+
+    ``scope`` says which subjects compete:
+    - ``"other"``: subjects of other categories (a cat drawn like the dog's reference).
+    - ``"same"``: subjects of the same category (two dogs drawn as one look-alike). Only meaningful when the crops
+      were paired with the subjects by appearance (scorer.py, ``--identity-pairing appearance``): with that best
+      assignment a crop closer to another same-category reference than to its own is a look-alike, not a swap.
+      With positional pairing a swap of two perfect dogs would count, so the scorer does not compute it then.
+
+    A subject without a competitor (its task has no other / no second subject of its category) is not evaluable
+    and left out of the rate.
     """
     sim = np.asarray(similarity, dtype=np.float64)
     k = len(categories)
     if sim.shape != (k, k):
         raise ValueError(f"similarity must be {k} x {k} for {k} subjects, got shape {sim.shape}")
+    found = [True] * k if found is None else [bool(f) for f in found]
+    if len(found) != k:
+        raise ValueError(f"found must have one entry per subject ({k}), got {len(found)}")
     confused: list[bool | None] = []
     rival: list[int | None] = []
     parts = []
-    for j, evaluable in enumerate(collapse_evaluable(categories)):
+    for j, evaluable in enumerate(collapse_evaluable(categories, scope)):
         if not evaluable:
             confused.append(None)
             rival.append(None)
             continue
-        others = [r for r in range(k) if categories[r] != categories[j]]
-        r = max(others, key=lambda r: (sim[j, r], -r))  # the closest other reference; the first on ties
+        if not found[j]:
+            confused.append(True)
+            rival.append(None)
+            parts.append(f"{_name(categories[j])} (subject {j}) not found")
+            continue
+        same = scope == "same"
+        others = [r for r in range(k) if r != j and (categories[r] == categories[j]) == same]
+        r = max(others, key=lambda r: (sim[j, r], -r))  # the closest competing reference; the first on ties
         rival.append(r)
         is_confused = bool(sim[j, r] > sim[j, j])
         confused.append(is_confused)
         if is_confused:
+            whose = f"subject {r}'s" if same else f"{_name(categories[r])}'s"
             parts.append(
-                f"{_name(categories[j])} (subject {j}) closer to {_name(categories[r])}'s reference "
+                f"{_name(categories[j])} (subject {j}) closer to {whose} reference "
                 f"({sim[j, r]:.3f} > own {sim[j, j]:.3f})"
             )
     n_subjects = sum(c is not None for c in confused)
     n_confused = sum(bool(c) for c in confused)
     if not n_subjects:
-        reason = "one category only: collapse not evaluated"
+        reason = (
+            "one category only: collapse not evaluated"
+            if scope == "other"
+            else "no two subjects of one category: same-category collapse not evaluated"
+        )
     else:
         reason = f"{n_confused}/{n_subjects} subjects confused" + (": " + "; ".join(parts) if parts else "")
     return CollapseResult(tuple(confused), tuple(rival), n_confused, n_subjects, reason)

@@ -28,7 +28,7 @@ from msibench.scoring.aggregate import METRICS, Stat, find_group
 from msibench.scoring.table import RunResult
 
 ABLATION_METRICS = ("yolo_subj", "yolo_l", "dino_i", "clip_i", "clip_b", "z_acc")
-BY_K_METRICS = ("yolo_subj", "yolo_l", "dino_i", "clip_i", "clip_b", "z_acc", "collapse")
+BY_K_METRICS = ("yolo_subj", "yolo_l", "dino_i", "clip_i", "clip_b", "z_acc", "collapse", "collapse_same", "found")
 # Metrics not on the 0-1 scale of the others get a panel (and an axis) of their own.
 OWN_AXIS_METRICS = ("clip_b",)
 LAYOUT_METRICS = ("yolo_l", "yolo_l50")

@@ -277,6 +277,9 @@ def _not_generated(
         "collapse_subjects": (
             sum(collapse_evaluable([s.category_id for s in task.subjects])) if task.track == "multi" else None
         ),
+        "collapse_same_subjects": (
+            sum(collapse_evaluable([s.category_id for s in task.subjects], "same")) if task.track == "multi" else None
+        ),
     }
 
 

@@ -4,9 +4,17 @@ It knows nothing about run folders or files; :mod:`msibench.scoring.score` drive
 :mod:`msibench.scoring.store` keeps ``scores.jsonl`` / ``scores.json``.
 
 - The scorer version is everything that changes a score: the detector weights (file name + sha256), confidence,
-  NMS IoU, image size, max detections, letterbox version, the identity backbones with their preprocessing, the
-  crop mode, the Z-Acc pair rule, the CLIP-B mode and the metric code version. Its short hash tags every score
-  record.
+  NMS IoU, image size, max detections, letterbox version, the matching rule with its minimum IoU, the identity
+  backbones with their preprocessing, the crop mode and how crops are paired with subjects, the not-found rule,
+  the Z-Acc pair rule, the collapse tests, the CLIP-B mode and the metric code version. Its short hash tags every
+  score record.
+- Identity crops (``--identity-crop category``, the default) are found by category, then paired with the
+  category's subjects by appearance (``--identity-pairing appearance``, the default: the Hungarian assignment that
+  maximises the total DINO similarity of crops and references), so two dogs drawn perfectly, each on the other's
+  side, score as themselves; ``--identity-pairing position`` keeps the positional pairing of code version 2.
+- A subject that was not found (no detection assigned, in the ``category`` and ``matched`` modes) has no crop: it
+  scores 0 on DINO-I and CLIP-I, counts as confused in the collapse tests, and lowers the ``found`` rate (found
+  subjects / K), so drawing nothing cannot score above a failed generation.
 
 What each image needs (:meth:`Scorer.needs_detection`): a detector pass when a requested metric of its track is a
 detector metric (YOLO-Subj, YOLO-L, Z-Acc: multi track only) or when identity (DINO-I, CLIP-I, collapse) is
@@ -38,7 +46,7 @@ import numpy as np
 from msibench.bench.manifest import Task
 from msibench.coco import CATEGORY_NAME
 from msibench.scoring.identity import CLIP_B_MODES, CROP_MODES, MASK_GREY, FeatureCache, cosine, crop, grey_out
-from msibench.scoring.match import Found, Match, find_subjects, match_targets
+from msibench.scoring.match import MIN_MATCH_IOU, Found, Match, box_iou, find_subjects, match_targets
 from msibench.scoring.metrics import (
     Z_MIN_OVERLAP,
     collapse,
@@ -59,7 +67,9 @@ logger = logging.getLogger(__name__)
 # Bump when a metric's definition or the record layout changes.
 # 2: layout-free identity crop by default (--identity-crop category), Z-Acc pairs from the manifest's boxes with a
 #    5 % minimum overlap, identity collapse, every detection in the record.
-SCORER_CODE_VERSION = "2"
+# 3: crops paired with same-category subjects by appearance (Hungarian on DINO similarity), matching needs IoU >=
+#    0.1, a subject not found scores 0 (found rate), same-category collapse, exact Z-Acc 5 % boundary.
+SCORER_CODE_VERSION = "3"
 
 METRIC_GROUPS = ("yolo_subj", "yolo_l", "z_acc", "dino_i", "clip_i", "clip_b", "collapse")
 DETECTOR_METRICS = ("yolo_subj", "yolo_l", "z_acc")
@@ -79,12 +89,23 @@ METRIC_KEYS = {
     "clip_b": ("clip_b",),
     "collapse": ("collapse", "collapse_confused", "collapse_subjects"),
 }
+# Written when the crops come from detections (``--identity-crop category|matched``): found subjects / K.
+FOUND_KEY = "found"
+# Same-category collapse: written with collapse when crops are paired by appearance (see Scorer docstring).
+SAME_COLLAPSE_KEYS = ("collapse_same", "collapse_same_confused", "collapse_same_subjects")
+DETECTION_CROP_MODES = ("category", "matched")
 CROP_RULES = {
-    "category": "layout-free: the detection find_subjects assigns (IoU matching first, then the most confident "
-    "remaining detections of the category, Hungarian on box-centre distance); not found: the whole image",
-    "matched": "the detection matched to the target box by IoU > 0, else the target box",
+    "category": "layout-free: the detections find_subjects picks per category (IoU matching first, then the most "
+    "confident remaining detections of the category); not found: no crop, identity 0",
+    "matched": "the detection matched to the target box (IoU >= 0.1); not found: no crop, identity 0",
     "target": "the target box",
     "full": "the whole image",
+}
+PAIRING_MODES = ("appearance", "position")
+PAIRING_RULES = {
+    "appearance": "per category, the picked detections are assigned to the category's subjects by the Hungarian "
+    "algorithm (scipy linear_sum_assignment) maximising the total cosine between crop and reference features",
+    "position": "per category, IoU with the target box first, then Hungarian on box-centre distance",
 }
 
 
@@ -110,6 +131,7 @@ class ScorerConfig:
     dino: str | None = None  # spec for backbones.load_dino; None: $MSIBENCH_DINO_WEIGHTS or facebook/dino-vits16
     clip: str | None = None  # spec for backbones.load_clip; None: $MSIBENCH_CLIP_WEIGHTS or openai
     identity_crop: str = "category"
+    identity_pairing: str = "appearance"  # only --identity-crop category pairs crops; the other modes are positional
     clip_b_mode: str = "full"
     metrics: tuple[str, ...] = METRIC_GROUPS
     batch_size: int = 8
@@ -117,6 +139,8 @@ class ScorerConfig:
     def __post_init__(self) -> None:
         if self.identity_crop not in CROP_MODES:
             raise ValueError(f"identity_crop must be one of {CROP_MODES}, got {self.identity_crop!r}")
+        if self.identity_pairing not in PAIRING_MODES:
+            raise ValueError(f"identity_pairing must be one of {PAIRING_MODES}, got {self.identity_pairing!r}")
         if self.clip_b_mode not in CLIP_B_MODES:
             raise ValueError(f"clip_b_mode must be one of {CLIP_B_MODES}, got {self.clip_b_mode!r}")
         for name, low, high in (("conf", 0.0, 1.0), ("iou", 0.0, 1.0)):
@@ -129,6 +153,10 @@ class ScorerConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.imgsz % 32:
             raise ValueError(f"imgsz must be a multiple of 32 (the detector's stride), got {self.imgsz}")
+        if self.detector is not None and str(self.detector).split(":", 1)[0].split("+", 1)[0] == "owlv2":
+            from msibench.scoring.backbones import parse_grounding_spec
+
+            parse_grounding_spec(self.detector)  # a malformed spec is a usage error before anything loads
         unknown = [m for m in self.metrics if m not in METRIC_GROUPS]
         if unknown or not self.metrics:
             raise ValueError(f"metrics must be a non-empty subset of {METRIC_GROUPS}, got {list(self.metrics)}")
@@ -140,13 +168,30 @@ class ScorerConfig:
 
     def metric_keys(self, track: str) -> list[str]:
         """The keys an ok record of ``track`` carries in ``metrics`` (a failed generation counts on these)."""
-        return [key for m in self.track_metrics(track) for key in METRIC_KEYS[m]]
+        tm = self.track_metrics(track)
+        keys = [key for m in tm for key in METRIC_KEYS[m]]
+        if self.reports_found(track):
+            keys.append(FOUND_KEY)
+        if "collapse" in tm and self.pairs_by_appearance:
+            keys.extend(SAME_COLLAPSE_KEYS)
+        return keys
+
+    @property
+    def pairs_by_appearance(self) -> bool:
+        """Whether same-category crops are paired with subjects by appearance (and same-category collapse is
+        measured): the ``category`` crop with ``identity_pairing="appearance"``."""
+        return self.identity_crop == "category" and self.identity_pairing == "appearance"
+
+    def reports_found(self, track: str) -> bool:
+        """Whether records of ``track`` carry the found rate: identity is cropped from detections."""
+        tm = self.track_metrics(track)
+        return self.identity_crop in DETECTION_CROP_MODES and any(m in CROP_METRICS for m in tm)
 
     def needs_detection(self, track: str) -> bool:
         """Whether an image of ``track`` needs a detector pass (see the module docstring)."""
         tm = self.track_metrics(track)
         return any(m in DETECTOR_METRICS for m in tm) or (
-            self.identity_crop in ("category", "matched") and any(m in CROP_METRICS for m in tm)
+            self.identity_crop in DETECTION_CROP_MODES and any(m in CROP_METRICS for m in tm)
         )
 
     @property
@@ -230,8 +275,36 @@ class Scorer:
                 model, conf=cfg.conf, iou=cfg.iou, imgsz=cfg.imgsz, max_det=cfg.max_det, batch_size=cfg.batch_size
             )
 
+        def grounding(spec: str):
+            from msibench.scoring.grounding import GroundingDetector
+
+            parts = backbones.parse_grounding_spec(spec)
+            owl = load(backbones.load_grounding_model, "owlv2", parts["owlv2"], device=self.device)
+            sam = (
+                load(backbones.load_grounding_model, "sam", parts["sam"], device=self.device)
+                if "sam" in parts
+                else None
+            )
+            if owl is None or ("sam" in parts and sam is None):
+                return None
+            return GroundingDetector(
+                owl[0],
+                owl[1],
+                identity=owl[2],
+                conf=cfg.conf,
+                iou=cfg.iou,
+                max_det=cfg.max_det,
+                batch_size=cfg.batch_size,
+                device=self.device,
+                sam=sam[0] if sam else None,
+                sam_processor=sam[1] if sam else None,
+                sam_identity=sam[2] if sam else None,
+            )
+
         if cfg.needs_detector and self.detector is None:
-            self.detector = yolo(cfg.detector)
+            self.detector = (
+                grounding(cfg.detector) if backbones.is_grounding_spec(cfg.detector) else yolo(cfg.detector)
+            )
         if "z_acc" in cfg.metrics and self.segmenter is None and cfg.segmenter:
             self.segmenter = yolo(cfg.segmenter)
         if ("dino_i" in cfg.metrics or "collapse" in cfg.metrics) and self.dino is None:
@@ -270,19 +343,42 @@ class Scorer:
             "segmenter": (
                 (self.segmenter.config() if self.segmenter is not None else "detector") if "z_acc" in metrics else None
             ),
-            "matching": "per category, Hungarian (scipy linear_sum_assignment) on IoU; IoU 0 = unmatched",
+            "matching": (
+                "per category, Hungarian (scipy linear_sum_assignment) on IoU; "
+                f"pairs with IoU < {MIN_MATCH_IOU} are unmatched"
+            ),
             "z_pairs": (
-                {"from": "manifest boxes", "min_overlap_of_smaller_box": Z_MIN_OVERLAP} if "z_acc" in metrics else None
+                {"from": "manifest boxes", "min_overlap_of_smaller_box": Z_MIN_OVERLAP, "arithmetic": "exact decimal"}
+                if "z_acc" in metrics
+                else None
             ),
             "dino": self.dino.identity if self.dino is not None else None,
             "clip": self.clip.identity if self.clip is not None else None,
             "identity_crop": (
-                {"mode": cfg.identity_crop, "rule": CROP_RULES[cfg.identity_crop]}
+                {
+                    "mode": cfg.identity_crop,
+                    "rule": CROP_RULES[cfg.identity_crop],
+                    "pairing": self._pairing_version(),
+                    "not_found": (
+                        "no crop: DINO-I/CLIP-I 0, confused in collapse; found rate = found subjects / K"
+                        if cfg.identity_crop in DETECTION_CROP_MODES
+                        else None
+                    ),
+                }
                 if any(m in metrics for m in CROP_METRICS)
                 else None
             ),
             "collapse": (
-                "DINO K x K, confused = closer to another category's reference than to its own (strict)"
+                {
+                    "other": "DINO K x K, confused = closer to another category's reference than to its own "
+                    "(strict), or not found",
+                    "same": (
+                        "confused = after the appearance pairing, closer to another same-category subject's "
+                        "reference than to its own (strict), or not found"
+                        if cfg.pairs_by_appearance
+                        else None
+                    ),
+                }
                 if "collapse" in metrics
                 else None
             ),
@@ -291,6 +387,22 @@ class Scorer:
         if out["clip_b_mode"] == "masked":
             out["clip_b_mask_grey"] = list(MASK_GREY)
         return out
+
+    def _pairing_version(self) -> dict[str, Any] | str:
+        cfg = self.config
+        if cfg.identity_crop != "category":
+            return "position: one crop per subject by definition of the mode"
+        if cfg.identity_pairing == "position":
+            return {"mode": "position", "rule": PAIRING_RULES["position"]}
+        return {"mode": "appearance", "rule": PAIRING_RULES["appearance"], "features": self._pairing_backbone()}
+
+    def _pairing_backbone(self) -> str | None:
+        """The identity of the encoder whose features pair crops by appearance: DINO's, CLIP's without DINO."""
+        if self.dino is not None and ("dino_i" in self.config.metrics or "collapse" in self.config.metrics):
+            return self.dino.identity
+        if self.clip is not None and "clip_i" in self.config.metrics:
+            return self.clip.image.identity
+        return None
 
     def version_hash(self) -> str:
         blob = json.dumps(self.version(), sort_keys=True, separators=(",", ":")).encode()
@@ -356,7 +468,17 @@ class Scorer:
             self._crops(it, tm, m, f, d)
             for it, tm, m, f, d in zip(items, track_metrics, matches, found, dets, strict=True)
         ]
-        flat_crops = [c for crops in crops_per_item for c, _, _ in crops]
+        # Crops of the whole batch, item after item, in one list (None: subject not found, no crop); feat_index
+        # gives each subject's row in both feature arrays.
+        flat_crops: list[Image.Image] = []
+        feat_index: list[list[int | None]] = []
+        for crops in crops_per_item:
+            rows: list[int | None] = []
+            for image, _ in crops:
+                rows.append(len(flat_crops) if image is not None else None)
+                if image is not None:
+                    flat_crops.append(image)
+            feat_index.append(rows)
         wants_dino = "dino_i" in metrics or "collapse" in metrics
         dino_feats = self.dino.encode(flat_crops) if wants_dino and flat_crops else None
         clip_b_images = []
@@ -376,12 +498,20 @@ class Scorer:
         texts = self._texts([it.task.background for it in items]) if clip_b_images else {}
         if any(m in CROP_METRICS for m in metrics):
             self.warm_references({sha: path for it in items for sha, path in it.references})
+        if cfg.pairs_by_appearance:
+            pair_feats = dino_feats if wants_dino else clip_feats
+            pair_refs = self._ref_feats.get(self._pairing_backbone() or "", {})
+            for i, it in enumerate(items):
+                if found[i] is not None and crops_per_item[i] and pair_feats is not None:
+                    found[i], feat_index[i] = pair_by_appearance(
+                        it, found[i], feat_index[i], dets[i], pair_feats, pair_refs
+                    )
 
         records = []
-        offset = 0
         for i, it in enumerate(items):
-            crops = crops_per_item[i]
             subs = it.task.subjects
+            index = feat_index[i]
+            crops = self._crop_reasons(it, crops_per_item[i], matches[i], found[i], dets[i])
             rec = base_record(it, scorer_hash)
             values: dict[str, Any] = {}
             reasons = []
@@ -413,37 +543,51 @@ class Scorer:
                     reasons.append(f"no subjects overlapping by >= {Z_MIN_OVERLAP:.0%}: Z-Acc not evaluated")
                 else:
                     reasons.append(f"z-order {correct}/{len(pairs)} pairs correct")
-            # Crops of the whole batch are laid out item after item, in both feature arrays.
             for metric, feats in (("dino_i", dino_feats), ("clip_i", clip_feats)):
-                if metric not in tm or feats is None:
+                if metric not in tm or not crops:  # no features at all: every subject of the batch not found
                     continue
                 ref_feats = self._ref_feats[(self.dino if metric == "dino_i" else self.clip.image).identity]
                 per_subject = []
                 for j in range(len(crops)):
-                    value = cosine(feats[offset + j], ref_feats[it.references[j][0]])
+                    # not found: nothing of the subject to compare, so no credit (see the module docstring)
+                    value = cosine(feats[index[j]], ref_feats[it.references[j][0]]) if index[j] is not None else 0.0
                     subjects[j][metric] = value
                     per_subject.append(value)
                 values[metric] = float(np.mean(per_subject))
-            if "collapse" in tm and dino_feats is not None:
+            if crops and cfg.reports_found(it.task.track):
+                values[FOUND_KEY] = sum(r is not None for r in index) / len(index)
+            if "collapse" in tm and crops:
                 ref_feats = self._ref_feats[self.dino.identity]
                 k = len(crops)
-                sim = np.array(
-                    [
-                        [cosine(dino_feats[offset + j], ref_feats[it.references[r][0]]) for r in range(k)]
-                        for j in range(k)
-                    ]
-                )
-                res = collapse(sim, [s.category_id for s in subs])
+                sim = np.full((k, k), np.nan)
+                for j in range(k):
+                    if index[j] is not None:
+                        sim[j] = [cosine(dino_feats[index[j]], ref_feats[it.references[r][0]]) for r in range(k)]
+                is_found = [r is not None for r in index]
+                cats = [s.category_id for s in subs]
+                res = collapse(sim, cats, is_found)
                 values["collapse_confused"] = res.n_confused
                 values["collapse_subjects"] = res.n_subjects
                 values["collapse"] = res.n_confused / res.n_subjects if res.n_subjects else None
                 rec["collapse"] = {
-                    "similarity": [[round(float(v), 6) for v in row] for row in sim],
+                    "similarity": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in sim],
                     "confused": list(res.confused),
                     "rival": list(res.rival),
                     "reason": res.reason,
                 }
                 reasons.append(f"collapse {res.reason}")
+                if cfg.pairs_by_appearance:
+                    same = collapse(sim, cats, is_found, scope="same")
+                    values["collapse_same_confused"] = same.n_confused
+                    values["collapse_same_subjects"] = same.n_subjects
+                    values["collapse_same"] = same.n_confused / same.n_subjects if same.n_subjects else None
+                    rec["collapse_same"] = {
+                        "confused": list(same.confused),
+                        "rival": list(same.rival),
+                        "reason": same.reason,
+                    }
+                    if same.n_subjects:
+                        reasons.append(f"same-category collapse {same.reason}")
             if "clip_b" in tm:
                 image_feat = clip_feats[len(clip_crops) + clip_b_index[i]]
                 values["clip_b"] = cosine(image_feat, texts[it.task.background])
@@ -451,8 +595,7 @@ class Scorer:
                 if it.task.track == "single":
                     reasons.append(f"{subjects[0]['category']}: {subjects[0]['crop_reason']}")
                 else:
-                    reasons.append("identity crops: " + _crop_summary([c for _, c, _ in crops]))
-            offset += len(crops)
+                    reasons.append("identity crops: " + _crop_summary([c for c, _ in crops]))
             rec["metrics"] = values
             rec["subjects"] = subjects
             rec["reason"] = "; ".join(reasons) if reasons else None
@@ -494,7 +637,7 @@ class Scorer:
                 else None
             )
         if crops:
-            _, source, reason = crops[j]
+            source, reason = crops[j]
             entry["crop"] = source
             entry["crop_reason"] = reason
             entry["crop_detection"] = (
@@ -545,9 +688,33 @@ class Scorer:
         matches: list[Match] | None,
         found: list[Found] | None,
         det: Detections | None,
-    ) -> list[tuple[Image.Image, str, str]]:
-        """(crop, where it came from: detection | target | full, why) per subject; [] when no crop metric applies."""
+    ) -> list[tuple[Image.Image | None, str]]:
+        """(crop, where it came from: detection | target | full | none) per subject; [] when no crop metric
+        applies. ``none``: the subject was not found, it has no crop (identity 0)."""
         if not any(m in CROP_METRICS for m in track_metrics):
+            return []
+        mode = self.config.identity_crop
+        out: list[tuple[Image.Image | None, str]] = []
+        for j, subject in enumerate(item.task.subjects):
+            if mode == "full":
+                out.append((crop(item.image, None), "full"))
+            elif mode == "target":
+                out.append((crop(item.image, subject.box), "target"))
+            else:
+                d = matches[j].detection if mode == "matched" else found[j].detection
+                out.append((crop(item.image, det.boxes[d]), "detection") if d is not None else (None, "none"))
+        return out
+
+    def _crop_reasons(
+        self,
+        item: ScoreItem,
+        crops: list[tuple[Image.Image | None, str]],
+        matches: list[Match] | None,
+        found: list[Found] | None,
+        det: Detections | None,
+    ) -> list[tuple[str, str]]:
+        """(source, why) per subject, after the pairing (which may give a subject another detection)."""
+        if not crops:
             return []
         mode = self.config.identity_crop
         subs = item.task.subjects
@@ -555,34 +722,82 @@ class Scorer:
         for j, subject in enumerate(subs):
             name = subject.category
             if mode == "full":
-                out.append((crop(item.image, None), "full", "whole image (--identity-crop full)"))
+                out.append(("full", "whole image (--identity-crop full)"))
             elif mode == "target":
-                out.append((crop(item.image, subject.box), "target", "target box (--identity-crop target)"))
+                out.append(("target", "target box (--identity-crop target)"))
             elif mode == "matched":
                 m = matches[j]
                 if m.matched:
-                    why = _on_target(name, m.detection, det, m.iou)
-                    out.append((crop(item.image, det.boxes[m.detection]), "detection", why))
+                    out.append(("detection", _on_target(name, m.detection, det, m.iou)))
                 else:
-                    why = f"no {name} detection overlaps the target box: crop from the target box (matched mode)"
-                    out.append((crop(item.image, subject.box), "target", why))
+                    why = (
+                        f"no {name} detection overlaps the target box by IoU >= {MIN_MATCH_IOU}: not found, identity 0"
+                    )
+                    out.append(("none", why))
             else:  # category
                 f = found[j]
-                if f.found:
-                    why = _on_target(name, f.detection, det, f.iou)
-                    if f.rule != "iou":
-                        why = (
-                            f"{name} detection {f.detection} (conf {det.scores[f.detection]:.2f}) away from the "
-                            f"target (IoU {f.iou:.2f}): found by category, the most confident {name} left, "
-                            "nearest centre"
-                        )
-                    out.append((crop(item.image, det.boxes[f.detection]), "detection", why))
-                else:
+                if not f.found:
                     asked = sum(1 for s in subs if s.category_id == subject.category_id)
                     seen = int(np.count_nonzero(det.category_ids == subject.category_id))
-                    why = f"{name} not found ({asked} asked, {seen} detected): crop from the whole image"
-                    out.append((crop(item.image, None), "full", why))
+                    out.append(("none", f"{name} not found ({asked} asked, {seen} detected): no crop, identity 0"))
+                    continue
+                conf = f"{name} detection {f.detection} (conf {det.scores[f.detection]:.2f})"
+                if f.rule == "iou":
+                    why = _on_target(name, f.detection, det, f.iou)
+                elif f.rule == "appearance":
+                    why = (
+                        f"{conf} (IoU {f.iou:.2f} with the target): paired by appearance, the best assignment of "
+                        f"the {name} crops to the {name} references"
+                    )
+                else:
+                    why = (
+                        f"{conf} away from the target (IoU {f.iou:.2f}): found by category, the most confident "
+                        f"{name} left, nearest centre"
+                    )
+                out.append(("detection", why))
         return out
+
+
+def pair_by_appearance(
+    item: ScoreItem,
+    found: list[Found],
+    feat_index: list[int | None],
+    det: Detections,
+    feats: np.ndarray,
+    ref_feats: dict[str, np.ndarray],
+) -> tuple[list[Found], list[int | None]]:
+    """Re-pair the found detections of each category with that category's subjects by appearance.
+
+    Which detections stand for a category is decided before (``find_subjects``: IoU first, then confidence; never
+    by appearance, so drawing extra copies cannot pick the best-looking one). Among them, the Hungarian algorithm
+    assigns detections to subjects so that the total cosine between crop and reference is largest. Returns the new
+    ``found`` and the new row of each subject's crop features (None: not found)."""
+    from scipy.optimize import linear_sum_assignment
+
+    subs = item.task.subjects
+    cats = [s.category_id for s in subs]
+    new_found, new_index = list(found), list(feat_index)
+    for category in sorted(set(cats)):
+        members = [j for j, c in enumerate(cats) if c == category]
+        holders = [j for j in members if found[j].found]
+        if len(members) < 2 or not holders:
+            continue
+        sim = np.array(
+            [[cosine(feats[feat_index[h]], ref_feats[item.references[s][0]]) for h in holders] for s in members]
+        )
+        rows, cols = linear_sum_assignment(sim, maximize=True)
+        for s in members:
+            new_found[s], new_index[s] = Found(s, None, None, 0.0), None
+        for r, c in zip(rows, cols, strict=True):
+            s, h = members[r], holders[c]
+            d = found[h].detection
+            if s == h:
+                new_found[s] = found[h]
+            else:
+                iou = float(box_iou(np.asarray(subs[s].box), det.boxes[d])[0, 0])
+                new_found[s] = Found(s, d, "appearance", iou)
+            new_index[s] = feat_index[h]
+    return new_found, new_index
 
 
 def _on_target(name: str, index: int, det: Detections, iou: float) -> str:
@@ -610,7 +825,12 @@ def _crop_summary(sources: list[str]) -> str:
     counts = Counter(sources)
     return ", ".join(
         f"{counts[s]} {label}"
-        for s, label in (("detection", "from detections"), ("target", "from target boxes"), ("full", "whole image"))
+        for s, label in (
+            ("detection", "from detections"),
+            ("target", "from target boxes"),
+            ("full", "whole image"),
+            ("none", "not found (identity 0)"),
+        )
         if counts[s]
     )
 

@@ -1,5 +1,6 @@
 """Table I of the paper from scored runs: rows are methods; single-subject DINO-I, CLIP-I, CLIP-B; multi-subject
-YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B; plus Z-Acc and identity collapse (lower is better), beyond the paper.
+YOLO-Subj, YOLO-L, DINO-I, CLIP-I, CLIP-B; plus Z-Acc, identity collapse across and within categories (lower is
+better) and the found rate (subjects found; one not found scores identity 0), beyond the paper.
 ``–`` marks a method without a value (as in the paper).
 
 With ``paper=True`` each cell also shows the number the paper reports, read from
@@ -35,6 +36,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("single", "dino_i"),
     ("single", "clip_i"),
     ("single", "clip_b"),
+    ("single", "found"),  # scorer code version 3: subjects found; a subject not found scores identity 0
     ("multi", "yolo_subj"),
     ("multi", "yolo_l"),
     ("multi", "dino_i"),
@@ -42,6 +44,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("multi", "clip_b"),
     ("multi", "z_acc"),
     ("multi", "collapse"),  # beyond the paper: identity collapse rate, lower is better
+    ("multi", "collapse_same"),  # beyond the paper: collapse among same-category subjects, lower is better
+    ("multi", "found"),
 )
 METHOD_LABELS = {
     "paste": "Paste (oracle)",

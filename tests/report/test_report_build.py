@@ -215,12 +215,13 @@ def test_cli_report(report_runs, tmp_path):
 
 
 def test_table_html_is_the_table_module_rendering(report_runs):
-    from msibench.scoring.table import load_run, render_table
+    from msibench.scoring.table import COLUMNS, load_run, render_table
 
     # a --limit run: the report shows it, marked with its coverage, as `table --allow-partial` does
     html = render_table([load_run(str(report_runs["scored"]))], "html", ci=True, allow_partial=True)
     md = render_table([load_run(str(report_runs["scored"]))], "md", allow_partial=True)
-    cell = md.splitlines()[2].split("|")[5].strip()  # multi YOLO-Subj of the first row
+    column = 2 + COLUMNS.index(("multi", "yolo_subj"))  # after the empty cell left of "|" and the method
+    cell = md.splitlines()[2].split("|")[column].strip()  # multi YOLO-Subj of the first row
     assert f'<td data-col="multi_yolo_subj">{cell}<span class="ci">' in html
 
 

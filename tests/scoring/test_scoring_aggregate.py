@@ -125,7 +125,11 @@ def test_compare_gives_paired_differences():
     assert 0 < diffs["z_acc"].ci_low <= 0.5 <= diffs["z_acc"].ci_high
 
 
-RATIOS = {"z_acc": ("z_correct", "z_pairs"), "collapse": ("collapse_confused", "collapse_subjects")}
+RATIOS = {
+    "z_acc": ("z_correct", "z_pairs"),
+    "collapse": ("collapse_confused", "collapse_subjects"),
+    "collapse_same": ("collapse_same_confused", "collapse_same_subjects"),
+}
 
 
 def test_table_numbers_equal_the_aggregated_records(tmp_path):
@@ -142,13 +146,13 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
             per_task: dict[str, list[float]] = {}
             for r in records:
                 if r["track"] == track and r["status"] == "ok":
-                    if metric in RATIOS:
+                    if metric in RATIOS or metric not in r["metrics"]:  # e.g. found: not in these records
                         continue
                     per_task.setdefault(r["task_id"], []).append(r["metrics"][metric])
             if metric in RATIOS:
                 num, den = RATIOS[metric]
-                ok = [r for r in records if r["track"] == "multi" and r["status"] == "ok" and r["metrics"][den]]
-                expected = sum(r["metrics"][num] for r in ok) / sum(r["metrics"][den] for r in ok)
+                ok = [r for r in records if r["track"] == "multi" and r["status"] == "ok" and r["metrics"].get(den)]
+                expected = sum(r["metrics"][num] for r in ok) / sum(r["metrics"][den] for r in ok) if ok else None
             else:
                 expected = float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else None
             cell = row[f"{track}_{metric}"]
@@ -163,13 +167,14 @@ def test_table_numbers_equal_the_aggregated_records(tmp_path):
     assert "(0.61)" in md and "(0.94)" in md
     assert "Paste (oracle) (single): 1 failed images" in md and "(multi): 0 failed images" in md  # s2, m3
     tex = render_table(results, "tex")
-    assert r"\multicolumn{3}{c}{Single-subject}" in tex and "0.600" in tex
-    # The group heads span every column of their track: 3 single, then 7 multi (the paper's 5, Z-Acc, collapse).
-    assert r"\multicolumn{7}{c}{Multi-subject} \\" in tex and r"\cmidrule(lr){2-4}\cmidrule(lr){5-11}" in tex
+    assert r"\multicolumn{4}{c}{Single-subject}" in tex and "0.600" in tex
+    # The group heads span every column of their track: 4 single (the paper's 3, found), then 9 multi (the paper's
+    # 5, Z-Acc, collapse across and within categories, found).
+    assert r"\multicolumn{9}{c}{Multi-subject} \\" in tex and r"\cmidrule(lr){2-5}\cmidrule(lr){6-14}" in tex
     header = tex.splitlines()[4]
-    assert header.count("&") == 10 and "Z-Acc" in header and "Collapse" in header
+    assert header.count("&") == 13 and "Z-Acc" in header and "Collapse (same cat.)" in header and "Found" in header
     html = render_table(results, "html")
-    assert '<th colspan="3">Single-subject</th><th colspan="7">Multi-subject</th>' in html
+    assert '<th colspan="4">Single-subject</th><th colspan="9">Multi-subject</th>' in html
 
 
 def test_paper_table_holds_every_cell_of_table_i():

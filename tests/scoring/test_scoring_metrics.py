@@ -218,3 +218,59 @@ def test_collapse_ignores_same_category_references():
     assert collapse_evaluable([DOG, DOG, CUP]) == [True, True, True] and collapse_evaluable([DOG, DOG]) == [False] * 2
     with pytest.raises(ValueError, match="3 x 3"):
         collapse([[1.0]], [DOG, CAT, CUP])
+
+
+def test_a_grazing_detection_is_no_match_so_the_confident_one_elsewhere_is_found():
+    """The issue's case: a 0.26-confidence dog grazing the target box at IoU ~0.001 used to be matched (any overlap
+    counted) and became the subject's crop, leaving the 0.95 dog elsewhere unused. Below MIN_MATCH_IOU it is no
+    match; the layout-free crop then takes the most confident dog."""
+    from msibench.scoring.match import MIN_MATCH_IOU
+
+    assert MIN_MATCH_IOU == 0.1
+    target = [0.10, 0.10, 0.50, 0.50]
+    grazing = [0.499, 0.10, 0.90, 0.50]  # shares a 0.001-wide strip: IoU 0.0004 / 0.32 ~ 0.001
+    elsewhere = [0.55, 0.55, 0.95, 0.95]
+    det = Detections.build([grazing, elsewhere], [DOG, DOG], image_size=(100, 100), scores=[0.26, 0.95])
+    assert 0 < box_iou([target], [grazing])[0, 0] < 0.002
+    (m,) = match_targets([target], [DOG], det)
+    assert not m.matched and m.iou == 0.0
+    (f,) = find_subjects([target], [DOG], det)
+    assert (f.detection, f.rule) == (1, "category")
+    # at the threshold itself a detection matches: IoU of [0, 0, 1, 0.1] with [0, 0, 1, 1] is exactly 0.1
+    edge = Detections.build([[0.0, 0.0, 1.0, 0.1]], [DOG], image_size=(100, 100))
+    (m,) = match_targets([[0.0, 0.0, 1.0, 1.0]], [DOG], edge)
+    assert m.matched and m.iou == pytest.approx(0.1)
+    # just below it does not
+    below = Detections.build([[0.0, 0.0, 1.0, 0.0999]], [DOG], image_size=(100, 100))
+    assert not match_targets([[0.0, 0.0, 1.0, 1.0]], [DOG], below)[0].matched
+
+
+def test_z_pair_at_exactly_five_percent_of_the_smaller_box_is_a_pair():
+    """(0.42 - 0.40) * 0.3 / 0.12 is 0.0499999... in floats, which failed >= 0.05; the overlap is computed exactly
+    on the boxes' decimals, so this pair is in and one a hair below is out."""
+    from fractions import Fraction
+
+    from msibench.scoring.metrics import overlap_fraction_exact
+
+    a, b = [0.0, 0.0, 0.42, 0.3], [0.40, 0.0, 0.80, 0.3]  # b is the smaller box (0.12); overlap 0.02 x 0.3
+    assert (0.42 - 0.40) * 0.3 / 0.12 < 0.05  # the float arithmetic the old rule used
+    assert overlap_fraction_exact(a, b) == Fraction(1, 20)
+    assert z_pair_indices([a, b]) == [(0, 1)]
+    assert z_pair_indices([[0.0, 0.0, 0.4199, 0.3], b]) == []
+
+
+def test_collapse_among_same_category_subjects_and_not_found_subjects():
+    # two dogs and a cup. Crops after the appearance pairing: dog 0 looks like itself; dog 1 looks more like dog 0's
+    # reference (0.7 > own 0.6): a look-alike; the cup was not found (its row is ignored).
+    sim = np.array([[0.9, 0.5, 0.1], [0.7, 0.6, 0.2], [np.nan, np.nan, np.nan]])
+    same = collapse(sim, [DOG, DOG, CUP], found=[True, True, False], scope="same")
+    assert same.confused == (False, True, None)  # the cup has no second cup: not evaluable
+    assert (same.n_confused, same.n_subjects, same.rival) == (1, 2, (1, 0, None))
+    assert "dog (subject 1) closer to subject 0's reference (0.700 > own 0.600)" in same.reason
+    other = collapse(sim, [DOG, DOG, CUP], found=[True, True, False])
+    # across categories nobody is closer to another category's reference; the cup, not found, is confused
+    assert other.confused == (False, False, True) and (other.n_confused, other.n_subjects) == (1, 3)
+    assert "cup (subject 2) not found" in other.reason
+    assert collapse_evaluable([DOG, DOG, CUP], "same") == [True, True, False]
+    with pytest.raises(ValueError, match="scope"):
+        collapse(sim, [DOG, DOG, CUP], scope="both")

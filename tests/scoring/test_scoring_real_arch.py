@@ -43,24 +43,25 @@ def test_random_real_architectures_score_a_run_end_to_end(random_scorer, run_cop
     assert header["scorer"] == version
     for r in records:
         m = r["metrics"]
-        expected = {"dino_i", "clip_i", "clip_b"}
+        expected = {"dino_i", "clip_i", "clip_b", "found"}
         if r["track"] == "multi":
             expected |= {"yolo_subj", "yolo_subj_exact", "yolo_l", "yolo_l50", "z_acc", "z_correct", "z_pairs"}
             expected |= {"collapse", "collapse_confused", "collapse_subjects"}
+            expected |= {"collapse_same", "collapse_same_confused", "collapse_same_subjects"}
         assert set(m) == expected, r["task_id"]
         for key in ("dino_i", "clip_i", "clip_b"):
             assert -1.0 - 1e-6 <= m[key] <= 1.0 + 1e-6 and math.isfinite(m[key])
-        # the layout-free crop: a detection of the subject's category wherever it is, else the whole image
+        # the layout-free crop: a detection of the subject's category wherever it is, else none (identity 0)
         dets = r["detections"]
         assert dets and all(set(d) == {"box", "category_id", "category", "score", "subject"} for d in dets)
         for j, s in enumerate(r["subjects"]):
-            assert s["crop"] in ("detection", "full") and s["crop_reason"]
+            assert s["crop"] in ("detection", "none") and s["crop_reason"]
             if s["crop"] == "detection":
                 d = dets[s["crop_detection"]]
                 assert d["subject"] == j and d["category_id"] == s["category_id"]
             else:
                 assert s["crop_detection"] is None and "not found" in s["crop_reason"]
-            if s["matched"]:  # the IoU match is kept first
+            if s["matched"] and "paired by appearance" not in s["crop_reason"]:  # the IoU match is kept first
                 assert s["crop_detection"] == s["detection"]["index"]
         assert r["reason"]
     # reference features: one cached file per reference and encoder

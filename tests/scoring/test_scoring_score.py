@@ -66,8 +66,8 @@ def test_oracle_detections_give_perfect_detector_metrics(run_copy, coco_root):
         assert [d["category_id"] for d in r["detections"]] == [s.category_id for s in task.subjects]
         assert r["detections"][0]["box"] == [round(v, 6) for v in task.subjects[0].box]
     assert sum(r["metrics"]["z_pairs"] for r in multi) > 0
-    for r in single:  # the single track reports identity only
-        assert set(r["metrics"]) == {"dino_i"}
+    for r in single:  # the single track reports identity only (and whether the subject was found)
+        assert set(r["metrics"]) == {"dino_i", "found"} and r["metrics"]["found"] == 1.0
         assert r["subjects"][0]["crop"] == "detection" and "on the target" in r["subjects"][0]["crop_reason"]
     assert header["summary"]  # aggregate stored once the pass ends
 
@@ -91,12 +91,15 @@ def test_missing_subject_is_counted_and_explained(run_copy, coco_root):
         same = sum(1 for s in task.subjects if s.category_id == first.category_id)
         assert f"expected {same} {first.category}, found {same - 1}" in r["reason"]
         assert r["subjects"][0]["matched"] is False
-        # not found by its category either: the layout-free crop falls back to the whole image, and says why
-        assert r["subjects"][0]["crop"] == "full" and "not found" in r["subjects"][0]["crop_reason"]
+        # not found by its category either: no crop, identity 0 (no credit for what is not there), and says why
+        assert r["subjects"][0]["crop"] == "none" and "not found" in r["subjects"][0]["crop_reason"]
+        assert r["subjects"][0]["dino_i"] == 0.0
+        assert r["metrics"]["found"] == pytest.approx((task.k - 1) / task.k)
         assert r["metrics"]["yolo_l"] == pytest.approx((task.k - 1) / task.k)
         assert r["metrics"]["yolo_subj"] < 1.0 and r["metrics"]["yolo_subj_exact"] == 0.0
     for r in (r for r in records if r["track"] == "single"):
-        assert r["subjects"][0]["crop"] == "full" and "not found (1 asked, 0 detected)" in r["reason"]
+        assert r["subjects"][0]["crop"] == "none" and "not found (1 asked, 0 detected)" in r["reason"]
+        assert r["metrics"]["dino_i"] == 0.0 and r["metrics"]["found"] == 0.0
 
 
 def test_matched_crop_mode_keeps_the_layout_bound_rule(run_copy, coco_root):
@@ -105,7 +108,8 @@ def test_matched_crop_mode_keeps_the_layout_bound_rule(run_copy, coco_root):
     _, records = load_scores(run_copy)
     for r in records:
         first = r["subjects"][0]
-        assert first["crop"] == "target" and "crop from the target box" in first["crop_reason"]
+        assert first["crop"] == "none" and "not found, identity 0" in first["crop_reason"]
+        assert first["dino_i"] == 0.0
         assert all(s["crop"] == "detection" for s in r["subjects"][1:])
 
 
@@ -216,10 +220,11 @@ def test_every_generation_of_a_track_failed_scores_zero(run_copy, coco_root):
     assert (summary.scored, summary.not_generated) == (4, 4)
     _, records = load_scores(run_copy)
     failed = [r for r in records if r["status"] == "failed"]
-    assert all(r["metrics_expected"] == ["dino_i"] for r in failed)
+    assert all(r["metrics_expected"] == ["dino_i", "found"] for r in failed)
     text = render_table([load_run(run_copy)], "csv")
     row = next(csv.DictReader(io.StringIO(text)))
     assert float(row["single_dino_i"]) == 0.0 and row["single_dino_i_n"] == "4"  # 0, not "–"
+    assert float(row["single_found"]) == 0.0 and row["single_found_n"] == "4"
     assert row["single_clip_i"] == ""  # not requested from the scorer: no value
 
 
@@ -273,11 +278,10 @@ def test_layout_free_crop_finds_a_subject_drawn_away_from_its_box(coco_root):
         assert found["detections"][0]["subject"] == 0 and subject["matched"] is False
         feats = encoder.encode([crop(item.image, box), Image.open(ref_path).convert("RGB")])
         assert found["metrics"]["dino_i"] == pytest.approx(cosine(feats[0], feats[1]), abs=1e-6)
-        # the layout-bound mode scores the empty target box, and says so
-        assert matched["subjects"][0]["crop"] == "target" and "no " in matched["subjects"][0]["crop_reason"]
+        # the layout-bound mode finds nothing on the target box: not found, identity 0, and says so
+        assert matched["subjects"][0]["crop"] == "none" and "no " in matched["subjects"][0]["crop_reason"]
         assert matched["detections"][0]["subject"] is None
-        target_feat = encoder.encode([crop(item.image, item.task.subjects[0].box)])[0]
-        assert matched["metrics"]["dino_i"] == pytest.approx(cosine(target_feat, feats[1]), abs=1e-6)
+        assert matched["metrics"]["dino_i"] == 0.0 and matched["metrics"]["found"] == 0.0
 
 
 def test_masks_are_decoded_only_for_subjects_of_a_z_pair(run_copy, coco_root):
