@@ -181,7 +181,7 @@ def _score_run(
     if limit is not None:
         pending = pending[: max(0, limit)]
     if not pending:
-        summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged
+        summary.failed_recorded = finish_scores(run_path, scorer_hash, manifest)["failed"] + summary.damaged
         return summary
 
     start = time.perf_counter()  # from here on: reference features (cached or computed) count as scoring time
@@ -252,7 +252,7 @@ def _score_run(
         if pool is not None:
             pool.shutdown()
     summary.seconds = time.perf_counter() - start
-    summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged
+    summary.failed_recorded = finish_scores(run_path, scorer_hash, manifest)["failed"] + summary.damaged
     logger.info(
         "%s: %d scored, %d current, %d failed, %d not generated (scorer %s)",
         run_path,
