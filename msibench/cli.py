@@ -508,6 +508,9 @@ def _register_optional_commands() -> None:
     from msibench.report.command import report_command
 
     main.add_command(report_command)
+    from msibench.present.command import leaderboard_command
+
+    main.add_command(leaderboard_command)
     from msibench import weights_commands
 
     for command in weights_commands.COMMANDS:
