@@ -10,7 +10,8 @@ Stages (each against its own uninterrupted reference, made first in the same inv
   score   an 8-task run (--limit 4) scored by small random-weight networks (YOLO11n-seg from its yaml, DINO ViT-S/16
           and CLIP ViT-B/32 with seeded random weights, --batch-size 1 so the arithmetic never depends on which
           images share a batch), killed KILLS times, then finished. Compared: the current score records (every
-          field but the timing), one per image, and the summary stored in scores.json.
+          field but the timing), one per image, and the summary stored in scores.json. Variant `score2`: two
+          scoring shards (--shard 0/2, 1/2) at once, each killed at random, against the one-process reference.
   build   build-msi of coco2017-mini val2017 with 2 workers, killed KILLS times, then finished. Compared: every file
           of the output folder.
 
@@ -20,7 +21,7 @@ of KILLS points drawn uniformly over the work, the others at a time drawn unifor
 nothing to do, timed), in shuffled order, all from --seed; benchmark references are in the cache first. A kill
 "lands" when the command was still running (one that ends first is a resume that ran to the end).
 
-Usage: python benchmarks/fault_injection.py [--kills 10] [--trials 1] [--seed 0] [--stages run,run2,score,build]
+Usage: python benchmarks/fault_injection.py [--kills 10] [--trials 1] [--seed 0] [--stages run,run2,score,score2,build]
          [--coco-root ../shared/data/coco2017-mini] [--work DIR] [--keep]
 Exit status: 0 when every stage ends identical to its reference, 1 otherwise.
 """
@@ -214,7 +215,9 @@ def stage_run(work: Path, env: dict, rng: random.Random, kills: int, trials: int
     return _report("run" if shards == 1 else f"run{shards}", out)
 
 
-def stage_score(work: Path, env: dict, rng: random.Random, kills: int, trials: int, coco: Path) -> bool:
+def stage_score(
+    work: Path, env: dict, rng: random.Random, kills: int, trials: int, coco: Path, shards: int = 1
+) -> bool:
     run = work / "score-run"
     if not run.exists():
         cmd = [*MSIBENCH, "run", "--method", "paste", "--no-progress", "-M", "resolution=128", "--limit", "4"]
@@ -236,10 +239,15 @@ def stage_score(work: Path, env: dict, rng: random.Random, kills: int, trials: i
         target = work / f"score-trial{trial}"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run, target)
-        landed, attempts = _attack(
-            [[*score, str(target)]], env, rng, kills, startup, partial(_fraction, target, len(ref_records))
-        )
-        code, _, err = _run([*score, str(target)], env)
+        cmds = [[*score, str(target)]]
+        if shards > 1:
+            cmds = [[*score, str(target), "--shard", f"{i}/{shards}"] for i in range(shards)]
+        landed, attempts = _attack(cmds, env, rng, kills, startup, partial(_fraction, target, len(ref_records)))
+        code = 0
+        err = ""
+        for cmd in cmds:  # each shard to the end (then the summary is the whole run's)
+            shard_code, _, shard_err = _run(cmd, env)
+            code, err = max(code, shard_code), err + shard_err
         records, summary = _scores(target)
         identical = code == 0 and records == ref_records and summary == ref_summary
         out.append(
@@ -252,7 +260,7 @@ def stage_score(work: Path, env: dict, rng: random.Random, kills: int, trials: i
                 why=f"exit {code} {err[-300:]}; {len(records)} records (reference {len(ref_records)})",
             )
         )
-    return _report("score", out)
+    return _report("score" if shards == 1 else f"score{shards}", out)
 
 
 def stage_build(work: Path, env: dict, rng: random.Random, kills: int, trials: int, coco: Path) -> bool:
@@ -303,7 +311,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs per trial before the finishing command")
     parser.add_argument("--trials", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stages", default="run,run2,score,build")
+    parser.add_argument("--stages", default="run,run2,score,score2,build")
     parser.add_argument("--coco-root", type=Path, default=REPO.parent / "shared" / "data" / "coco2017-mini")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -325,6 +333,8 @@ def main() -> int:
                 ok &= stage_run(work, env, rng, args.kills, args.trials, 2, args.coco_root)
             elif stage == "score":
                 ok &= stage_score(work, env, rng, args.kills, args.trials, args.coco_root)
+            elif stage == "score2":
+                ok &= stage_score(work, env, rng, args.kills, args.trials, args.coco_root, shards=2)
             elif stage == "build":
                 ok &= stage_build(work, env, rng, args.kills, args.trials, args.coco_root)
             else:

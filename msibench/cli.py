@@ -491,6 +491,81 @@ def run_command(
     sys.exit(summary.exit_code)
 
 
+@main.command("grid")
+@click.argument("grid_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the scripts.")
+@click.option(
+    "--engine",
+    "engines",
+    multiple=True,
+    type=click.Choice(["slurm", "torchrun", "plain"]),
+    help="Which scripts to write (repeatable; default: all three).",
+)
+@click.option("--method", "methods", multiple=True, help="Method (repeatable; replaces the grid file's methods).")
+@click.option("-M", "method_options", multiple=True, metavar="KEY=VALUE", help="Option of every --method given.")
+@click.option("--shards", type=click.IntRange(min=1), default=None, help="Shards per method (default 1).")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="GPUs: plain scripts / torchrun ranks.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Samples per task (default 1).")
+@click.option("--seed", "base_seed", type=click.IntRange(min=0), default=None, help="Base seed (default 0).")
+@click.option("--track", type=click.Choice(["multi", "single", "all"]), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N tasks per track.")
+@click.option("--device", default=None, help="Device of every job (default cuda).")
+@click.option("--manifest", default=None, help=_MANIFEST_HELP)
+@click.option("--coco-root", default=None, help="COCO 2017 root the jobs read references from.")
+@click.option("--runs", "runs_out", default=None, help="Parent of the run folders (default results/runs).")
+@click.option("--msibench", "msibench_cmd", default=None, help="Command that runs msibench on the nodes.")
+@click.option("--no-score", is_flag=True, help="Generate only; do not append the scoring step.")
+def grid_command(
+    grid_file, out, engines, methods, method_options, shards, gpus, seeds, base_seed, track, limit, device,
+    manifest, coco_root, runs_out, msibench_cmd, no_score,
+) -> None:  # fmt: skip
+    """Write methods x shards as ready-to-submit jobs: a SLURM array (sbatch), torchrun commands for one node, and
+    plain per-GPU shell scripts; plus grid.json. Nothing is scheduled here; resubmitting is safe (finished shards
+    are skipped by msibench run). GRID_FILE is a YAML grid (see msibench/grid.py); options override its fields."""
+    from msibench.grid import GridError, load_grid_file, spec_from_mapping, write_grid
+
+    overrides = {
+        key: value
+        for key, value in {
+            "shards": shards,
+            "gpus": gpus,
+            "seeds": seeds,
+            "seed": base_seed,
+            "track": track,
+            "limit": limit,
+            "device": device,
+            "manifest": manifest,
+            "coco_root": coco_root,
+            "out": runs_out,
+            "msibench": msibench_cmd,
+        }.items()
+        if value is not None
+    }
+    if no_score:
+        overrides["score"] = False
+    if methods:
+        options = _parse_options(method_options)
+        overrides["methods"] = [{"name": name, "options": options} for name in methods]
+    elif method_options:
+        raise click.UsageError("-M applies to the --method options given with it; give --method too")
+    try:
+        if grid_file is not None:
+            spec = load_grid_file(grid_file, overrides)
+        elif not methods:
+            raise click.UsageError("give a grid file or at least one --method")
+        else:
+            spec = spec_from_mapping(overrides, source="options")
+        written = write_grid(spec, out, engines or ("slurm", "torchrun", "plain"))
+    except GridError as err:
+        raise click.UsageError(str(err)) from err
+    jobs = len(spec.methods) * spec.shards
+    click.echo(f"{out}: {len(spec.methods)} method(s) x {spec.shards} shard(s) = {jobs} job(s); grid.json lists them")
+    for engine, files in written.items():
+        click.echo(f"  {engine}: " + ", ".join(str(f) for f in files))
+    if "slurm" in written:
+        click.echo(f"  submit: bash {out / 'slurm' / 'submit.sh'}")
+
+
 def _exit_code(ctx: click.Context, command: click.Command, **params) -> int:
     """Invoke ``command`` with ``params``; its exit code (the commands end with sys.exit)."""
     try:
@@ -568,6 +643,9 @@ def _register_optional_commands() -> None:
     from msibench.report.command import report_command
 
     main.add_command(report_command)
+    from msibench.present.command import leaderboard_command
+
+    main.add_command(leaderboard_command)
     from msibench import weights_commands
 
     for command in weights_commands.COMMANDS:

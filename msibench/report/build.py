@@ -484,8 +484,13 @@ class _Page:
 <span class="runs">methods {run_boxes}</span>
 <label>sort by <select id="s-metric">{metric_opts}</select></label>
 <label>of <select id="s-run">{run_opts}</select></label>
+<label>minus <select id="s-base"><option value="">nothing</option>{run_opts}</select></label>
 <label><select id="s-order"><option value="asc">worst first</option><option value="desc">best first</option>
 </select></label>
+<label>per page <select id="p-size"><option value="25" selected>25</option><option value="50">50</option>
+<option value="100">100</option><option value="0">all</option></select></label>
+<span class="pager"><button type="button" id="p-prev" aria-label="previous page">‹</button>
+<span id="p-info"></span><button type="button" id="p-next" aria-label="next page">›</button></span>
 <span id="count" aria-live="polite">{len(self.tasks)} of {len(self.tasks)} tasks</span>
 <span class="legend"><span class="bx-key matched">matched</span><span class="bx-key unmatched">unmatched</span>
 <span class="bx-key wrong">wrong category</span><span class="bx-key missing">subject not found</span></span>

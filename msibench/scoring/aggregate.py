@@ -133,8 +133,13 @@ def task_values(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict
     Samples whose generation failed count 0 on every metric that the track's ok records carry, or that the
     failure record says the scorer reports (``metrics_expected``; every key of the track for older records), so a
     track without a single generated image scores 0 rather than nothing (see the module docstring); their Z-Acc
-    pairs are the task's pairs, all wrong, and their evaluable subjects all count as collapsed."""
-    records = list(records)
+    pairs are the task's pairs, all wrong, and their evaluable subjects all count as collapsed.
+
+    Records are taken in (track, task, sample) order, so the statistics (the bootstrap's draws, the floating-point
+    sums) do not depend on the order they were written in: a resumed or sharded scoring gives the same figures."""
+    records = sorted(
+        records, key=lambda r: (str(r.get("track")), str(r.get("task_id")), int(r.get("sample_index") or 0))
+    )
     sums: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     ks: dict[tuple[str, str], int] = {}
     track_metrics: dict[str, set[str]] = defaultdict(set)

@@ -89,6 +89,14 @@ def _fail(err: Exception) -> click.ClickException:
     "--rescore", is_flag=True, help="Archive scores of another scorer version or generation run and score again."
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score at most N pending images per run.")
+@click.option(
+    "--shard",
+    default=None,
+    help="I/N: score this share of each run's images, beside the other shards (default: torchrun RANK/WORLD_SIZE).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=0, help="Threads decoding images (0: in the scoring thread)."
+)
 @click.option("--manifest", default=None, help="Manifest file or packaged name (v2, v1); default: run.json's.")
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--no-progress", is_flag=True)
@@ -111,19 +119,23 @@ def score_command(
     threads,
     rescore,
     limit,
+    shard,
+    workers,
     manifest,
     coco_root,
     no_progress,
 ) -> None:
-    """Score generated images of RUN_DIRS into scores.jsonl (resumable; re-scores only what changed).
+    """Score generated images of RUN_DIRS into scores.jsonl (resumable; re-scores only what changed). With
+    --shard I/N (or under torchrun), N processes score disjoint shares of each run side by side.
 
     Exit codes: 0 all scored, 1 error, 2 usage, 3 failed samples recorded, 4 another pass is scoring the run."""
     from msibench import exitcodes
     from msibench.cache import CacheDirError, cache_dir
-    from msibench.runner import OptionError, resolve_device, torchrun_env
+    from msibench.runner import OptionError, parse_shard, resolve_device, torchrun_env
 
     try:
         torchrun_env()  # ultralytics parses WORLD_SIZE/RANK at import: check them first, naming the variable
+        shard_spec = parse_shard(shard)
         device = resolve_device(device)
         cache_dir()  # $MSIBENCH_CACHE (weights, references, features) is usable
     except (OptionError, CacheDirError) as err:
@@ -174,6 +186,8 @@ def score_command(
                 limit=limit,
                 progress=not no_progress,
                 argv=sys.argv,
+                shard=shard_spec,
+                workers=workers,
             )
         except LockBusyError as err:
             click.echo(f"Error: {err}", err=True)
@@ -183,7 +197,9 @@ def score_command(
         rate = f", {summary.scored / summary.seconds:.2f} img/s" if summary.seconds > 0 and summary.scored else ""
         click.echo(
             f"{run_dir}: scorer {summary.scorer_hash}: {summary.scored} scored, {summary.reused} already current, "
-            f"{summary.failed} failed, {summary.not_generated} not generated (of {summary.total}){rate}"
+            f"{summary.failed} failed, {summary.not_generated} not generated (of {summary.total}"
+            + (f" in shard {shard_spec[0]}/{shard_spec[1]}" if shard_spec[1] > 1 else "")
+            + f"){rate}"
         )
         for failure in summary.failures[:20]:
             click.echo(f"  failed {failure}", err=True)

@@ -10,6 +10,13 @@ An image that is missing, or whose sha256 differs from the one its generation re
 generated), is not scored: it is recorded as a scoring failure that says so, and ``msibench run`` with the same
 options generates it again. An image that cannot be decoded is a scoring failure with the decoder's reason. One
 scoring pass per run folder at a time (a second one is refused with :class:`~msibench.records.LockBusyError`).
+
+Shards: ``shard=(I, N)`` scores only the units whose hash falls in shard I (the runner's :func:`~msibench.runner.
+shard_of`, so the shards of a run folder cover every unit once), under a lock of its own: N processes score one run
+folder side by side, appending to the one ``scores.jsonl`` under its append lock. The scores header is opened and the
+summary in ``scores.json`` is rewritten under the folder's scores lock, from every current score record of the
+folder, so whichever shard finishes last leaves the summary of the whole run: the same records and summary as one
+process scoring it alone.
 """
 
 from __future__ import annotations
@@ -82,27 +89,43 @@ def score_run(
     limit: int | None = None,
     progress: bool = True,
     argv: list[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    workers: int = 0,
 ) -> ScoreSummary:
-    """Score every generated image of ``run_dir`` whose score is not current; see the module docstring."""
+    """Score every generated image of ``run_dir`` (of shard ``shard``) whose score is not current; ``workers``
+    threads decode the images of a batch (0: in this thread). See the module docstring."""
     run_path = Path(run_dir)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= I < N")
     info = read_run_info(run_path)
+    lock, what = (".score.lock", f"scoring of {run_path}")
+    if count > 1:
+        lock, what = f".score-shard-{index}-of-{count}.lock", f"scoring of shard {index}/{count} of {run_path}"
     with (
-        exclusive_or_busy(run_path / ".score.lock", f"scoring of {run_path}", "wait for that pass to end or stop it"),
+        exclusive_or_busy(run_path / lock, what, "wait for that pass to end or stop it"),
         FolderWriters(run_path) as writers,
     ):
         if writers.alone:  # nobody generates or scores here: temp files are leftovers of killed writers
             remove_stale_temp_files([run_path, run_path / "images"])
         writers.share()
-        return _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, progress, argv)
+        return _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, progress, argv, shard, workers)
 
 
-def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, progress, argv) -> ScoreSummary:
+def _score_run(
+    run_path, info, scorer, manifest, coco_root, rescore, limit, progress, argv, shard=(0, 1), workers=0
+) -> ScoreSummary:
     from tqdm import tqdm
+
+    from msibench.runner import shard_of
 
     manifest = resolve_run_manifest(run_path, info, manifest)
     generated = sorted(read_records(run_path / RECORDS_FILE), key=record_key)
     if not generated:
         raise ScoreError(f"{run_path / RECORDS_FILE}: no generation records to score")
+    index, count = shard
+    if count > 1:
+        generated = [g for g in generated if shard_of(g["task_id"], int(g["sample_index"]), count) == index]
     version = scorer.version()
     scorer_hash = scorer.version_hash()
     open_scores(run_path, info, version, scorer_hash, scorer.device, rescore, argv)
@@ -158,7 +181,7 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
     if limit is not None:
         pending = pending[: max(0, limit)]
     if not pending:
-        summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged
+        summary.failed_recorded = finish_scores(run_path, scorer_hash, manifest)["failed"] + summary.damaged
         return summary
 
     start = time.perf_counter()  # from here on: reference features (cached or computed) count as scoring time
@@ -184,15 +207,27 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
         scorer.warm_references({sha: p for _, task, _, _ in pending for sha, p in references(task)})
 
     bar = tqdm(total=len(pending), desc=f"score {run_path.name}", unit="img", disable=not progress, leave=False)
+    pool = None
+    if workers > 0:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="msibench-decode")
+
+    def decode(path: Path):
+        try:
+            return load_rgb(path), None
+        except Exception as err:  # PIL raises many kinds for a damaged file (msibench.images)
+            return None, err
+
     try:
         size = max(1, scorer.config.batch_size)
         for b in range(0, len(pending), size):
             chunk = pending[b : b + size]
+            paths = [image_path for _, _, image_path, _ in chunk]
+            decoded = list(pool.map(decode, paths)) if pool is not None else [decode(p) for p in paths]
             items = []
-            for gen, task, image_path, sha in chunk:
-                try:
-                    image = load_rgb(image_path)
-                except Exception as err:  # PIL raises many kinds for a damaged file (msibench.images)
+            for (gen, task, _, sha), (image, err) in zip(chunk, decoded, strict=True):
+                if err is not None:
                     _fail(
                         scores_path,
                         gen,
@@ -214,8 +249,10 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
             bar.update(len(chunk))
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown()
     summary.seconds = time.perf_counter() - start
-    summary.failed_recorded = finish_scores(run_path, scorer_hash)["failed"] + summary.damaged
+    summary.failed_recorded = finish_scores(run_path, scorer_hash, manifest)["failed"] + summary.damaged
     logger.info(
         "%s: %d scored, %d current, %d failed, %d not generated (scorer %s)",
         run_path,

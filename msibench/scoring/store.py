@@ -138,22 +138,25 @@ def score_is_current(score: dict[str, Any], gen: dict[str, Any]) -> bool:
     return expected is None or score.get("image_sha256") == expected
 
 
-def finish_scores(run_path: Path, scorer_hash: str) -> Counter:
-    """Store the aggregate of the current scores in scores.json (a convenience; tables recompute it); return the
-    count of each status among them."""
+def finish_scores(run_path: Path, scorer_hash: str, manifest: Manifest | str | Path | None = None) -> Counter:
+    """Store the aggregate of the current scores in scores.json and the run's results.json
+    (:mod:`msibench.scoring.results`); return the count of each status among them. Under the folder's scores lock,
+    from every current score record, so the last of several scoring shards to finish leaves the whole run's."""
     from msibench.scoring.aggregate import aggregate, summary_to_json
+    from msibench.scoring.results import build_results, write_results
 
     header_path = run_path / SCORES_HEADER
-    generated = {record_key(r): r for r in read_records(run_path / RECORDS_FILE)}
     with locked(run_path / ".scores.lock"):
         header = json.loads(header_path.read_text())
         if header.get("scorer_hash") != scorer_hash:
             return Counter()
-        records = _current(read_records(run_path / SCORES_FILE), scorer_hash, generated)
-        counts = Counter(str(r.get("status")) for r in records)
-        header["summary"] = summary_to_json(aggregate(records))
+        scored = load_scored_run(run_path, manifest)
+        counts = Counter(str(r.get("status")) for r in scored.records)
+        groups = aggregate(scored.records)
+        header["summary"] = summary_to_json(groups)
         header["counts"] = dict(counts)
         atomic_write_bytes(header_path, (json.dumps(header, indent=2, sort_keys=True) + "\n").encode())
+        write_results(run_path, build_results(run_path, scored, groups, counts))
     return counts
 
 

@@ -110,18 +110,26 @@ def parse_run_spec(spec: str) -> tuple[str | None, Path]:
 
 def load_run(spec: str | Path, label: str | None = None) -> RunResult:
     """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated, with its coverage of the manifest."""
+    from msibench.scoring.results import groups_from_results, read_results
     from msibench.scoring.store import load_scored_run
 
     spec_label, path = parse_run_spec(str(spec))
     scored = load_scored_run(path)
     method = (scored.header.get("run") or {}).get("method")
     label = label or spec_label or METHOD_LABELS.get(str(method), str(method or path.name))
+    # The figures the scoring pass stored (results.json) while they describe the current records and scores;
+    # recomputed the same way (aggregate) when the file is absent or stale.
+    document = read_results(path)
+    if document is not None and (document.get("scorer") or {}).get("hash") == scored.header.get("scorer_hash"):
+        summary = groups_from_results(document)
+    else:
+        summary = aggregate(scored.records)
     return RunResult(
         label,
         method,
         str(path),
         scored.header.get("scorer_hash"),
-        aggregate(scored.records),
+        summary,
         config=_run_config(path),
         coverage=scored.coverage,
     )

@@ -192,6 +192,45 @@ def test_report_renders_filters_sorts_and_stays_in_its_folder(browser, report, r
     page.close()
 
 
+def test_report_pages_and_sorts_by_the_difference_of_two_runs(browser, report, report_runs):
+    page, _, outside, errors = open_report(browser, report)
+    n_tasks = len({r["task_id"] for r in read_records(report_runs["scored"])})
+    assert page.inner_text("#p-info") == "page 1 of 1" and len(visible_ids(page)) == n_tasks  # 25 per page
+
+    # B - A: sort by the scored run's YOLO-Subj minus the limited run's, on the tasks both scored
+    values = [{tid: row["yolo_subj"] for (_, tid), row in task_values(load_scores(report_runs[name])[1]).items()
+               if "yolo_subj" in row} for name in ("scored", "limited")]  # fmt: skip
+    diff = {t: values[0][t] - values[1][t] for t in values[0].keys() & values[1].keys()}
+    assert len(set(diff.values())) > 1  # the order can tell
+    page.select_option("#s-metric", "yolo_subj")
+    page.select_option("#s-run", "0")
+    page.select_option("#s-base", "1")
+    page.select_option("#s-order", "desc")
+    order = visible_ids(page)
+    assert [diff[t] for t in order[: len(diff)]] == sorted(diff.values(), reverse=True)
+    assert set(order[len(diff) :]) == {t for t in order if t not in diff}  # without both values: last
+    assert page.get_attribute("body", "data-sorted") == "yolo_subj:0-1:desc"
+
+    # paging keeps the sorted order across pages: 3 per page
+    page.evaluate("document.getElementById('p-size').add(new Option('3', '3'))")
+    page.select_option("#p-size", "3")
+    pages = -(-n_tasks // 3)
+    assert page.inner_text("#p-info") == f"page 1 of {pages}" and visible_ids(page) == order[:3]
+    assert page.is_disabled("#p-prev")
+    seen = list(visible_ids(page))
+    for i in range(1, pages):
+        page.click("#p-next")
+        assert page.inner_text("#p-info") == f"page {i + 1} of {pages}"
+        seen += visible_ids(page)
+    assert seen == order and page.is_disabled("#p-next")
+    page.click("#p-prev")
+    assert visible_ids(page) == order[3 * (pages - 2) : 3 * (pages - 1)]
+    page.select_option("#f-track", "single")  # a filter starts again at page 1
+    assert page.inner_text("#p-info").startswith("page 1 of")
+    assert errors == [] and outside == []
+    page.close()
+
+
 def test_a_request_leaving_the_folder_is_caught(browser, report, tmp_path):
     """The interception above can fail: a copy of the report with one remote image records that request."""
     copy = tmp_path / "copy"

@@ -1,4 +1,4 @@
-// msibench report: filtering and sorting of the task cards. Plain DOM, no libraries, no network.
+// msibench report: filtering, sorting and paging of the task cards. Plain DOM, no libraries, no network.
 (function () {
   "use strict";
   var tasks = Array.prototype.slice.call(document.querySelectorAll("article.task"));
@@ -21,10 +21,15 @@
       .map(function (b) { return b.value; });
   }
 
-  function apply() {
+  var page = 0;
+
+  function apply(keepPage) {
+    if (keepPage !== true) { page = 0; }
     var track = $("f-track").value, k = $("f-k").value, cat = $("f-cat").value, status = $("f-status").value;
     var runs = shownRuns();
     var metricSelect = $("s-metric"), metric = metricSelect.value, sortRun = $("s-run") ? $("s-run").value : "";
+    // "minus" a second run: sort by the difference B - A (B = "of", A = "minus") on the tasks both scored
+    var base = $("s-base") ? $("s-base").value : "";
     // "worst first" is ascending, except for a metric where lower is better (identity collapse): descending
     var lowerIsBetter = metric && metricSelect.selectedOptions[0].dataset.lower === "1";
     var desc = ($("s-order").value === "desc") !== Boolean(lowerIsBetter);
@@ -40,13 +45,19 @@
           return d.runs[r] && d.runs[r].status.indexOf(status) >= 0;
         }));
       }
-      d.el.hidden = !ok;
+      d.shown = ok;
       if (ok) { visible += 1; }
     });
-    var value = function (d) {
-      var r = d.runs[sortRun];
+    var of = function (d, run) {
+      var r = d.runs[run];
       var v = r && r.v ? r.v[metric] : undefined;
       return typeof v === "number" ? v : null;
+    };
+    var value = function (d) {
+      var v = of(d, sortRun);
+      if (v === null || !base) { return v; }
+      var a = of(d, base);
+      return a === null ? null : v - a;
     };
     var sorted = data.slice().sort(function (a, b) {
       if (metric) {
@@ -58,11 +69,28 @@
       return a.order - b.order;
     });
     sorted.forEach(function (d) { container.appendChild(d.el); });
+    // paging: only the cards of the current page are shown (and so only their images load)
+    var size = Number($("p-size").value), pages = size > 0 ? Math.max(1, Math.ceil(visible / size)) : 1;
+    page = Math.min(page, pages - 1);
+    var index = 0;
+    sorted.forEach(function (d) {
+      var onPage = d.shown && (size === 0 || Math.floor(index / size) === page);
+      if (d.shown) { index += 1; }
+      d.el.hidden = !onPage;
+    });
+    $("p-info").textContent = "page " + (page + 1) + " of " + pages;
+    $("p-prev").disabled = page === 0;
+    $("p-next").disabled = page >= pages - 1;
     $("count").textContent = visible + " of " + data.length + " tasks";
-    document.body.dataset.sorted = metric ? metric + ":" + sortRun + ":" + (desc ? "desc" : "asc") : "";
+    document.body.dataset.sorted = metric ? metric + ":" + sortRun + (base ? "-" + base : "") + ":" +
+      (desc ? "desc" : "asc") : "";
+    document.body.dataset.page = String(page);
   }
 
-  ["f-track", "f-k", "f-cat", "f-status", "s-metric", "s-run", "s-order"].forEach(function (id) {
+  $("p-prev").addEventListener("click", function () { page -= 1; apply(true); window.scrollTo(0, 0); });
+  $("p-next").addEventListener("click", function () { page += 1; apply(true); window.scrollTo(0, 0); });
+
+  ["f-track", "f-k", "f-cat", "f-status", "s-metric", "s-run", "s-base", "s-order", "p-size"].forEach(function (id) {
     var el = $(id);
     if (el) { el.addEventListener("change", apply); }
   });
