@@ -2,6 +2,7 @@
 
 Usage (the official code needs ``einops``; everything else comes from the system environment)::
 
+    mkdir -p /tmp/uno-official
     git --git-dir=<bare bytedance/UNO repo> archive d305981b9e301315b5c110aef9c7eed827457858 | tar x -C /tmp/uno-official
     python -m venv --system-site-packages /work/venvs/uno && /work/venvs/uno/bin/pip install einops==0.8.0
     /work/venvs/uno/bin/python parity/uno.py --official /tmp/uno-official
@@ -72,7 +73,6 @@ def official_models(folders: dict[str, Path]):
     """The official network, autoencoder and text embedders, loaded from the shared files."""
     import torch
     from safetensors.torch import load_file
-
     from uno.flux.model import Flux, FluxParams
     from uno.flux.modules.autoencoder import AutoEncoder, AutoEncoderParams
     from uno.flux.modules.conditioner import HFEmbedder
@@ -149,13 +149,13 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-
     import uno.flux.pipeline as official_pipeline
+    from uno.flux.sampling import denoise, get_schedule, prepare_multi_ip
+
     from baselines import uno_modules as m
     from baselines.testing import tiny_uno_folders
     from baselines.uno import UNOMethod
     from msibench.methods.base import GenerationRequest, SubjectInput
-    from uno.flux.sampling import denoise, get_schedule, prepare_multi_ip
 
     torch.set_num_threads(2)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="uno-parity-"))
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
 
     print("== 1. reference preprocessing (pixels)")
     for long_side in (512, 320, 48):
-        for k, image in enumerate(refs_raw):
+        for image in refs_raw:
             ours = np.asarray(m.preprocess_reference(image, long_side), dtype=np.float64)
             theirs = np.asarray(official_pipeline.preprocess_ref(image, long_side), dtype=np.float64)
             worst["preprocess"] = max(
@@ -196,20 +196,26 @@ def main(argv=None) -> int:
     prompt = "a photo of a dog on the table"
     with torch.no_grad():
         inp = prepare_multi_ip(t5=t5, clip=clip, img=noise, prompt=prompt, ref_imgs=ref_latents, pe="d")
-        text, pooled = m.encode_prompt(prompt, parts["t5"], parts["t5_tokenizer"], parts["clip"], parts["clip_tokenizer"], "cpu")
+        text, pooled = m.encode_prompt(
+            prompt, parts["t5"], parts["t5_tokenizer"], parts["clip"], parts["clip_tokenizer"], "cpu"
+        )
     report("packed image tokens", m.pack(noise), inp["img"])
     report("image position ids", m.grid_ids(SIZE // 16, SIZE // 16)[None], inp["img_ids"])
     grids = [(z.shape[2] // 2, z.shape[3] // 2) for z in ref_latents]
     for k, (ours_ids, z) in enumerate(zip(m.reference_ids((SIZE // 16, SIZE // 16), grids), ref_latents, strict=True)):
         report(f"reference {k} tokens", m.pack(z), inp["ref_img"][k])
-        worst["ids"] = max(worst.get("ids", 0), report(f"reference {k} position ids (UnoPE d)", ours_ids[None], inp["ref_img_ids"][k]))
+        worst["ids"] = max(
+            worst.get("ids", 0), report(f"reference {k} position ids (UnoPE d)", ours_ids[None], inp["ref_img_ids"][k])
+        )
     report("T5 states (512 tokens, no mask)", text, inp["txt"])
     report("CLIP pooled", pooled, inp["vec"])
 
     print("== 3. timestep schedule")
     for steps, size in ((25, 512), (25, 704), (4, SIZE)):
         theirs = get_schedule(steps, (size // 8) * (size // 8) // (16 * 16), shift=True)
-        worst["schedule"] = max(worst.get("schedule", 0), report(f"schedule {steps} steps {size}px", m.schedule(steps, size, size), theirs))
+        worst["schedule"] = max(
+            worst.get("schedule", 0), report(f"schedule {steps} steps {size}px", m.schedule(steps, size, size), theirs)
+        )
 
     print("== 4. autoencoder")
     ref = m.preprocess_reference(refs_raw[0], 32)
@@ -238,20 +244,47 @@ def main(argv=None) -> int:
             inp = prepare_multi_ip(t5=t5, clip=clip, img=noise, prompt=prompt, ref_imgs=sub, pe="d")
             t_vec = torch.full((1,), 0.7)
             theirs = model(
-                img=inp["img"], img_ids=inp["img_ids"], ref_img=inp["ref_img"], ref_img_ids=inp["ref_img_ids"],
-                txt=inp["txt"], txt_ids=inp["txt_ids"], y=inp["vec"], timesteps=t_vec, guidance=torch.full((1,), 4.0),
+                img=inp["img"],
+                img_ids=inp["img_ids"],
+                ref_img=inp["ref_img"],
+                ref_img_ids=inp["ref_img_ids"],
+                txt=inp["txt"],
+                txt_ids=inp["txt_ids"],
+                y=inp["vec"],
+                timesteps=t_vec,
+                guidance=torch.full((1,), 4.0),
             )
             refs = torch.cat([m.pack(z) for z in sub], dim=1)
             ids = torch.cat(m.reference_ids((SIZE // 16, SIZE // 16), grids[:n]), dim=0)
-            ours = m.predict_velocity(net, m.pack(noise), m.grid_ids(SIZE // 16, SIZE // 16), refs, ids, text, torch.zeros(text.shape[1], 3), pooled, 0.7, 4.0)
+            ours = m.predict_velocity(
+                net,
+                m.pack(noise),
+                m.grid_ids(SIZE // 16, SIZE // 16),
+                refs,
+                ids,
+                text,
+                torch.zeros(text.shape[1], 3),
+                pooled,
+                0.7,
+                4.0,
+            )
             worst["network"] = max(worst.get("network", 0), report(f"velocity, {n} reference(s)", ours, theirs))
         # The LoRA must matter, or the comparison above would not test it.
         lora_off = {k: v for k, v in model.state_dict().items() if "processor" in k and ".up." in k}
         saved = {k: v.clone() for k, v in lora_off.items()}
         for v in lora_off.values():
             v.zero_()
-        without = model(img=inp["img"], img_ids=inp["img_ids"], ref_img=inp["ref_img"], ref_img_ids=inp["ref_img_ids"],
-                        txt=inp["txt"], txt_ids=inp["txt_ids"], y=inp["vec"], timesteps=t_vec, guidance=torch.full((1,), 4.0))
+        without = model(
+            img=inp["img"],
+            img_ids=inp["img_ids"],
+            ref_img=inp["ref_img"],
+            ref_img_ids=inp["ref_img_ids"],
+            txt=inp["txt"],
+            txt_ids=inp["txt_ids"],
+            y=inp["vec"],
+            timesteps=t_vec,
+            guidance=torch.full((1,), 4.0),
+        )
         for k, v in lora_off.items():
             v.copy_(saved[k])
         report("(control) official with its LoRA zeroed vs ours", ours, without)
@@ -264,10 +297,24 @@ def main(argv=None) -> int:
         theirs = denoise(model, **inp, timesteps=timesteps, guidance=4.0)
         refs = torch.cat([m.pack(z) for z in sub], dim=1)
         ids = torch.cat(m.reference_ids((SIZE // 16, SIZE // 16), grids[:2]), dim=0)
-        ours = m.denoise(net, m.pack(noise), m.grid_ids(SIZE // 16, SIZE // 16), refs, ids, text, torch.zeros(text.shape[1], 3), pooled, m.schedule(4, SIZE, SIZE), 4.0)
+        ours = m.denoise(
+            net,
+            m.pack(noise),
+            m.grid_ids(SIZE // 16, SIZE // 16),
+            refs,
+            ids,
+            text,
+            torch.zeros(text.shape[1], 3),
+            pooled,
+            m.schedule(4, SIZE, SIZE),
+            4.0,
+        )
         worst["sampler"] = report("denoised latents", ours, theirs)
-        report("decoded image (pixels 0-255)", np.asarray(m.decode(parts["vae"], ours, SIZE, SIZE), dtype=np.float64),
-               np.asarray(m.decode(parts["vae"], theirs, SIZE, SIZE), dtype=np.float64))
+        report(
+            "decoded image (pixels 0-255)",
+            np.asarray(m.decode(parts["vae"], ours, SIZE, SIZE), dtype=np.float64),
+            np.asarray(m.decode(parts["vae"], theirs, SIZE, SIZE), dtype=np.float64),
+        )
 
     print("== 7. end to end, bfloat16: official UNOPipeline.forward vs UNOMethod.generate")
     seed = 11
@@ -291,13 +338,53 @@ def main(argv=None) -> int:
         n, cut = len(picks), [refs_raw[i] for i in picks]
         long_side = 48 if n == 1 else 32  # the per-task rule at tiny size (512 / 320 at real size)
         theirs_img = pipe(
-            prompt=prompt, width=SIZE, height=SIZE, guidance=4, num_steps=4, seed=seed,
-            ref_imgs=[official_pipeline.preprocess_ref(img, long_side) for img in cut], pe="d",
+            prompt=prompt,
+            width=SIZE,
+            height=SIZE,
+            guidance=4,
+            num_steps=4,
+            seed=seed,
+            ref_imgs=[official_pipeline.preprocess_ref(img, long_side) for img in cut],
+            pe="d",
         )
         task = SimpleNamespace(id=f"parity-{n}", prompt=prompt, background="")
         subjects = tuple(SubjectInput("x", 0, (0, 0, 1, 1), 0, img, img.convert("L")) for img in cut)
         ours_img = ours_bf.generate([GenerationRequest(task, 0, seed, subjects)])[0]
-        worst[f"e2e{n}"] = report(f"image, {n} reference(s) (pixels 0-255)", np.asarray(ours_img, np.float64), np.asarray(theirs_img, np.float64))
+        a, b = np.asarray(ours_img, np.float64), np.asarray(theirs_img, np.float64)
+        worst[f"e2e{n}"] = report(f"image, {n} reference(s) (pixels 0-255)", a, b)
+        print(f"{'':58s} mean-abs {np.abs(a - b).mean():.3e}  pixels differing {(a != b).mean():.2%}")
+
+    print("== 7b. one velocity in bfloat16 (where the end-to-end difference starts)")
+    with torch.no_grad():
+        bf = torch.bfloat16
+        sub = [z.to(bf) for z in ref_latents[:2]]
+        inp = prepare_multi_ip(t5=t5_bf, clip=clip_bf, img=noise.to(bf), prompt=prompt, ref_imgs=sub, pe="d")
+        theirs = model(
+            img=inp["img"],
+            img_ids=inp["img_ids"],
+            ref_img=inp["ref_img"],
+            ref_img_ids=inp["ref_img_ids"],
+            txt=inp["txt"],
+            txt_ids=inp["txt_ids"],
+            y=inp["vec"],
+            timesteps=torch.full((1,), 0.7, dtype=bf),
+            guidance=torch.full((1,), 4.0, dtype=bf),
+        )
+        refs = torch.cat([m.pack(z) for z in sub], dim=1)
+        ids = torch.cat(m.reference_ids((SIZE // 16, SIZE // 16), grids[:2]), dim=0)
+        ours = m.predict_velocity(
+            ours_bf._parts["transformer"],
+            m.pack(noise.to(bf)),
+            m.grid_ids(SIZE // 16, SIZE // 16),
+            refs,
+            ids,
+            inp["txt"],
+            torch.zeros(inp["txt"].shape[1], 3),
+            inp["vec"],
+            0.7,
+            4.0,
+        )
+        worst["network-bf16"] = report("velocity, 2 references, bfloat16", ours, theirs)
 
     print("== worst relative difference per part:", {k: f"{v:.1e}" for k, v in worst.items()})
     return 0
@@ -306,7 +393,6 @@ def main(argv=None) -> int:
 def HFEmbedderBF16(folder: Path, max_length: int):
     """The official text embedder in bfloat16, as load_t5 / load_clip make it (util.py:382-389)."""
     import torch
-
     from uno.flux.modules.conditioner import HFEmbedder
 
     return HFEmbedder(str(folder), max_length=max_length, torch_dtype=torch.bfloat16)
