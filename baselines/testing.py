@@ -39,11 +39,14 @@ def bpe_clip_tokenizer(folder: Path, words: Iterable[str]) -> Any:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def tiny_uno_folders(root: Path, *, seed: int = 0, lora_rank: int = 4, size: str = "tiny") -> dict[str, Path]:
+def tiny_uno_folders(
+    root: Path, *, seed: int = 0, lora_rank: int = 4, size: str = "tiny", transformer: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """UNO's four hub repositories as local folders, with random weights in each file's official layout:
     ``flux/`` (``flux1-dev.safetensors``, ``ae.safetensors``), ``uno/`` (``dit_lora.safetensors``), ``t5/`` and
     ``clip/`` (``save_pretrained`` folders with their tokenizers). ``size="real"`` writes the real FLUX.1-dev
-    transformer and autoencoder shapes (24 GB in bfloat16) but keeps the text encoders tiny-width."""
+    transformer and autoencoder shapes (24 GB in bfloat16) but keeps the text encoders tiny-width; ``transformer``
+    replaces the tiny transformer config."""
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
@@ -54,7 +57,7 @@ def tiny_uno_folders(root: Path, *, seed: int = 0, lora_rank: int = 4, size: str
     root = Path(root)
     gen = torch.Generator().manual_seed(seed)
     real = size == "real"
-    config = m.FLUX_DEV_TRANSFORMER if real else m.tiny_transformer_config()
+    config = transformer or (m.FLUX_DEV_TRANSFORMER if real else m.tiny_transformer_config())
     dtype = torch.bfloat16 if real else torch.float32
 
     def random(shapes: dict[str, tuple[int, ...]], scale: float) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Usage (the official code needs ``einops``; everything else comes from the system environment)::
 
     mkdir -p /tmp/uno-official
-    git --git-dir=<bare bytedance/UNO repo> archive d305981b9e301315b5c110aef9c7eed827457858 | tar x -C /tmp/uno-official
+    git --git-dir=<bare UNO repo> archive d305981b9e301315b5c110aef9c7eed827457858 | tar x -C /tmp/uno-official
     python -m venv --system-site-packages /work/venvs/uno && /work/venvs/uno/bin/pip install einops==0.8.0
     /work/venvs/uno/bin/python parity/uno.py --official /tmp/uno-official
 
