@@ -31,6 +31,7 @@ The official ``SingleStreamBlockLoraProcessor`` hard-codes the input width of it
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -163,6 +164,31 @@ def main(argv=None) -> int:
     model, ae, t5, clip = official_models(folders)
     refs_raw = references(0)
     worst: dict[str, float] = {}
+
+    print("== 0. real-size key layouts (meta tensors): FLUX.1-dev, the rank-512 LoRA, the autoencoder")
+    from diffusers import AutoencoderKL
+    from uno.flux.model import Flux
+    from uno.flux.modules.autoencoder import AutoEncoder
+    from uno.flux.util import configs, set_lora
+
+    with torch.device("meta"):
+        real = set_lora(Flux(configs["flux-dev"].params), 512, device="meta")  # inference.py:56 lora_rank=512
+        real_ae = AutoEncoder(configs["flux-dev"].ae_params)
+        ours_ae = AutoencoderKL(**m.FLUX_AE)
+    theirs_shapes = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+    ours_shapes = {
+        **m.official_flux_shapes(m.FLUX_DEV_TRANSFORMER),
+        **m.official_lora_shapes(m.FLUX_DEV_TRANSFORMER, 512),
+    }
+    print(
+        f"{'transformer + LoRA keys and shapes identical':58s} {ours_shapes == theirs_shapes} "
+        f"({len(ours_shapes)} keys, {sum(math.prod(s) for s in ours_shapes.values()) / 1e9:.3f} G parameters)"
+    )
+    theirs_ae = {k: tuple(v.shape) for k, v in real_ae.state_dict().items()}
+    ours_ae_shapes = {k: tuple(v.shape) for k, v in m.official_ae_state_dict(ours_ae).items()}
+    print(f"{'autoencoder keys and shapes identical':58s} {theirs_ae == ours_ae_shapes} ({len(theirs_ae)} keys)")
+    if ours_shapes != theirs_shapes or theirs_ae != ours_ae_shapes:
+        return 1
 
     print("== 1. reference preprocessing (pixels)")
     for long_side in (512, 320, 48):
