@@ -213,51 +213,64 @@ class UNOMethod(Method):
 
     def setup(self, device: str) -> None:
         import torch
-        from diffusers import AutoencoderKL
         from safetensors.torch import load_file
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+        dtype = getattr(torch, self.config()["dtype"])
+        files = self._files()
+        self.load_components(
+            flux=load_file(str(files["flux"]), device=str(device)),
+            lora=load_file(str(files["lora"]), device=str(device)),
+            ae=load_file(str(files["ae"]), device=str(device)),
+            t5=self._pretrained(T5EncoderModel, "t5", "T5 encoder", dtype=dtype),
+            t5_tokenizer=self._pretrained(T5Tokenizer, "t5", "T5 tokenizer"),
+            clip=self._pretrained(CLIPTextModel, "clip", "CLIP text encoder", dtype=dtype),
+            clip_tokenizer=self._pretrained(CLIPTokenizer, "clip", "CLIP tokenizer"),
+            device=device,
+        )
+        logger.info("uno: loaded %s + %s (%s) on %s", files["flux"], files["lora"], dtype, device)
+
+    def load_components(
+        self, *, flux: dict, lora: dict, ae: dict, t5, t5_tokenizer, clip, clip_tokenizer, device: str
+    ) -> None:
+        """The second half of :meth:`setup`: assemble the method from the state dicts of ``flux1-dev.safetensors``,
+        ``dit_lora.safetensors`` and ``ae.safetensors`` (official layouts; consumed) and the loaded text encoders.
+        ``benchmarks/bench_gpu.py`` calls it with random tensors made on the device, where writing and reading 24 GB
+        of files would cost more than the benchmark."""
+        import torch
+        from diffusers import AutoencoderKL
 
         from baselines import uno_modules as modules
 
         dtype = getattr(torch, self.config()["dtype"])
-        files = self._files()
-        t5_tokenizer = self._pretrained(T5Tokenizer, "t5", "T5 tokenizer")
-        clip_tokenizer = self._pretrained(CLIPTokenizer, "clip", "CLIP tokenizer")
-        t5 = self._pretrained(T5EncoderModel, "t5", "T5 encoder", dtype=dtype).to(device).eval()
-        clip = self._pretrained(CLIPTextModel, "clip", "CLIP text encoder", dtype=dtype).to(device).eval()
-
-        flux = load_file(str(files["flux"]), device=str(device))
-        lora = load_file(str(files["lora"]), device=str(device))
         transformer_config = flux_config_of(flux)
         transformer = modules.build_transformer(transformer_config, modules.lora_rank_of(lora))
         state = modules.transformer_state_dict(
             flux, lora, transformer_config["num_layers"], transformer_config["num_single_layers"]
         )
-        del flux, lora
+        flux.clear()
+        lora.clear()
         modules.load_weights(transformer, state, dtype, device)
         del state
 
-        ae_sd = load_file(str(files["ae"]))
-        ae_config = ae_config_of(ae_sd)
+        ae_config = ae_config_of(ae)
         # The autoencoder stays in float32, as the official one (ae.safetensors is float32; pipeline.py:268-269).
         with torch.device("meta"):
             vae = AutoencoderKL(**ae_config)
         ae_state = {
-            k: v.to(device=device, dtype=torch.float32) for k, v in modules.ae_state_dict(ae_sd, ae_config).items()
+            k: v.to(device=device, dtype=torch.float32) for k, v in modules.ae_state_dict(ae, ae_config).items()
         }
         vae.load_state_dict(ae_state, strict=True, assign=True)
-        vae = vae.eval()
         self._parts = {
             "transformer": transformer,
-            "vae": vae,
-            "t5": t5,
+            "vae": vae.eval(),
+            "t5": t5.to(device=device, dtype=dtype).eval(),
             "t5_tokenizer": t5_tokenizer,
-            "clip": clip,
+            "clip": clip.to(device=device, dtype=dtype).eval(),
             "clip_tokenizer": clip_tokenizer,
             "device": str(device),
             "dtype": dtype,
         }
-        logger.info("uno: loaded %s + %s (%s) on %s", files["flux"], files["lora"], dtype, device)
 
     # ------------------------------------------------------------------------------------------ generation
 
