@@ -31,11 +31,11 @@ device or on earlier tasks.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from msibench.cache import sha256_file
+from msibench.methods import harness
 from msibench.methods.base import (
     Capabilities,
     GenerationRequest,
@@ -43,7 +43,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure, hub_kwargs
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -63,16 +63,15 @@ FLUX_REVISION = LORA_REVISION = T5_REVISION = "main"
 #: Override the defaults of ``flux`` / ``lora``: a local folder holding the hub files (or the file itself).
 FLUX_ENV = "MSIBENCH_UNO_FLUX"
 LORA_ENV = "MSIBENCH_UNO_LORA"
-DTYPES = ("bfloat16", "float16", "float32")
 MAX_SUBJECTS = 4  # README / app.py: up to four reference images
 IMPLEMENTATION_VERSION = 1
 
 
 def _default_options() -> dict[str, Any]:
     return {
-        "flux": os.environ.get(FLUX_ENV, FLUX_ID),
+        "flux": harness.env_default(FLUX_ENV, FLUX_ID),
         "flux_revision": FLUX_REVISION,
-        "lora": os.environ.get(LORA_ENV, LORA_ID),
+        "lora": harness.env_default(LORA_ENV, LORA_ID),
         "lora_revision": LORA_REVISION,
         "t5": T5_ID,
         "t5_revision": T5_REVISION,
@@ -87,14 +86,9 @@ def _default_options() -> dict[str, Any]:
     }
 
 
-def _local(source: str) -> Path | None:
-    path = Path(source).expanduser() if source else None
-    return path.resolve() if path is not None and path.exists() else None
-
-
 def resolve_file(source: str, filename: str, revision: str, what: str, option: str, env: str | None) -> Path:
     """``filename`` of ``source``: a local file, a local folder holding it, or a hub repo id at ``revision``."""
-    local = _local(source)
+    local = harness.local_path(source)
     hint = f"-M {option}=DIR" + (f" (or set {env})" if env else "")
     if local is not None and local.is_file():
         return local
@@ -102,13 +96,7 @@ def resolve_file(source: str, filename: str, revision: str, what: str, option: s
         if (local / filename).is_file():
             return local / filename
         raise WeightsUnavailableError(f"uno: {what} not found: {local / filename} does not exist ({hint}).")
-    try:
-        return hub_download(source, filename, revision)
-    except Exception as err:  # offline, gated, unknown repo, missing file: one readable message
-        raise WeightsUnavailableError(
-            f"uno: cannot get {what} {filename!r} from the hub repo {source!r} at revision {revision}: "
-            f"{hub_failure(err)}. {fetch_remedy('uno', hint)}"
-        ) from err
+    return harness.hub_file(source, filename, revision, method="uno", what=what, option=hint)
 
 
 class UNOMethod(Method):
@@ -140,8 +128,8 @@ class UNOMethod(Method):
             bounds={"ref_long_side_single": (16, 4096), "ref_long_side_multi": (16, 4096)},
         )
         o = self.options
-        if o["dtype"] not in DTYPES:
-            raise ValueError(f"uno option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
+        harness.check_choice(o, "dtype", harness.DTYPES, self.name)
+        harness.check_positive(o, ("steps", "resolution"), self.name)
         if int(o["resolution"]) % 16:
             raise ValueError(f"uno option 'resolution': must be a multiple of 16, got {o['resolution']}")
         self._config: dict[str, Any] | None = None
@@ -175,10 +163,10 @@ class UNOMethod(Method):
     def _source_record(self, key: str, filename: str | None) -> dict[str, str]:
         """A hub source by id + revision; a local one by its resolved path (and the LoRA by its content)."""
         o = self.options
-        local = _local(o[key])
+        record = harness.source_record(o[key], o[f"{key}_revision"])
+        local = harness.local_path(o[key])
         if local is None:
-            return {"source": o[key], "revision": o[f"{key}_revision"]}
-        record = {"source": str(local)}
+            return record
         if key == "lora":
             path = local if local.is_file() else local / (filename or "")
             if path.is_file():
@@ -190,8 +178,9 @@ class UNOMethod(Method):
     def _files(self) -> dict[str, Path]:
         o = self.options
         flux = resolve_file(o["flux"], FLUX_FILE, o["flux_revision"], "FLUX.1-dev transformer", "flux", FLUX_ENV)
-        if _local(o["flux"]) is not None and _local(o["flux"]).is_file():
-            ae_source = str(_local(o["flux"]).parent)  # a bare flux1-dev.safetensors: ae.safetensors beside it
+        local = harness.local_path(o["flux"])
+        if local is not None and local.is_file():
+            ae_source = str(local.parent)  # a bare flux1-dev.safetensors: ae.safetensors beside it
         else:
             ae_source = o["flux"]
         ae = resolve_file(ae_source, AE_FILE, o["flux_revision"], "FLUX.1-dev autoencoder", "flux", FLUX_ENV)
@@ -200,31 +189,29 @@ class UNOMethod(Method):
 
     def _pretrained(self, cls, key: str, what: str, **kwargs):
         o = self.options
-        local = _local(o[key])
-        source = str(local) if local is not None else o[key]
-        extra = {} if local is not None else {"revision": o[f"{key}_revision"], **hub_kwargs()}
-        try:
-            return cls.from_pretrained(source, **extra, **kwargs)
-        except OSError as err:
-            raise WeightsUnavailableError(
-                f"uno: cannot load the {what} from {source!r}: {hub_failure(err)}. "
-                f"{fetch_remedy('uno', f'-M {key}=DIR')}"
-            ) from err
+        return harness.from_pretrained(
+            cls.from_pretrained, o[key], what, WeightsUnavailableError, f"-M {key}=DIR", self.name,
+            revision=o[f"{key}_revision"], **kwargs,
+        )  # fmt: skip
 
     def setup(self, device: str) -> None:
-        import torch
         from safetensors.torch import load_file
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-        dtype = getattr(torch, self.config()["dtype"])
+        dtype = harness.torch_dtype(self.config()["dtype"])
+        harness.warn_if_half_on_cpu(self.name, self.config()["dtype"], device)
         files = self._files()
+        dkw = harness.transformers_dtype_kwarg(dtype)
+        with harness.quiet_loading():
+            t5 = self._pretrained(T5EncoderModel, "t5", "T5 encoder", **dkw)
+            clip = self._pretrained(CLIPTextModel, "clip", "CLIP text encoder", **dkw)
         self.load_components(
             flux=load_file(str(files["flux"]), device=str(device)),
             lora=load_file(str(files["lora"]), device=str(device)),
             ae=load_file(str(files["ae"]), device=str(device)),
-            t5=self._pretrained(T5EncoderModel, "t5", "T5 encoder", dtype=dtype),
+            t5=t5,
             t5_tokenizer=self._pretrained(T5Tokenizer, "t5", "T5 tokenizer"),
-            clip=self._pretrained(CLIPTextModel, "clip", "CLIP text encoder", dtype=dtype),
+            clip=clip,
             clip_tokenizer=self._pretrained(CLIPTokenizer, "clip", "CLIP tokenizer"),
             device=device,
         )
@@ -242,7 +229,7 @@ class UNOMethod(Method):
 
         from baselines import uno_modules as modules
 
-        dtype = getattr(torch, self.config()["dtype"])
+        dtype = harness.torch_dtype(self.config()["dtype"])
         transformer_config = flux_config_of(flux)
         transformer = modules.build_transformer(transformer_config, modules.lora_rank_of(lora))
         state = modules.transformer_state_dict(
@@ -275,8 +262,7 @@ class UNOMethod(Method):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
-        if self._parts is None:
-            raise RuntimeError("uno: setup(device) must be called before generate()")
+        harness.require_setup(self._parts, self.name)
         return [self._generate_one(r) for r in requests]
 
     def _generate_one(self, request: GenerationRequest) -> Image.Image:
@@ -301,7 +287,7 @@ class UNOMethod(Method):
                     f"uno: task {request.task.id}, subject {k} ({subject.category}): its {subject.reference.size} "
                     f"reference becomes {ref.size} px at long side {long_side}, under the 16 px the network needs"
                 )
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        generator = harness.seeded_generator(request.seed)
         with torch.inference_mode():
             noise = torch.randn(1, 16, 2 * (size // 16), 2 * (size // 16), generator=generator)
             latents = m.pack(noise.to(device=device, dtype=dtype))
