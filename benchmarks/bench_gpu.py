@@ -8,7 +8,9 @@ One prepared script for one CUDA device, meant to finish in under 10 minutes (``
    folder layout and loaded through its own ``setup`` (the real loader path), then ``generate`` on MSIBench tasks
    of each track it supports, at its default steps, resolution and dtype: seconds per image (after one untimed
    warm-up batch) and peak memory (CUDA: ``max_memory_allocated`` from before ``setup``; CPU: the process's max
-   RSS). Each method runs in its own subprocess, so its memory is its own.
+   RSS). Each method runs in its own subprocess, so its memory is its own. UNO at real size is the exception to
+   "written to disk": FLUX.1-dev + its rank-512 LoRA (12.86 G parameters) and T5-XXL are made in bfloat16 on the
+   device and handed to ``UNOMethod.load_components`` (setup's key mapping and assembly, minus reading 24 GB).
 
 Random weights cost what trained ones cost; what they cannot show is quality. References are synthetic cut-outs of
 each subject's recorded size (no COCO data needed on the device), so every task's shapes are the real ones.
