@@ -37,3 +37,70 @@ def bpe_clip_tokenizer(folder: Path, words: Iterable[str]) -> Any:
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_uno_folders(
+    root: Path, *, seed: int = 0, lora_rank: int = 4, size: str = "tiny", transformer: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """UNO's four hub repositories as local folders, with random weights in each file's official layout:
+    ``flux/`` (``flux1-dev.safetensors``, ``ae.safetensors``), ``uno/`` (``dit_lora.safetensors``), ``t5/`` and
+    ``clip/`` (``save_pretrained`` folders with their tokenizers). ``size="real"`` writes the real FLUX.1-dev
+    transformer and autoencoder shapes (24 GB in bfloat16) but keeps the text encoders tiny-width; ``transformer``
+    replaces the tiny transformer config."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+
+    from baselines import uno_modules as m
+
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    real = size == "real"
+    config = transformer or (m.FLUX_DEV_TRANSFORMER if real else m.tiny_transformer_config())
+    dtype = torch.bfloat16 if real else torch.float32
+
+    def random(shapes: dict[str, tuple[int, ...]], scale: float) -> dict[str, Any]:
+        out = {}
+        for key, shape in shapes.items():
+            fan_in = shape[-1] if len(shape) > 1 else 1
+            std = scale / fan_in**0.5 if len(shape) > 1 else 0.1
+            value = torch.randn(shape, generator=gen) * std
+            out[key] = (value + 1.0 if key.endswith(".scale") else value).to(dtype)
+        return out
+
+    folders = {name: root / name for name in ("flux", "uno", "t5", "clip")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    save_file(random(m.official_flux_shapes(config), 1.0), str(folders["flux"] / "flux1-dev.safetensors"))
+    save_file(random(m.official_lora_shapes(config, lora_rank), 0.5), str(folders["uno"] / "dit_lora.safetensors"))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**(m.FLUX_AE if real else m.tiny_ae_config()))
+    save_file(m.official_ae_state_dict(vae), str(folders["flux"] / "ae.safetensors"))
+
+    words = "a an the of on in with and photo dog cat bus car person cup table".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + [("\u2581", -3.0)]
+    t5_tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    t5_tokenizer.save_pretrained(folders["t5"])
+    t5_width = config["joint_attention_dim"]
+    T5EncoderModel(
+        T5Config(vocab_size=len(vocab), d_model=t5_width, d_kv=8, d_ff=2 * t5_width, num_layers=1, num_heads=2)
+    ).save_pretrained(folders["t5"])
+    clip_tokenizer = bpe_clip_tokenizer(folders["clip"], words)
+    clip_tokenizer.save_pretrained(folders["clip"])
+    clip_width = config["pooled_projection_dim"]
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=clip_width,
+            intermediate_size=2 * clip_width,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(folders["clip"])
+    return folders

@@ -8,7 +8,9 @@ One prepared script for one CUDA device, meant to finish in under 10 minutes (``
    folder layout and loaded through its own ``setup`` (the real loader path), then ``generate`` on MSIBench tasks
    of each track it supports, at its default steps, resolution and dtype: seconds per image (after one untimed
    warm-up batch) and peak memory (CUDA: ``max_memory_allocated`` from before ``setup``; CPU: the process's max
-   RSS). Each method runs in its own subprocess, so its memory is its own.
+   RSS). Each method runs in its own subprocess, so its memory is its own. UNO at real size is the exception to
+   "written to disk": FLUX.1-dev + its rank-512 LoRA (12.86 G parameters) and T5-XXL are made in bfloat16 on the
+   device and handed to ``UNOMethod.load_components`` (setup's key mapping and assembly, minus reading 24 GB).
 
 Random weights cost what trained ones cost; what they cannot show is quality. References are synthetic cut-outs of
 each subject's recorded size (no COCO data needed on the device), so every task's shapes are the real ones.
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("paste", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet")
+METHODS = ("paste", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet", "uno")
 TINY_RES = 32
 
 
@@ -93,10 +95,10 @@ def requests_for(tasks):
     return out
 
 
-def pick_tasks(manifest, track: str, n: int):
-    """``n`` tasks of ``track``; for multi, K spread from 2 to 5."""
-    tasks = [t for t in manifest.tasks if t.track == track]
-    if track == "single":
+def pick_tasks(manifest, track: str, n: int, can_do=None):
+    """``n`` tasks of ``track``; for multi, K spread from 2 to 5 (to the largest K ``can_do`` accepts)."""
+    tasks = [t for t in manifest.tasks if t.track == track and (can_do is None or can_do(t) is None)]
+    if track == "single" or not tasks:
         return tasks[:n]
     by_k: dict[int, list] = {}
     for t in tasks:
@@ -253,7 +255,64 @@ def build(name: str, size: str, root: Path) -> dict[str, Any]:
             config = mscustomnet_config() if multi else customnet_config()
         folder = save_model(CustomNetModel(config).eval(), root / "model")
         return {"weights": str(folder), **tiny}
+    if name == "uno":
+        if size == "real":
+            return {}  # built on the device by load_uno_in_memory: 24 GB of FLUX files would cost more than the run
+        from baselines.testing import tiny_uno_folders
+
+        folders = tiny_uno_folders(root / "uno")
+        return {"flux": str(folders["flux"]), "lora": str(folders["uno"]), "t5": str(folders["t5"]),
+                "clip": str(folders["clip"]), "ref_long_side_single": 64, "ref_long_side_multi": 48,
+                "dtype": "float32", **tiny}  # fmt: skip
     raise ValueError(f"no random-weight builder for method {name!r}")
+
+
+def load_uno_in_memory(method, device: str) -> None:
+    """UNO at real size, bfloat16, made on the device: FLUX.1-dev + the rank-512 LoRA (12.9 G parameters) as
+    random state dicts in the official layouts, the FLUX autoencoder, T5-XXL v1.1 and CLIP ViT-L/14 text, handed
+    to ``UNOMethod.load_components`` (the key mapping and assembly of ``setup``, without writing and reading the
+    files). The tokenizers are small vocabularies; T5 pads to 512 tokens and CLIP to 77 either way."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+
+    from baselines import uno_modules as m
+
+    dev, bf16 = torch.device(device), torch.bfloat16
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def random(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        out = {}
+        for key, shape in shapes.items():
+            t = torch.randn(shape, generator=gen, device=dev, dtype=bf16).mul_(
+                shape[-1] ** -0.5 if len(shape) > 1 else 0.1
+            )
+            out[key] = t.add_(1.0) if key.endswith(".scale") else t
+        return out
+
+    config = m.FLUX_DEV_TRANSFORMER
+    flux, lora = random(m.official_flux_shapes(config)), random(m.official_lora_shapes(config, 512))
+    with torch.device(dev):
+        ae = m.official_ae_state_dict(AutoencoderKL(**m.FLUX_AE))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(bf16)  # build the 4.7 G-parameter T5 in bfloat16 directly
+    try:
+        with torch.device(dev):  # google/t5-v1_1-xxl (the xflux_text_encoders config)
+            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                         num_heads=64, feed_forward_proj="gated-gelu"))  # fmt: skip
+            clip = CLIPTextModel(clip_text_config("real", 49408))
+    finally:
+        torch.set_default_dtype(default)
+    words = "a an the of on in with and photo".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + [("\u2581", -3.0)]
+    method.load_components(flux=flux, lora=lora, ae=ae, t5=t5, t5_tokenizer=T5Tokenizer(vocab=vocab, extra_ids=0),
+                           clip=clip, clip_tokenizer=tokenizer(Path(tempfile.mkdtemp()) / "_vocab"),
+                           device=device)  # fmt: skip
+
+
+# Methods whose real-size weights are made on the device instead of written to files and read back by setup().
+IN_MEMORY = {"uno": load_uno_in_memory}
 
 
 def build_lambda_eclipse(size: str, root: Path, tiny: dict[str, Any], half) -> dict[str, Any]:
@@ -360,14 +419,19 @@ def time_method(name: str, args) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(args.device)
     method = registry.build(name, options)
     start = time.perf_counter()
-    method.setup(args.device)
+    if args.size == "real" and name in IN_MEMORY:
+        IN_MEMORY[name](method, args.device)
+    else:
+        method.setup(args.device)
     _sync(args.device)
     setup_s = time.perf_counter() - start
     manifest = load_manifest()
     out: dict[str, Any] = {"method": name, "config": method.config(), "build_s": round(built, 1),
                            "setup_s": round(setup_s, 1), "tracks": {}}  # fmt: skip
     for track in ("single", "multi"):
-        tasks = [t for t in pick_tasks(manifest, track, args.tasks + 1) if method.can_do(t) is None]
+        tasks = (
+            pick_tasks(manifest, track, args.tasks + 1, method.can_do) if track in method.capabilities.tracks else []
+        )
         if len(tasks) < 2:
             continue
         warm, timed = requests_for(tasks[:1]), requests_for(tasks[1:])

@@ -41,6 +41,7 @@ METHODS: dict[str, str] = {
     "ssr-encoder": "baselines.ssr_encoder:SSREncoderMethod",
     "customnet": "baselines.customnet:CustomNetMethod",
     "mscustomnet": "mscustomnet.adapter:MSCustomNetMethod",
+    "uno": "baselines.uno:UNOMethod",
 }
 
 ENTRY_POINT_GROUP = "msibench.methods"
