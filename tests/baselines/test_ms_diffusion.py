@@ -1,0 +1,364 @@
+"""``ms-diffusion``: options and fingerprint, missing weights, the official checkpoint layout (full-size SDXL on the
+meta device), the layout masks and box features against hand-made values, and the whole generate path through the
+runner with tiny random-weight SDXL / CLIP / resampler folders in the hub layout."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from baselines.ms_diffusion import MSDiffusionMethod, WeightsUnavailableError
+from msibench.records import read_records
+from msibench.runner import run_method
+
+TINY_RESOLUTION = 64  # tiny VAE: /2 -> 32x32 latents; attention at 16x16 (second block, mid, first up block)
+# Tiny SDXL as diffusers' own SDXL pipeline tests build it (tests/pipelines/stable_diffusion_xl), layers_per_block 1.
+TINY_UNET = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "sample_size": TINY_RESOLUTION // 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    "projection_class_embeddings_input_dim": 80,  # 6 x 8 time ids + text_encoder_2's 32
+    "cross_attention_dim": 64,  # 32 + 32 (both text encoders' penultimate states)
+    "norm_num_groups": 1,
+}
+# SDXL base scheduler/scheduler_config.json (EulerDiscreteScheduler).
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+TINY_ENCODER_HIDDEN = 32
+TINY_TOKENS_PER_SUBJECT = 4
+
+
+def tiny_resampler_config():
+    from baselines.ms_diffusion_modules import ResamplerConfig
+
+    return ResamplerConfig(dim=32, depth=2, heads=2, num_queries=TINY_TOKENS_PER_SUBJECT, embedding_dim=32,
+                           output_dim=64, ff_mult=2, phrase_dim=32)  # fmt: skip
+
+
+def write_tiny_folders(root: Path, seed: int = 0) -> dict[str, str]:
+    """SDXL (diffusers layout, as the hub repo), a CLIP vision tower (config.json + model.safetensors, as the laion
+    repo) and ms_adapter.bin with the official keys (as doge1516/MS-Diffusion); returns the -M options."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from baselines.ms_diffusion_modules import nest, official_shapes
+    from baselines.testing import bpe_clip_tokenizer
+    from msibench.bench.manifest import load_manifest
+
+    torch.manual_seed(seed)
+    words = {"best", "quality", "high", "monochrome", "lowres", "bad", "anatomy", "worst", "low"}
+    for task in load_manifest().tasks:
+        words |= set(re.findall(r"[a-z]+", (task.prompt + " " + " ".join(s.category for s in task.subjects)).lower()))
+    tokenizer = bpe_clip_tokenizer(root / "_vocab", words)
+    text = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "hidden_size": 32, "intermediate_size": 37,
+            "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77, "projection_dim": 32}  # fmt: skip
+    unet = UNet2DConditionModel(**TINY_UNET)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+        ),  # fmt: skip
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(root / "sdxl")
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=TINY_ENCODER_HIDDEN,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            image_size=224,
+            patch_size=32,
+            projection_dim=16,
+        )  # fmt: skip
+    ).save_pretrained(root / "clip-bigg")
+    shapes = official_shapes(tiny_resampler_config(), unet)
+    g = torch.Generator().manual_seed(seed)
+    flat = {k: torch.randn(s, generator=g) * (0.3 if "to_" in k and "ip" in k else 0.1) for k, s in shapes.items()}
+    (root / "ms-diffusion").mkdir()
+    torch.save(nest(flat), root / "ms-diffusion" / "ms_adapter.bin")
+    return {"base_model": str(root / "sdxl"), "image_encoder": str(root / "clip-bigg"),
+            "adapter": str(root / "ms-diffusion"), "steps": 2, "resolution": TINY_RESOLUTION,
+            "dtype": "float32"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_options(tmp_path_factory) -> dict:
+    return write_tiny_folders(tmp_path_factory.mktemp("tiny-ms-diffusion"))
+
+
+@pytest.fixture(autouse=True)
+def _no_weights_env(monkeypatch):
+    monkeypatch.delenv("MSIBENCH_MS_DIFFUSION_WEIGHTS", raising=False)
+
+
+def _images(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "images").glob("*.png"))}
+
+
+def _run(tmp_path, name, coco_root, **options):
+    run_dir = tmp_path / name
+    summary = run_method(
+        MSDiffusionMethod(**options), run_dir=run_dir, track="all", limit=1, coco_root=coco_root, progress=False
+    )
+    return summary, run_dir
+
+
+# ----------------------------------------------------------------------------------------------- light
+
+
+def test_import_and_capabilities_stay_light():
+    code = (
+        "import sys; from msibench import registry; caps = registry.build('ms-diffusion').capabilities; "
+        "assert caps.max_subjects == 4 and caps.tracks == ('single', 'multi'), caps; "
+        "assert caps.uses_layout and not caps.uses_zorder, caps; "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_defaults_are_the_official_scripts_and_every_option_changes_the_fingerprint():
+    cfg = MSDiffusionMethod(dtype="float16").config()
+    assert (cfg["steps"], cfg["scale"], cfg["resolution"], cfg["guidance"]) == (30, 0.6, 1024, 7.5)
+    assert cfg["negative_prompt"] == "monochrome, lowres, bad anatomy, worst quality, low quality"
+    assert cfg["prompt_prefix"] == "best quality, high quality, " and cfg["reference_size"] == 512
+    assert cfg["base_model"] == {
+        "source": "stabilityai/stable-diffusion-xl-base-1.0",
+        "revision": "462165984030d82259a11f4367a4eed129e94a7b",
+    }
+    assert cfg["adapter"] == {"source": "doge1516/MS-Diffusion", "weights": "ms_adapter.bin", "revision": "main"}
+    variants = [{}, {"scale": 0.5}, {"dtype": "float32"}, {"steps": 20}, {"guidance": 5.0}, {"resolution": 512},
+                {"reference_size": 224}, {"prompt_prefix": ""}, {"negative_prompt": ""}, {"adapter_revision": "v1"},
+                {"image_encoder_revision": "v1"}, {"base_revision": "main"}]  # fmt: skip
+    hashes = {MSDiffusionMethod(**{"dtype": "float16", **v}).fingerprint_hash() for v in variants}
+    assert len(hashes) == len(variants)
+    with pytest.raises(ValueError, match="unknown option 'scales'"):
+        MSDiffusionMethod(scales=1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        MSDiffusionMethod(resolution=100)
+    with pytest.raises(ValueError, match="'scale': must be >= 0"):
+        MSDiffusionMethod(scale=-1)
+
+
+def test_missing_weights_name_what_to_download(tmp_path, monkeypatch, tiny_options):
+    empty = tmp_path / "ms"
+    empty.mkdir()
+    with pytest.raises(WeightsUnavailableError, match=r"ms_adapter\.bin.*doge1516/MS-Diffusion"):
+        MSDiffusionMethod(adapter=str(empty)).config()
+    monkeypatch.setenv("MSIBENCH_MS_DIFFUSION_WEIGHTS", str(empty))
+    with pytest.raises(WeightsUnavailableError, match=str(empty)):
+        MSDiffusionMethod().config()
+    monkeypatch.delenv("MSIBENCH_MS_DIFFUSION_WEIGHTS")
+    fetch = re.escape("`msibench weights fetch --method ms-diffusion`")
+    # Offline (tests set HF_HUB_OFFLINE=1): the hub ids cannot be fetched, each is named with its option.
+    with pytest.raises(WeightsUnavailableError, match=rf"'doge1516/MS-Diffusion'.*{fetch}.*-M adapter="):
+        MSDiffusionMethod(dtype="float32").setup("cpu")
+    with pytest.raises(WeightsUnavailableError, match=rf"stable-diffusion-xl-base-1.0 at revision 4621659.*{fetch}"):
+        MSDiffusionMethod(adapter=tiny_options["adapter"], dtype="float32").setup("cpu")
+    with pytest.raises(WeightsUnavailableError, match=rf"CLIP image encoder.*laion/CLIP-ViT-bigG.*{fetch}"):
+        MSDiffusionMethod(adapter=tiny_options["adapter"], base_model=tiny_options["base_model"],
+                          dtype="float32").setup("cpu")  # fmt: skip
+
+
+def test_weights_fetch_declares_sdxl_the_image_encoder_and_the_checkpoint():
+    repos = {w.repo_id: w for w in MSDiffusionMethod.weights}
+    assert set(repos) == {"stabilityai/stable-diffusion-xl-base-1.0", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+                          "doge1516/MS-Diffusion"}  # fmt: skip
+    assert repos["stabilityai/stable-diffusion-xl-base-1.0"].pinned
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in repos["stabilityai/stable-diffusion-xl-base-1.0"].files
+    assert repos["doge1516/MS-Diffusion"].files == ("ms_adapter.bin",)
+
+
+# ----------------------------------------------------------------------------------- official key layout
+
+# The official checkpoint for SDXL: 70 transformer blocks (down 2 x 2 + 2 x 2 x 10 blocks... counted by diffusers'
+# SDXL config), each with one cross-attention processor at an odd ModuleList index.
+SDXL_UNET = {
+    "sample_size": 128,
+    "cross_attention_dim": 2048,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+
+def test_official_keys_and_shapes_fit_a_full_size_sdxl_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from baselines.ms_diffusion_modules import MSDiffusionAdapter, ResamplerConfig, nest, official_shapes
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    shapes = official_shapes(ResamplerConfig(), unet)
+    processors = {k for k in shapes if k.startswith("ms_adapter.")}
+    indices = sorted({int(k.split(".")[1]) for k in processors})
+    # 2 + 20 attention blocks down, 30 up (3 per block x (10 + 2... as SDXL), 10 mid: 70 cross-attentions.
+    assert len(indices) == 70 and indices == list(range(1, 140, 2))
+    assert shapes["ms_adapter.1.to_k_ip.weight"] == (640, 2048)  # down_blocks.1 (640 ch)
+    assert shapes["ms_adapter.139.to_v_ip.weight"] == (1280, 2048)  # the mid block comes last in the official order
+    assert shapes["image_proj.latent_proj.0.weight"] == (2 * (768 + 64), 768 + 64)
+    assert shapes["image_proj.latent_proj.2.weight"] == (1280 * 16, 2 * (768 + 64))
+    assert shapes["image_proj.proj_in.weight"] == (1280, 1664)
+    assert shapes["image_proj.layers.3.0.to_kv.weight"] == (2560, 1280)
+    assert shapes["dummy_image_tokens"] == (1, 4, 2048)
+    resampler = {k.partition(".")[2]: torch.empty(s, device="meta") for k, s in shapes.items() if "image_proj" in k}
+    assert ResamplerConfig.from_state_dict(resampler) == ResamplerConfig()
+
+    # Loading: every official key lands on its own parameter of ours, and all of ours are covered.
+    with torch.device("meta"):
+        adapter = MSDiffusionAdapter(ResamplerConfig(), unet, 0.6)
+    targets = adapter.official_targets()
+    assert set(targets) == set(shapes)
+    assert len({id(t) for t in targets.values()}) == len(targets) == len(list(adapter.parameters()))
+    state = nest({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    assert set(state) == {"image_proj", "ms_adapter", "dummy_image_tokens"}
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_with_the_key(tiny_options):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from baselines.ms_diffusion_modules import CheckpointLayoutError, MSDiffusionAdapter, read_checkpoint
+
+    state = read_checkpoint(Path(tiny_options["adapter"]) / "ms_adapter.bin")
+    unet = UNet2DConditionModel(**TINY_UNET)
+    adapter = MSDiffusionAdapter(tiny_resampler_config(), unet, 0.6)
+    adapter.load_official(state)
+    proc = adapter.processors["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"]
+    assert torch.equal(proc.to_k_image.weight, state["ms_adapter"]["1.to_k_ip.weight"])
+    assert torch.equal(adapter.resampler.blocks[1].ff[3].weight, state["image_proj"]["layers.1.1.3.weight"])
+    assert torch.equal(adapter.background_tokens, state["dummy_image_tokens"])
+    del state["ms_adapter"]["3.to_v_ip.weight"]
+    with pytest.raises(CheckpointLayoutError, match=r"1 missing .*ms_adapter\.3\.to_v_ip\.weight"):
+        adapter.load_official(state)
+    state["ms_adapter"]["3.to_v_ip.weight"] = torch.zeros(5, 64)
+    with pytest.raises(CheckpointLayoutError, match=r"ms_adapter\.3\.to_v_ip\.weight has shape \(5, 64\)"):
+        adapter.load_official(state)
+
+
+# ------------------------------------------------------------------------------------- masks and features
+
+
+def test_layout_bias_allows_each_subject_only_inside_its_box():
+    import torch
+
+    from baselines.ms_diffusion_modules import subject_attention_bias
+
+    # 4x4 grid; subject 0 spans x 0.1..0.5 -> cells [0, 2), y 0..0.25 -> [0, 1); subject 1 = no box (zeros).
+    boxes = torch.tensor([[[0.1, 0.0, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0]]])
+    bias, background = subject_attention_bias(boxes, 16, tokens_per_subject=2, background_tokens=1)
+    assert bias.shape == (1, 16, 1 + 2 * 2)
+    inside = torch.zeros(16, dtype=torch.bool)
+    inside[[0, 1]] = True  # row 0, columns 0 and 1
+    assert torch.equal(background[0], ~inside)
+    assert torch.equal(bias[0, :, 0] == 0, ~inside)  # the background token: only outside every box
+    assert torch.equal(bias[0, :, 1] == 0, inside) and torch.equal(bias[0, :, 2] == 0, inside)
+    assert (bias[0, :, 3:] == -10000).all()  # an empty box allows nothing
+    with pytest.raises(ValueError, match="square latent grid"):
+        subject_attention_bias(boxes, 12, 2)
+
+
+def test_box_features_are_sin_cos_per_frequency_and_coordinate():
+    import math
+
+    import torch
+
+    from baselines.ms_diffusion_modules import BoxFourierEmbedding
+
+    box = torch.tensor([[0.1, 0.2, 0.6, 0.9]])
+    out = BoxFourierEmbedding(freqs=3, temperature=100)(box)[0]
+    expected = []
+    for i in range(3):
+        f = 100 ** (i / 3)
+        expected += [math.sin(f * c) for c in box[0].tolist()] + [math.cos(f * c) for c in box[0].tolist()]
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- generation via the runner
+
+
+def test_runner_generates_both_tracks_deterministically_from_hub_layout_folders(tmp_path, coco_root, tiny_options):
+    summary, run_a = _run(tmp_path, "a", coco_root, **tiny_options)
+    again, run_b = _run(tmp_path, "b", coco_root, **tiny_options)
+    for result in (summary, again):
+        assert (result.ok, result.skipped, result.failed) == (2, 0, 0), result.failures
+    images = _images(run_a)
+    assert len(images) == 2 and images == _images(run_b)
+    records = {r["track"]: r for r in read_records(run_a)}
+    assert records["multi"]["width"] == records["multi"]["height"] == TINY_RESOLUTION
+    run_json = json.loads((run_a / "run.json").read_text())
+    assert len(run_json["fingerprint"]["config"]["adapter"]["weights_sha256"]) == 64
+    assert run_json["capabilities"]["uses_layout"] is True
+    # The subjects really condition the image: without the image attention the same seeds give other images.
+    _, run_plain = _run(tmp_path, "plain", coco_root, **tiny_options, scale=0.0)
+    plain = _images(run_plain)
+    assert plain.keys() == images.keys() and all(plain[k] != images[k] for k in images)
+
+
+def test_boxes_and_phrases_change_the_subject_tokens(tiny_options):
+    """The resampler's queries come from phrase + box: moving a box or renaming a subject changes its tokens."""
+    import torch
+    from PIL import Image
+
+    from baselines.ms_diffusion import subject_tokens
+
+    method = MSDiffusionMethod(**tiny_options)
+    method.setup("cpu")
+    refs = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (20, 50), (30, 30, 200))]
+    with torch.inference_mode():
+        base = subject_tokens(method._parts, refs, ["dog", "cat"], [(0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)], 512, "cpu")
+        moved = subject_tokens(method._parts, refs, ["dog", "cat"], [(0, 0, 0.5, 0.5), (0.1, 0.5, 1, 1)], 512, "cpu")
+        renamed = subject_tokens(method._parts, refs, ["dog", "car"], [(0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)], 512, "cpu")
+    n = TINY_TOKENS_PER_SUBJECT
+    assert base.shape == (1, 4 + 2 * n, 64)
+    assert torch.equal(base[:, : 4 + n], moved[:, : 4 + n]) and not torch.allclose(base[:, 4 + n :], moved[:, 4 + n :])
+    assert not torch.allclose(base[:, 4 + n :], renamed[:, 4 + n :])
