@@ -48,7 +48,6 @@ from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failur
 if TYPE_CHECKING:
     from PIL import Image
 
-    from msibench.bench.manifest import Task
 
 logger = logging.getLogger(__name__)
 
