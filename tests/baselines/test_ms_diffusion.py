@@ -13,119 +13,28 @@ from pathlib import Path
 import pytest
 
 from baselines.ms_diffusion import MSDiffusionMethod, WeightsUnavailableError
+from baselines.ms_diffusion_random import (
+    SDXL_UNET,
+    TINY_RESOLUTION,
+    TINY_TOKENS_PER_SUBJECT,
+    TINY_UNET,
+    resampler_config,
+    write_random_weights,
+)
 from msibench.records import read_records
 from msibench.runner import run_method
 
-TINY_RESOLUTION = 64  # tiny VAE: /2 -> 32x32 latents; attention at 16x16 (second block, mid, first up block)
-# Tiny SDXL as diffusers' own SDXL pipeline tests build it (tests/pipelines/stable_diffusion_xl), layers_per_block 1.
-TINY_UNET = {
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "sample_size": TINY_RESOLUTION // 2,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "attention_head_dim": (2, 4),
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "transformer_layers_per_block": (1, 2),
-    "projection_class_embeddings_input_dim": 80,  # 6 x 8 time ids + text_encoder_2's 32
-    "cross_attention_dim": 64,  # 32 + 32 (both text encoders' penultimate states)
-    "norm_num_groups": 1,
-}
-# SDXL base scheduler/scheduler_config.json (EulerDiscreteScheduler).
-SDXL_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-}
-TINY_ENCODER_HIDDEN = 32
-TINY_TOKENS_PER_SUBJECT = 4
 
-
-def tiny_resampler_config():
-    from baselines.ms_diffusion_modules import ResamplerConfig
-
-    return ResamplerConfig(dim=32, depth=2, heads=2, num_queries=TINY_TOKENS_PER_SUBJECT, embedding_dim=32,
-                           output_dim=64, ff_mult=2, phrase_dim=32)  # fmt: skip
-
-
-def write_tiny_folders(root: Path, seed: int = 0) -> dict[str, str]:
-    """SDXL (diffusers layout, as the hub repo), a CLIP vision tower (config.json + model.safetensors, as the laion
-    repo) and ms_adapter.bin with the official keys (as doge1516/MS-Diffusion); returns the -M options."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from baselines.ms_diffusion_modules import nest, official_shapes
-    from baselines.testing import bpe_clip_tokenizer
+def manifest_words() -> set[str]:
     from msibench.bench.manifest import load_manifest
 
-    torch.manual_seed(seed)
-    words = {"best", "quality", "high", "monochrome", "lowres", "bad", "anatomy", "worst", "low"}
-    for task in load_manifest().tasks:
-        words |= set(re.findall(r"[a-z]+", (task.prompt + " " + " ".join(s.category for s in task.subjects)).lower()))
-    tokenizer = bpe_clip_tokenizer(root / "_vocab", words)
-    text = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "hidden_size": 32, "intermediate_size": 37,
-            "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77, "projection_dim": 32}  # fmt: skip
-    unet = UNet2DConditionModel(**TINY_UNET)
-    pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-        ),  # fmt: skip
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(root / "sdxl")
-    CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=TINY_ENCODER_HIDDEN,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            image_size=224,
-            patch_size=32,
-            projection_dim=16,
-        )  # fmt: skip
-    ).save_pretrained(root / "clip-bigg")
-    shapes = official_shapes(tiny_resampler_config(), unet)
-    g = torch.Generator().manual_seed(seed)
-    flat = {k: torch.randn(s, generator=g) * (0.3 if "to_" in k and "ip" in k else 0.1) for k, s in shapes.items()}
-    (root / "ms-diffusion").mkdir()
-    torch.save(nest(flat), root / "ms-diffusion" / "ms_adapter.bin")
-    return {"base_model": str(root / "sdxl"), "image_encoder": str(root / "clip-bigg"),
-            "adapter": str(root / "ms-diffusion"), "steps": 2, "resolution": TINY_RESOLUTION,
-            "dtype": "float32"}  # fmt: skip
+    text = " ".join(t.prompt + " " + " ".join(s.category for s in t.subjects) for t in load_manifest().tasks)
+    return set(re.findall(r"[a-z]+", text.lower()))
 
 
 @pytest.fixture(scope="module")
 def tiny_options(tmp_path_factory) -> dict:
-    return write_tiny_folders(tmp_path_factory.mktemp("tiny-ms-diffusion"))
+    return write_random_weights(tmp_path_factory.mktemp("tiny-ms-diffusion"), manifest_words())
 
 
 @pytest.fixture(autouse=True)
@@ -213,22 +122,6 @@ def test_weights_fetch_declares_sdxl_the_image_encoder_and_the_checkpoint():
 
 # ----------------------------------------------------------------------------------- official key layout
 
-# The official checkpoint for SDXL: 70 transformer blocks (down 2 x 2 + 2 x 2 x 10 blocks... counted by diffusers'
-# SDXL config), each with one cross-attention processor at an odd ModuleList index.
-SDXL_UNET = {
-    "sample_size": 128,
-    "cross_attention_dim": 2048,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (320, 640, 1280),
-    "attention_head_dim": (5, 10, 20),
-    "transformer_layers_per_block": (1, 2, 10),
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-
 
 def test_official_keys_and_shapes_fit_a_full_size_sdxl_unet():
     import torch
@@ -241,7 +134,7 @@ def test_official_keys_and_shapes_fit_a_full_size_sdxl_unet():
     shapes = official_shapes(ResamplerConfig(), unet)
     processors = {k for k in shapes if k.startswith("ms_adapter.")}
     indices = sorted({int(k.split(".")[1]) for k in processors})
-    # 2 + 20 attention blocks down, 30 up (3 per block x (10 + 2... as SDXL), 10 mid: 70 cross-attentions.
+    # Transformer blocks: down 2 x 2 + 2 x 10, up 3 x 10 + 3 x 2, mid 10 = 70 cross-attentions, odd indices.
     assert len(indices) == 70 and indices == list(range(1, 140, 2))
     assert shapes["ms_adapter.1.to_k_ip.weight"] == (640, 2048)  # down_blocks.1 (640 ch)
     assert shapes["ms_adapter.139.to_v_ip.weight"] == (1280, 2048)  # the mid block comes last in the official order
@@ -271,7 +164,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_the_key(tiny_options):
 
     state = read_checkpoint(Path(tiny_options["adapter"]) / "ms_adapter.bin")
     unet = UNet2DConditionModel(**TINY_UNET)
-    adapter = MSDiffusionAdapter(tiny_resampler_config(), unet, 0.6)
+    adapter = MSDiffusionAdapter(resampler_config("tiny"), unet, 0.6)
     adapter.load_official(state)
     proc = adapter.processors["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"]
     assert torch.equal(proc.to_k_image.weight, state["ms_adapter"]["1.to_k_ip.weight"])
