@@ -255,3 +255,27 @@ def test_boxes_and_phrases_change_the_subject_tokens(tiny_options):
     assert base.shape == (1, 4 + 2 * n, 64)
     assert torch.equal(base[:, : 4 + n], moved[:, : 4 + n]) and not torch.allclose(base[:, 4 + n :], moved[:, 4 + n :])
     assert not torch.allclose(base[:, 4 + n :], renamed[:, 4 + n :])
+
+
+def test_default_hub_ids_load_offline_from_the_hub_cache(tmp_path, monkeypatch, tiny_options):
+    """With nothing but hub ids (the defaults), offline: the three repos are read from a hub cache laid out as the
+    hub's (models--org--name/snapshots/<commit>/, refs/main), the SDXL one at its pinned commit."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from baselines.ms_diffusion import ADAPTER_ID, BASE_MODEL_ID, BASE_MODEL_REVISION, IMAGE_ENCODER_ID
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sources = {BASE_MODEL_ID: "base_model", IMAGE_ENCODER_ID: "image_encoder", ADAPTER_ID: "adapter"}
+    for repo_id, option in sources.items():
+        root = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        commit = BASE_MODEL_REVISION if repo_id == BASE_MODEL_ID else "0123456789abcdef0123456789abcdef01234567"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(commit)
+        shutil.copytree(tiny_options[option], root / "snapshots" / commit)
+    method = MSDiffusionMethod(steps=1, resolution=TINY_RESOLUTION, dtype="float32")
+    assert method.config()["adapter"] == {"source": ADAPTER_ID, "weights": "ms_adapter.bin", "revision": "main"}
+    method.setup("cpu")
+    assert method._parts["pipe"].unet.config.cross_attention_dim == 64
+    assert method._parts["adapter"].resampler.cfg == resampler_config("tiny")
