@@ -105,7 +105,7 @@ def write_random_weights(root: Path, words: Iterable[str], size: str = "tiny", d
     dtype = dtype or torch.float32
     torch.manual_seed(seed)
     tokenizer = bpe_clip_tokenizer(root / "_vocab", {*words, *PROMPT_WORDS})
-    vocab = {"vocab_size": len(tokenizer)}
+    vocab = {"vocab_size": 49408 if size == "real" else len(tokenizer)}  # the real embedding table
     if size == "tiny":
         unet = UNet2DConditionModel(**TINY_UNET)
         vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -140,7 +140,10 @@ def write_random_weights(root: Path, words: Iterable[str], size: str = "tiny", d
     # Large enough that the subject attention visibly changes a tiny model's output.
     flat = {k: (torch.randn(s, generator=g) * (0.3 if "_ip." in k else 0.1)).to(dtype) for k, s in shapes.items()}
     (root / "ms-diffusion").mkdir(parents=True, exist_ok=True)
-    torch.save(nest(flat), root / "ms-diffusion" / "ms_adapter.bin")
+    state = nest(flat)
+    # MSAdapter.save_to_checkpoint stores the background tokens as the nn.Parameter itself (model.py:72).
+    state["dummy_image_tokens"] = torch.nn.Parameter(state["dummy_image_tokens"])
+    torch.save(state, root / "ms-diffusion" / "ms_adapter.bin")
     options: dict[str, Any] = {"base_model": str(root / "sdxl"), "image_encoder": str(root / "clip-bigg"),
                                "adapter": str(root / "ms-diffusion")}  # fmt: skip
     if size == "tiny":
