@@ -44,7 +44,6 @@ torch / diffusers / transformers are imported inside methods only, so that ``msi
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,6 +56,7 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
+from msibench.methods.harness import DTYPES, check_choice, env_default, require_setup, torch_dtype
 from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ WEIGHTS_REVISION = "main"
 WEIGHTS_ENV = "MSIBENCH_CUSTOMNET_WEIGHTS"
 #: Local names that are checkpoint files, never hub ids (hub repo names may contain dots, not these endings).
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-DTYPES = ("float32", "float16", "bfloat16")
 IMPLEMENTATION_VERSION = 2
 
 _HINT = fetch_remedy(
@@ -170,13 +169,11 @@ class CustomNetMethod(Method):
         self.options = coerce_options(self.DEFAULTS, options, self.name)
         o = self.options
         if not o["weights"]:
-            o["weights"] = os.environ.get(WEIGHTS_ENV, "") or WEIGHTS_ID
-        if o["dtype"] not in DTYPES:
-            raise ValueError(f"{self.name} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
+            o["weights"] = env_default(WEIGHTS_ENV, WEIGHTS_ID)
+        check_choice(o, "dtype", DTYPES, self.name)
         check_sampler_options(o, self.name)
-        for key, allowed in (("reference_fit", ("thumbnail", "upscale")), ("placement", ("app", "dataset"))):
-            if o[key] not in allowed:
-                raise ValueError(f"{self.name} option {key!r}: {o[key]!r} is not one of {allowed}")
+        check_choice(o, "reference_fit", ("thumbnail", "upscale"), self.name)
+        check_choice(o, "placement", ("app", "dataset"), self.name)
         if int(o["resolution"]) < 8:
             raise ValueError(f"{self.name} option 'resolution': must be at least 8, got {o['resolution']!r}")
         self._config: dict[str, Any] | None = None
@@ -247,15 +244,13 @@ class CustomNetMethod(Method):
         return self._config
 
     def setup(self, device: str) -> None:
-        import torch
-
         from mscustomnet.model.convert import read_checkpoint
         from mscustomnet.model.io import load_model
         from mscustomnet.model.pipeline import CustomNetPipeline, check_resolution
 
         cfg = self.config()
         o = self.options
-        dtype = getattr(torch, o["dtype"])
+        dtype = torch_dtype(o["dtype"])
         kind, path = weights_source(o["weights"])
         if kind == "folder":
             model = load_model(path, device=device, dtype=dtype, what="CustomNet", hint=_HINT)
@@ -292,8 +287,7 @@ class CustomNetMethod(Method):
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         from mscustomnet.model.pipeline import Subject
 
-        if self._pipeline is None:
-            raise RuntimeError(f"{self.name}: call setup(device) before generate")
+        require_setup(self._pipeline, self.name)
         o = self.options
         subjects = []
         for request in requests:

@@ -26,7 +26,6 @@ that ``msibench ls`` stays light.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +36,6 @@ from baselines.sd15 import (
     CLIP_PREPROCESSING,
     check_options,
     resolved_dtype,
-    source_record,
 )
 from msibench.cache import sha256_file
 from msibench.methods.base import (
@@ -47,7 +45,18 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure
+from msibench.methods.harness import (
+    check_non_negative,
+    env_default,
+    hub_file,
+    local_path,
+    require_setup,
+    seeded_generator,
+    source_record,
+    torch_dtype,
+    warn_if_half_on_cpu,
+)
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -79,7 +88,7 @@ def _default_options() -> dict[str, Any]:
         # "" keeps the base model's own VAE; the official demos swap in sd-vae-ft-mse.
         "vae": VAE_ID,
         "vae_revision": VAE_REVISION,
-        "adapter": os.environ.get(ADAPTER_ENV, ADAPTER_ID),
+        "adapter": env_default(ADAPTER_ENV, ADAPTER_ID),
         "adapter_revision": ADAPTER_REVISION,
         "adapter_weights": ADAPTER_WEIGHTS,
         "image_encoder": ADAPTER_IMAGE_ENCODER,
@@ -92,10 +101,6 @@ def _default_options() -> dict[str, Any]:
         "negative_prompt": "monochrome, lowres, bad anatomy, worst quality, low quality",
         "use_layout": False,
     }
-
-
-def _is_local(source: str) -> bool:
-    return bool(source) and Path(source).expanduser().exists()
 
 
 def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
@@ -116,13 +121,9 @@ def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
             f"ip-adapter: {what} not found: {candidate} does not exist. Download {filename} from the hub repo "
             f"{ADAPTER_ID} (revision {ADAPTER_REVISION}) into {path}, keeping its relative path."
         )
-    try:
-        return hub_download(source, filename, revision)  # from the hub cache only when the hub is unreachable
-    except Exception as err:  # offline, unknown repo, missing file: all end here with one readable message
-        raise WeightsUnavailableError(
-            f"ip-adapter: cannot get {what} {filename!r} from the hub repo {source!r} at revision {revision}: "
-            f"{hub_failure(err)}. {fetch_remedy('ip-adapter', f'-M adapter=DIR (or set {ADAPTER_ENV})')}"
-        ) from err
+    return hub_file(
+        source, filename, revision, method="ip-adapter", what=what, option=f"-M adapter=DIR (or set {ADAPTER_ENV})"
+    )
 
 
 class IPAdapterMethod(Method):
@@ -145,8 +146,7 @@ class IPAdapterMethod(Method):
         self.options = coerce_options(_default_options(), options, self.name)
         o = self.options
         check_options(o, self.name, SCHEDULERS)
-        if float(o["scale"]) < 0:
-            raise ValueError(f"{self.name} option 'scale': must be >= 0, got {o['scale']}")
+        check_non_negative(o, ("scale",), self.name)
         self._config: dict[str, Any] | None = None
         self._pipe = None
         self._device: str | None = None
@@ -173,7 +173,7 @@ class IPAdapterMethod(Method):
                 "weights": o["adapter_weights"],
                 "image_encoder": self._image_encoder_record(),
             }
-            if _is_local(o["adapter"]):
+            if local_path(o["adapter"]) is not None:
                 # A local copy is identified by its content, not by where it happens to live.
                 weights = resolve_file(o["adapter"], o["adapter_weights"], o["adapter_revision"], "adapter weights")
                 adapter["source"] = str(Path(o["adapter"]).expanduser().resolve())
@@ -200,15 +200,12 @@ class IPAdapterMethod(Method):
     # ------------------------------------------------------------------------------------------ loading
 
     def setup(self, device: str) -> None:
-        import torch
-
         from baselines import ip_adapter_modules as modules
 
         cfg = self.config()
         o = self.options
-        dtype = getattr(torch, cfg["dtype"])
-        if dtype == torch.float16 and not str(device).startswith("cuda"):
-            logger.warning("ip-adapter: running float16 on %s (the fingerprint says so); expect it to be slow", device)
+        dtype = torch_dtype(cfg["dtype"])
+        warn_if_half_on_cpu(self.name, cfg["dtype"], device)
         weights_path = resolve_file(o["adapter"], o["adapter_weights"], o["adapter_revision"], "adapter weights")
         state_dict = modules.read_ip_adapter_file(weights_path)
         encoder_source, encoder_subfolder = self._image_encoder_location()
@@ -269,8 +266,7 @@ class IPAdapterMethod(Method):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
-        if self._pipe is None:
-            raise RuntimeError("ip-adapter: setup(device) must be called before generate()")
+        require_setup(self._pipe, self.name)
         return [self._generate_one(r) for r in requests]
 
     def _generate_one(self, request: GenerationRequest) -> Image.Image:
@@ -296,8 +292,7 @@ class IPAdapterMethod(Method):
                     "the method takes exactly one"
                 )
             ip_image = [references[0]]
-        # A CPU generator makes the initial noise independent of the device.
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        generator = seeded_generator(request.seed)
         with torch.inference_mode():
             out = self._pipe(
                 prompt=request.prompt,

@@ -227,7 +227,8 @@ def load_pipeline(
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionModelWithProjection
 
-    from baselines.sd15 import clip_image_processor, diffusers_dtype_kwarg, from_pretrained, load_sd15_pipeline
+    from baselines.sd15 import clip_image_processor, load_sd15_pipeline
+    from msibench.methods.harness import diffusers_dtype_kwarg, from_pretrained
 
     encoder_kwargs: dict[str, Any] = {"dtype": dtype, "revision": image_encoder_revision}
     if image_encoder_subfolder:

@@ -36,9 +36,7 @@ torch / diffusers / transformers are imported inside methods only, so that ``msi
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +50,20 @@ from msibench.methods.base import (
     Method,
     WeightsUnavailableError,
     coerce_options,
+)
+from msibench.methods.harness import (
+    DTYPES,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    diffusers_dtype_kwarg,
+    env_default,
+    quiet_loading,
+    require_setup,
+    seeded_generator,
+    torch_dtype,
+    transformers_dtype_kwarg,
+    warn_if_half_on_cpu,
 )
 from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure, hub_kwargs
 
@@ -93,7 +105,6 @@ PRIOR_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 
 SHARED_KEYWORD_MODES = ("mean", "last")
 BINDINGS = ("span", "official")
-DTYPES = ("float16", "bfloat16", "float32")
 
 # Irregular or invariant English plurals among the COCO category names (the MSIBench prompt uses them).
 _IRREGULAR_PLURALS = {
@@ -109,13 +120,13 @@ _IRREGULAR_PLURALS = {
 def _default_options() -> dict[str, Any]:
     return {
         # Weight sources: a hub id (with its revision) or a local folder. Defaults: test_quick.py / main.py.
-        "prior": os.environ.get(ENV_VARS["prior"], PRIOR_ID),
+        "prior": env_default(ENV_VARS["prior"], PRIOR_ID),
         "prior_revision": "main",
-        "decoder": os.environ.get(ENV_VARS["decoder"], DECODER_ID),
+        "decoder": env_default(ENV_VARS["decoder"], DECODER_ID),
         "decoder_revision": "main",
-        "image_encoder": os.environ.get(ENV_VARS["image_encoder"], IMAGE_ENCODER_ID),
+        "image_encoder": env_default(ENV_VARS["image_encoder"], IMAGE_ENCODER_ID),
         "image_encoder_revision": "main",
-        "text_encoder": os.environ.get(ENV_VARS["text_encoder"], TEXT_ENCODER_ID),
+        "text_encoder": env_default(ENV_VARS["text_encoder"], TEXT_ENCODER_ID),
         "text_encoder_revision": "main",
         # All from test_quick.py (the README's inference script): the decoder with num_inference_steps=50,
         # guidance_scale=7.5 and the pipeline's default 512x512, every component in float32 (the gradio demo
@@ -294,22 +305,11 @@ class LambdaEclipseMethod(Method):
     def __init__(self, **options: Any) -> None:
         self.options = coerce_options(_default_options(), options, self.name)
         o = self.options
-        for key in ("steps", "resolution"):
-            if int(o[key]) < 1:
-                raise ValueError(f"{self.name} option {key!r}: must be a positive integer, got {o[key]!r}")
-        if float(o["guidance"]) < 0:
-            raise ValueError(f"{self.name} option 'guidance': must be >= 0, got {o['guidance']!r}")
-        if o["dtype"] not in DTYPES:
-            raise ValueError(f"{self.name} option 'dtype': choose one of {', '.join(DTYPES)}, got {o['dtype']!r}")
-        if o["shared_keyword"] not in SHARED_KEYWORD_MODES:
-            raise ValueError(
-                f"{self.name} option 'shared_keyword': choose one of {', '.join(SHARED_KEYWORD_MODES)}, "
-                f"got {o['shared_keyword']!r}"
-            )
-        if o["binding"] not in BINDINGS:
-            raise ValueError(
-                f"{self.name} option 'binding': choose one of {', '.join(BINDINGS)}, got {o['binding']!r}"
-            )
+        check_positive(o, ("steps", "resolution"), self.name)
+        check_non_negative(o, ("guidance",), self.name)
+        check_choice(o, "dtype", DTYPES, self.name)
+        check_choice(o, "shared_keyword", SHARED_KEYWORD_MODES, self.name)
+        check_choice(o, "binding", BINDINGS, self.name)
         if o["binding"] == "official" and o["shared_keyword"] != "last":
             raise ValueError(
                 f"{self.name} option 'shared_keyword': the official binding overwrites in subject order (last wins); "
@@ -366,11 +366,10 @@ class LambdaEclipseMethod(Method):
         import torch
 
         cfg = self.config()
-        dtype = getattr(torch, cfg["dtype"])
-        if dtype == torch.float16 and str(device).startswith("cpu"):
-            logger.warning("lambda-eclipse: float16 on the CPU is slow; pass -M dtype=float32")
+        dtype = torch_dtype(cfg["dtype"])
+        warn_if_half_on_cpu(self.name, cfg["dtype"], device)
         # Smallest first, so that missing weights are reported before gigabytes are read.
-        with _quiet_loading():
+        with quiet_loading():
             prior = self._load_prior(dtype)
             decoder = self._load_decoder(dtype)
             image_processor, image_encoder = self._load_image_encoder(dtype)
@@ -452,7 +451,7 @@ class LambdaEclipseMethod(Method):
             # prior's embedding_dim): a CLIPConfig's text_config does not carry the top-level projection_dim,
             # so without it transformers would build a 512-wide projection and re-initialise it at random.
             model, info = CLIPTextModelWithProjection.from_pretrained(
-                **kwargs, projection_dim=projection_dim, **_transformers_dtype(dtype), output_loading_info=True
+                **kwargs, projection_dim=projection_dim, **transformers_dtype_kwarg(dtype), output_loading_info=True
             )
             tokenizer = CLIPTokenizer.from_pretrained(**kwargs)
         except (OSError, ValueError) as err:
@@ -483,7 +482,7 @@ class LambdaEclipseMethod(Method):
                 CLIPImageProcessor.from_pretrained(**kwargs, subfolder="image_processor")
             )
             model, info = CLIPVisionModelWithProjection.from_pretrained(
-                **kwargs, subfolder="image_encoder", **_transformers_dtype(dtype), output_loading_info=True
+                **kwargs, subfolder="image_encoder", **transformers_dtype_kwarg(dtype), output_loading_info=True
             )
         except (OSError, ValueError) as err:
             raise self._unavailable("image_encoder", err) from err
@@ -525,7 +524,7 @@ class LambdaEclipseMethod(Method):
 
         kwargs = self._pretrained_kwargs("decoder")
         try:
-            pipe = KandinskyV22Pipeline.from_pretrained(**kwargs, **_diffusers_dtype(dtype))
+            pipe = KandinskyV22Pipeline.from_pretrained(**kwargs, **diffusers_dtype_kwarg(dtype))
         except (OSError, ValueError) as err:
             raise self._unavailable("decoder", err) from err
         wanted = str(self.options["scheduler"])
@@ -539,8 +538,7 @@ class LambdaEclipseMethod(Method):
     # ---------------------------------------------------------------------------------------- generation
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
-        if self._models is None:
-            raise RuntimeError("lambda-eclipse: call setup(device) before generate()")
+        require_setup(self._models, self.name)
         return [self._generate_one(request) for request in requests]
 
     def _binding(self, request: GenerationRequest) -> KeywordBinding | OfficialBinding:
@@ -588,7 +586,7 @@ class LambdaEclipseMethod(Method):
             return_tensors="pt",
         )
         # Seeded on the CPU so the same seed gives the same noise on every device.
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        generator = seeded_generator(request.seed)
         with torch.no_grad():
             # get_text_feats passes the tokenizer's attention mask to the text encoder as well.
             text = m["text_encoder"](
@@ -636,41 +634,6 @@ class LambdaEclipseMethod(Method):
             rows = [i for i, s in enumerate(request.subjects) if s.category == category]
             out.append((rows if shared_keyword == "mean" else rows[-1:], positions))
         return out
-
-
-def _transformers_dtype(dtype) -> dict[str, Any]:
-    """``dtype=`` since transformers 4.56, ``torch_dtype=`` before (now deprecated)."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
-
-
-def _diffusers_dtype(dtype) -> dict[str, Any]:
-    """``dtype=`` where diffusers resolves it (it then deprecates ``torch_dtype=``), else ``torch_dtype=``."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
-
-@contextlib.contextmanager
-def _quiet_loading():
-    """Silence the transformers/diffusers loading bars while our components load, then restore them."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    restore = []
-    for lib in (transformers_logging, diffusers_logging):
-        if lib.is_progress_bar_enabled():
-            lib.disable_progress_bar()
-            restore.append(lib)
-    try:
-        yield
-    finally:
-        for lib in restore:
-            lib.enable_progress_bar()
 
 
 def _download_prior(repo_id: str, revision: str, config_file: str, weight_files: Sequence[str]) -> Path:

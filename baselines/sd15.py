@@ -9,10 +9,15 @@ attention processors, its checkpoint mapping, its generation). Nothing here impo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from msibench.weights import WeightFiles, fetch_remedy, hub_failure, hub_kwargs
+from msibench.methods.harness import (
+    check_choice,
+    check_positive,
+    diffusers_dtype_kwarg,
+    from_pretrained,
+)
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     import torch
@@ -43,31 +48,11 @@ BASE_WEIGHTS = WeightFiles(
 )
 
 
-def local_path(source: str) -> Path | None:
-    """The resolved local path of ``source``, or None when it is not on disk (a hub id, or empty)."""
-    if not source:
-        return None
-    path = Path(source).expanduser()
-    return path.resolve() if path.exists() else None
-
-
-def source_record(source: str, revision: str) -> dict[str, str]:
-    """Fingerprint of a model source: a local copy by its resolved path, a hub id by its revision."""
-    local = local_path(source)
-    if local is not None:
-        return {"source": str(local)}
-    return {"source": source, "revision": revision}
-
-
 def check_options(options: dict[str, Any], method: str, schedulers: tuple[str, ...]) -> None:
     """The option checks every SD1.5 adapter makes: scheduler, dtype, positive steps, resolution a multiple of 8."""
-    if options["scheduler"] not in schedulers:
-        raise ValueError(f"{method} option 'scheduler': {options['scheduler']!r} is not one of {schedulers}")
-    if options["dtype"] not in DTYPES:
-        raise ValueError(f"{method} option 'dtype': {options['dtype']!r} is not one of {DTYPES}")
-    for key in ("steps", "resolution"):
-        if int(options[key]) < 1:
-            raise ValueError(f"{method} option {key!r}: must be a positive integer, got {options[key]!r}")
+    check_choice(options, "scheduler", schedulers, method)
+    check_choice(options, "dtype", DTYPES, method)
+    check_positive(options, ("steps", "resolution"), method)
     if int(options["resolution"]) % 8:
         raise ValueError(f"{method} option 'resolution': must be a multiple of 8, got {options['resolution']}")
 
@@ -79,44 +64,6 @@ def resolved_dtype(option: str) -> str:
     import torch
 
     return "float16" if torch.cuda.is_available() else "float32"
-
-
-def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``{"dtype": ...}`` where diffusers takes it (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
-
-
-def from_pretrained(
-    loader: Any, source: str, what: str, error: type[Exception], option: str, method: str, **kwargs: Any
-) -> Any:
-    """``loader(source, **kwargs)``; a failure becomes ``error`` naming ``msibench weights fetch`` and ``option``.
-
-    A ``revision`` keyword applies to hub ids only (a local folder has none). A hub id is read from the hub cache
-    only when the hub cannot be reached (:func:`msibench.weights.hub_kwargs`): no retries, a missing file fails at
-    once.
-    """
-    local = Path(source).expanduser()
-    revision = kwargs.pop("revision", None)
-    if not local.exists():
-        kwargs.update(hub_kwargs())
-        if revision:
-            kwargs["revision"] = revision
-    try:
-        return loader(str(local) if local.exists() else source, **kwargs)
-    except (OSError, ValueError) as err:
-        if local.exists():
-            raise error(
-                f"{method}: cannot load the {what} from the local folder {local}: {err}. Point {option} at a "
-                "folder that holds it in the diffusers/transformers layout."
-            ) from err
-        subfolder = kwargs.get("subfolder")
-        raise error(
-            f"{method}: cannot load the {what} from the hub repo {source}"
-            f"{f' (subfolder {subfolder})' if subfolder else ''}{f' at revision {revision}' if revision else ''}: "
-            f"{hub_failure(err)}. {fetch_remedy(method, option)}"
-        ) from err
 
 
 def load_sd15_pipeline(
@@ -181,11 +128,7 @@ __all__ = [
     "DTYPES",
     "check_options",
     "clip_image_processor",
-    "diffusers_dtype_kwarg",
-    "from_pretrained",
     "load_sd15_pipeline",
-    "local_path",
     "resolved_dtype",
     "scheduler_from_config",
-    "source_record",
 ]

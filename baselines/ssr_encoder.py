@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,9 +54,7 @@ from baselines.sd15 import (
     BASE_WEIGHTS,
     CLIP_PREPROCESSING,
     check_options,
-    local_path,
     resolved_dtype,
-    source_record,
 )
 from msibench.cache import sha256_file
 from msibench.methods.base import (
@@ -66,6 +63,16 @@ from msibench.methods.base import (
     Method,
     WeightsUnavailableError,
     coerce_options,
+)
+from msibench.methods.harness import (
+    check_choice,
+    check_non_negative,
+    env_default,
+    local_path,
+    require_setup,
+    seeded_generator,
+    source_record,
+    torch_dtype,
 )
 from msibench.weights import WeightFiles, hub_download, hub_failure
 
@@ -103,7 +110,7 @@ def _default_options() -> dict[str, Any]:
         "image_encoder": IMAGE_ENCODER_ID,
         "image_encoder_revision": IMAGE_ENCODER_REVISION,
         # A local folder (the release's models/ssr_model), or a hub mirror's id with weights_revision.
-        "weights": os.environ.get(WEIGHTS_ENV, ""),
+        "weights": env_default(WEIGHTS_ENV, ""),
         "weights_revision": "main",
         "aligner_file": ALIGNER_FILE,
         "layers_file": LAYERS_FILE,
@@ -154,18 +161,14 @@ class SSREncoderMethod(Method):
         self.options = coerce_options(_default_options(), options, self.name)
         o = self.options
         check_options(o, self.name, SCHEDULERS)
-        if o["recipe"] not in RECIPE_CHOICES:
-            raise ValueError(f"{self.name} option 'recipe': {o['recipe']!r} is not one of {RECIPE_CHOICES}")
+        check_choice(o, "recipe", RECIPE_CHOICES, self.name)
         for key in ("scale", "token_scale"):
             if o[key] is not None:
                 try:
                     o[key] = float(o[key])
                 except ValueError as err:
                     raise ValueError(f"{self.name} option {key!r}: cannot read {o[key]!r} as a number") from err
-                if o[key] < 0:
-                    raise ValueError(f"{self.name} option {key!r}: must be >= 0, got {o[key]}")
-        if float(o["mask_weight"]) < 0:
-            raise ValueError(f"{self.name} option 'mask_weight': must be >= 0, got {o['mask_weight']}")
+        check_non_negative(o, ("scale", "token_scale", "mask_weight"), self.name)
         self._config: dict[str, Any] | None = None
         self._parts: dict[str, Any] | None = None
 
@@ -252,14 +255,12 @@ class SSREncoderMethod(Method):
     # ------------------------------------------------------------------------------------------ loading
 
     def setup(self, device: str) -> None:
-        import torch
-
         from baselines import ssr_encoder_modules as modules
         from baselines.sd15 import clip_image_processor
 
         cfg = self.config()
         o = self.options
-        dtype = getattr(torch, cfg["dtype"])
+        dtype = torch_dtype(cfg["dtype"])
         aligner_path, layers_path = self.weight_files()
         aligner_sd = modules.read_state_dict(aligner_path)
         layers_sd = modules.read_state_dict(layers_path)
@@ -290,7 +291,8 @@ class SSREncoderMethod(Method):
     def _load_models(self, dtype: Any) -> tuple[Any, Any]:
         from transformers import CLIPVisionModel
 
-        from baselines.sd15 import from_pretrained, load_sd15_pipeline, scheduler_from_config
+        from baselines.sd15 import load_sd15_pipeline, scheduler_from_config
+        from msibench.methods.harness import from_pretrained
 
         o = self.options
         pipe = load_sd15_pipeline(o["base_model"], o["base_revision"], dtype, WeightsUnavailableError, self.name)
@@ -311,8 +313,7 @@ class SSREncoderMethod(Method):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
-        if self._parts is None:
-            raise RuntimeError("ssr-encoder: setup(device) must be called before generate()")
+        require_setup(self._parts, self.name)
         return [self._generate_one(r) for r in requests]
 
     def _subject_images(self, request: GenerationRequest) -> tuple[list[Image.Image], Any]:
@@ -357,7 +358,7 @@ class SSREncoderMethod(Method):
             prompt_embeds, negative_embeds = pipe.encode_prompt(
                 request.prompt, pipe._execution_device, 1, True, negative_prompt=guidance["negative_prompt"]
             )
-            generator = torch.Generator("cpu").manual_seed(int(request.seed))
+            generator = seeded_generator(request.seed)
             out = pipe(
                 prompt_embeds=torch.cat(
                     [prompt_embeds, (guidance["token_scale"] * subject_cond).to(prompt_embeds.dtype)], dim=1

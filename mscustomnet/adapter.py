@@ -12,11 +12,11 @@ weights and revision determine. ``-M resolution=N`` overrides it, and setup then
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mscustomnet.model.schedule import check_sampler_options, sampler_description
 from msibench.methods.base import Capabilities, GenerationRequest, Method, coerce_options
+from msibench.methods.harness import DTYPES, check_choice, env_default, require_setup, torch_dtype
 from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
@@ -54,14 +54,13 @@ class MSCustomNetMethod(Method):
         "resolution": 0,  # 0: the model's own resolution (its config.json)
         "dtype": "float32",
     }
-    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+    DTYPES: ClassVar[tuple[str, ...]] = DTYPES
 
     def __init__(self, **options: Any) -> None:
         self.options = coerce_options(self.DEFAULTS, options, self.name)
         if not self.options["weights"]:
-            self.options["weights"] = os.environ.get(WEIGHTS_ENV, "")
-        if self.options["dtype"] not in self.DTYPES:
-            raise ValueError(f"{self.name} option 'dtype': {self.options['dtype']!r} is not one of {self.DTYPES}")
+            self.options["weights"] = env_default(WEIGHTS_ENV, "")
+        check_choice(self.options, "dtype", self.DTYPES, self.name)
         check_sampler_options(self.options, self.name)
         if int(self.options["resolution"]) != 0 and int(self.options["resolution"]) < 8:
             raise ValueError(f"{self.name} option 'resolution': must be at least 8 (or 0: the model's own)")
@@ -134,7 +133,6 @@ class MSCustomNetMethod(Method):
         return "model"
 
     def setup(self, device: str) -> None:
-        import torch
         from tqdm import tqdm
 
         from mscustomnet.model.io import LOAD_STAGES, load_model
@@ -157,7 +155,7 @@ class MSCustomNetMethod(Method):
                 self.options["weights"],
                 revision=self.options["revision"] or None,
                 device=device,
-                dtype=getattr(torch, self.options["dtype"]),
+                dtype=torch_dtype(self.options["dtype"]),
                 what="MS-CustomNet",
                 hint=_HINT,
                 progress=stage,
@@ -192,8 +190,7 @@ class MSCustomNetMethod(Method):
         from mscustomnet.model.pipeline import Subject
         from msibench.coco import CATEGORY_INDEX
 
-        if self._pipeline is None:
-            raise RuntimeError(f"{self.name}: call setup(device) before generate")
+        require_setup(self._pipeline, self.name)
         rows = []
         for request in requests:
             row = []
