@@ -30,11 +30,10 @@ found) and ``ms_adapter.bin`` (doge1516/MS-Diffusion, not pinned: no commit foun
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from baselines.sd15 import DTYPES, diffusers_dtype_kwarg, from_pretrained, resolved_dtype, source_record
+from baselines.sd15 import resolved_dtype
 from msibench.cache import sha256_file
 from msibench.methods.base import (
     Capabilities,
@@ -43,7 +42,24 @@ from msibench.methods.base import (
     WeightsUnavailableError,
     coerce_options,
 )
-from msibench.weights import WeightFiles, fetch_remedy, hub_download, hub_failure
+from msibench.methods.harness import (
+    DTYPES,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    diffusers_dtype_kwarg,
+    env_default,
+    from_pretrained,
+    hub_file,
+    quiet_loading,
+    require_setup,
+    seeded_generator,
+    source_record,
+    torch_dtype,
+    transformers_dtype_kwarg,
+    warn_if_half_on_cpu,
+)
+from msibench.weights import WeightFiles
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,7 +90,7 @@ def _default_options() -> dict[str, Any]:
         "base_revision": BASE_MODEL_REVISION,
         "image_encoder": IMAGE_ENCODER_ID,
         "image_encoder_revision": "",
-        "adapter": os.environ.get(ADAPTER_ENV, ADAPTER_ID),
+        "adapter": env_default(ADAPTER_ENV, ADAPTER_ID),
         "adapter_revision": "",
         "adapter_weights": ADAPTER_WEIGHTS,
         "steps": 30,
@@ -90,15 +106,11 @@ def _default_options() -> dict[str, Any]:
 
 def check_options(o: dict[str, Any], method: str) -> None:
     """Ranges the options must lie in (an option outside them would fail every sample later)."""
-    if o["dtype"] not in DTYPES:
-        raise ValueError(f"{method} option 'dtype': {o['dtype']!r} is not one of {DTYPES}")
-    for key in ("steps", "resolution", "reference_size"):
-        if int(o[key]) < 1:
-            raise ValueError(f"{method} option {key!r}: must be a positive integer, got {o[key]!r}")
+    check_choice(o, "dtype", ("auto", *DTYPES), method)
+    check_positive(o, ("steps", "resolution", "reference_size"), method)
+    check_non_negative(o, ("scale", "guidance"), method)
     if int(o["resolution"]) % 8:
         raise ValueError(f"{method} option 'resolution': must be a multiple of 8, got {o['resolution']}")
-    if float(o["scale"]) < 0:
-        raise ValueError(f"{method} option 'scale': must be >= 0, got {o['scale']}")
 
 
 def resolve_adapter_file(source: str, filename: str, revision: str) -> Path:
@@ -119,14 +131,8 @@ def resolve_adapter_file(source: str, filename: str, revision: str) -> Path:
             f"ms-diffusion: adapter weights not found: {candidate} does not exist. Download {filename} from the hub "
             f"repo {ADAPTER_ID} into {path}."
         )
-    try:
-        return hub_download(source, filename, revision or None)
-    except Exception as err:  # offline, unknown repo, missing file: all end here with one readable message
-        raise WeightsUnavailableError(
-            f"ms-diffusion: cannot get the adapter weights {filename!r} from the hub repo {source!r}"
-            f"{f' at revision {revision}' if revision else ''}: {hub_failure(err)}. "
-            f"{fetch_remedy('ms-diffusion', f'-M adapter=DIR (or set {ADAPTER_ENV})')}"
-        ) from err
+    return hub_file(source, filename, revision or "main", method="ms-diffusion", what="adapter weights",
+                    option=f"-M adapter=DIR (or set {ADAPTER_ENV})")  # fmt: skip
 
 
 class MSDiffusionMethod(Method):
@@ -209,21 +215,17 @@ class MSDiffusionMethod(Method):
     # ------------------------------------------------------------------------------------------ loading
 
     def setup(self, device: str) -> None:
-        import torch
-
         from baselines import ms_diffusion_modules as modules
 
         cfg = self.config()
         o = self.options
-        dtype = getattr(torch, cfg["dtype"])
-        if dtype == torch.float16 and not str(device).startswith("cuda"):
-            logger.warning(
-                "ms-diffusion: running float16 on %s (the fingerprint says so); expect it to be slow", device
-            )
+        dtype = torch_dtype(cfg["dtype"])
+        warn_if_half_on_cpu(self.name, cfg["dtype"], device)
         weights_path = resolve_adapter_file(o["adapter"], o["adapter_weights"], o["adapter_revision"])
         state = modules.read_checkpoint(weights_path)
-        pipe = load_sdxl_pipeline(o["base_model"], o["base_revision"], dtype)
-        encoder = load_image_encoder(o["image_encoder"], o["image_encoder_revision"], dtype)
+        with quiet_loading():
+            pipe = load_sdxl_pipeline(o["base_model"], o["base_revision"], dtype)
+            encoder = load_image_encoder(o["image_encoder"], o["image_encoder_revision"], dtype)
         flat = modules.flatten(state)
         resampler_cfg = modules.ResamplerConfig.from_state_dict(
             {k.partition(".")[2]: v for k, v in flat.items() if k.startswith("image_proj.")}
@@ -245,16 +247,14 @@ class MSDiffusionMethod(Method):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
-        if self._parts is None:
-            raise RuntimeError("ms-diffusion: setup(device) must be called before generate()")
+        require_setup(self._parts, self.name)
         return [self.run(r, output_type="pil") for r in requests]
 
     def run(self, request: GenerationRequest, output_type: str = "pil") -> Any:
         """One request through the pipeline; ``output_type`` as diffusers' (``np`` for the parity script)."""
         import torch
 
-        if self._parts is None:
-            raise RuntimeError("ms-diffusion: setup(device) must be called before generate()")
+        require_setup(self._parts, self.name)
         if not request.subjects:
             raise ValueError(f"ms-diffusion: task {request.task.id} has no subject")
         cfg = self.config()
@@ -278,8 +278,7 @@ class MSDiffusionMethod(Method):
                 negative_prompt=cfg["negative_prompt"] or None,
             )
         boxes = torch.tensor([[list(s.box) for s in request.subjects]], device=device, dtype=dtype)
-        # A CPU generator makes the initial noise independent of the device.
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        generator = seeded_generator(request.seed)
         with torch.inference_mode():
             out = pipe(
                 prompt_embeds=torch.cat([text, tokens], dim=1),
@@ -355,7 +354,7 @@ def load_image_encoder(source: str, revision: str, dtype: Any) -> Any:
         "-M image_encoder=DIR",
         "ms-diffusion",
         revision=revision or None,
-        dtype=dtype,
+        **transformers_dtype_kwarg(dtype),
     )
 
 
