@@ -21,6 +21,7 @@ from baselines.ms_diffusion_random import (
     resampler_config,
     write_random_weights,
 )
+from msibench.bench.manifest import load_manifest
 from msibench.records import read_records
 from msibench.runner import run_method
 
@@ -83,6 +84,9 @@ def test_defaults_are_the_official_scripts_and_every_option_changes_the_fingerpr
                 {"image_encoder_revision": "v1"}, {"base_revision": "main"}]  # fmt: skip
     hashes = {MSDiffusionMethod(**{"dtype": "float16", **v}).fingerprint_hash() for v in variants}
     assert len(hashes) == len(variants)
+    five = next(t for t in load_manifest().tasks if t.k == 5)
+    assert "at most 4 subject(s), task has 5" in MSDiffusionMethod().can_do(five)
+    assert all(MSDiffusionMethod().can_do(t) is None for t in load_manifest().tasks if t.k <= 4)
     with pytest.raises(ValueError, match="unknown option 'scales'"):
         MSDiffusionMethod(scales=1)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -279,3 +283,10 @@ def test_default_hub_ids_load_offline_from_the_hub_cache(tmp_path, monkeypatch, 
     method.setup("cpu")
     assert method._parts["pipe"].unet.config.cross_attention_dim == 64
     assert method._parts["adapter"].resampler.cfg == resampler_config("tiny")
+
+
+def test_the_parity_script_needs_the_official_code(tmp_path):
+    """parity/ms_diffusion.py refuses, as a usage error, a folder without the official msdiffusion package."""
+    script = Path(__file__).resolve().parents[2] / "parity" / "ms_diffusion.py"
+    proc = subprocess.run([sys.executable, str(script), "--official", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "official msdiffusion/ package" in proc.stderr
