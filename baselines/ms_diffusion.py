@@ -325,11 +325,12 @@ def clip_processor() -> Any:
 
 def load_sdxl_pipeline(base_model: str, base_revision: str, dtype: Any) -> Any:
     """Stable Diffusion XL without watermark, as inference.py:38-42 (the fp16 variant files at the hub)."""
-    import torch
     from diffusers import StableDiffusionXLPipeline
 
     kwargs: dict[str, Any] = {"revision": base_revision, "add_watermarker": False, **diffusers_dtype_kwarg(dtype)}
-    if not Path(base_model).expanduser().exists() and dtype == torch.float16:
+    if not Path(base_model).expanduser().exists():
+        # The hub's fp16 files (the ones weights fetch declares), whatever the dtype: the script loads the fp32 files
+        # and casts them to float16 (inference.py:38-41); half the download for the same float16 model.
         kwargs["variant"] = "fp16"
     return from_pretrained(
         StableDiffusionXLPipeline.from_pretrained,

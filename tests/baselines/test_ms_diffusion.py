@@ -266,6 +266,8 @@ def test_default_hub_ids_load_offline_from_the_hub_cache(tmp_path, monkeypatch, 
     hub's (models--org--name/snapshots/<commit>/, refs/main), the SDXL one at its pinned commit."""
     import shutil
 
+    import torch
+    from diffusers import StableDiffusionXLPipeline
     from huggingface_hub import constants
 
     from baselines.ms_diffusion import ADAPTER_ID, BASE_MODEL_ID, BASE_MODEL_REVISION, IMAGE_ENCODER_ID
@@ -277,7 +279,12 @@ def test_default_hub_ids_load_offline_from_the_hub_cache(tmp_path, monkeypatch, 
         commit = BASE_MODEL_REVISION if repo_id == BASE_MODEL_ID else "0123456789abcdef0123456789abcdef01234567"
         (root / "refs").mkdir(parents=True)
         (root / "refs" / "main").write_text(commit)
-        shutil.copytree(tiny_options[option], root / "snapshots" / commit)
+        if repo_id == BASE_MODEL_ID:  # the hub's SDXL files are the fp16 variant ones (what weights fetch gets)
+            pipe = StableDiffusionXLPipeline.from_pretrained(tiny_options[option]).to(dtype=torch.float16)
+            pipe.save_pretrained(root / "snapshots" / commit, variant="fp16")
+            assert (root / "snapshots" / commit / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+        else:
+            shutil.copytree(tiny_options[option], root / "snapshots" / commit)
     method = MSDiffusionMethod(steps=1, resolution=TINY_RESOLUTION, dtype="float32")
     assert method.config()["adapter"] == {"source": ADAPTER_ID, "weights": "ms_adapter.bin", "revision": "main"}
     method.setup("cpu")
