@@ -20,8 +20,10 @@ scoring figure omits mask decoding (a few ms per subject).
 Real-size configurations: SD1.5 (diffusers' UNet2DConditionModel defaults with cross_attention_dim 768 and 8 heads,
 the SD VAE, CLIP ViT-L/14 text), CLIP ViT-H/14 (IP-Adapter), ViT-L/14 (SSR-Encoder), ViT-bigG/14 text and vision
 (λ-ECLIPSE), the Kandinsky 2.2 decoder UNet and MoVQ, the λ-ECLIPSE prior's official config, CustomNet /
-MS-CustomNet from mscustomnet.model.config. The Kandinsky and CLIP-bigG values are written from their published
-config files as recalled here (no hub access where this was written): check them against the hub when online.
+MS-CustomNet from mscustomnet.model.config, MS-Diffusion's SDXL (UNet, VAE, ViT-L/14 + ViT-bigG/14 text),
+ViT-bigG/14 vision and resampler from baselines.ms_diffusion_random. The Kandinsky and CLIP-bigG values are written
+from their published config files as recalled here (no hub access where this was written): check them against the
+hub when online.
 Tokenizers are small BPE vocabularies covering the benchmark's words (the real vocab files are not here); prompts
 are padded to 77 tokens either way, so the cost is the same. IP-Adapter keeps the base model's VAE (the default
 swaps in sd-vae-ft-mse, of the same architecture).
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("paste", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet", "uno")
+METHODS = ("paste", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet", "ms-diffusion", "uno")
 TINY_RES = 32
 
 
@@ -96,9 +98,12 @@ def requests_for(tasks):
 
 
 def pick_tasks(manifest, track: str, n: int, can_do=None):
-    """``n`` tasks of ``track``; for multi, K spread from 2 to 5 (to the largest K ``can_do`` accepts)."""
+    """``n`` tasks of ``track`` (that ``can_do`` accepts, when given); for multi, K spread over the accepted range
+    (2 to 5 for a method without a subject limit)."""
     tasks = [t for t in manifest.tasks if t.track == track and (can_do is None or can_do(t) is None)]
-    if track == "single" or not tasks:
+    if not tasks:
+        return []
+    if track == "single":
         return tasks[:n]
     by_k: dict[int, list] = {}
     for t in tasks:
@@ -111,13 +116,19 @@ def pick_tasks(manifest, track: str, n: int, can_do=None):
 # ------------------------------------------------------------------------------------- components, by size
 
 
-def tokenizer(folder: Path):
-    """A CLIPTokenizer whose BPE merges spell out the benchmark's words (each word one token)."""
-    from baselines.testing import bpe_clip_tokenizer
+def benchmark_words() -> set[str]:
+    """The words of the benchmark's prompts and categories."""
     from msibench.bench.manifest import load_manifest
 
     text = " ".join(t.prompt + " " + " ".join(s.category for s in t.subjects) for t in load_manifest().tasks)
-    return bpe_clip_tokenizer(folder, set(re.findall(r"[a-z]+", text.lower())) | {"a", "photo", "of"})
+    return set(re.findall(r"[a-z]+", text.lower())) | {"a", "photo", "of"}
+
+
+def tokenizer(folder: Path):
+    """A CLIPTokenizer whose BPE merges spell out the benchmark's words (each word one token)."""
+    from baselines.testing import bpe_clip_tokenizer
+
+    return bpe_clip_tokenizer(folder, benchmark_words())
 
 
 def clip_text_config(size: str, vocab: int, **kw):
@@ -243,6 +254,11 @@ def build(name: str, size: str, root: Path) -> dict[str, Any]:
                 **tiny}  # fmt: skip
     if name == "lambda-eclipse":
         return build_lambda_eclipse(size, root, tiny, half)
+    if name == "ms-diffusion":
+        from baselines.ms_diffusion_random import write_random_weights
+
+        options = write_random_weights(root, benchmark_words(), size, half)
+        return {**options, **tiny}
     if name in ("customnet", "mscustomnet"):
         from mscustomnet.model.config import customnet_config, mscustomnet_config, tiny_config
         from mscustomnet.model.io import save_model

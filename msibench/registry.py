@@ -40,6 +40,7 @@ METHODS: dict[str, str] = {
     "lambda-eclipse": "baselines.lambda_eclipse:LambdaEclipseMethod",
     "ssr-encoder": "baselines.ssr_encoder:SSREncoderMethod",
     "customnet": "baselines.customnet:CustomNetMethod",
+    "ms-diffusion": "baselines.ms_diffusion:MSDiffusionMethod",
     "mscustomnet": "mscustomnet.adapter:MSCustomNetMethod",
     "uno": "baselines.uno:UNOMethod",
 }

@@ -21,10 +21,10 @@ SIZE = 128
 
 @pytest.fixture(scope="module")
 def two_tvs(coco_root):
-    """multi-k2-020 asks for two TVs in disjoint boxes; their two references, prepared."""
+    """v2's multi-k2-020 (a frozen manifest) asks for two TVs in disjoint boxes; their two references, prepared."""
     from msibench.bench.prepare import prepare, reference_paths
 
-    manifest = load_manifest()
+    manifest = load_manifest("v2")
     task = manifest.by_id["multi-k2-020"]
     assert [s.category for s in task.subjects] == ["tv", "tv"]
     prepare(manifest, coco_root, tasks=[task], verify_all=False)
