@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "ssr-encoder": "baselines.ssr_encoder:SSREncoderMethod",
     "customnet": "baselines.customnet:CustomNetMethod",
     "mscustomnet": "mscustomnet.adapter:MSCustomNetMethod",
+    "qwen-image-edit": "baselines.qwen_image_edit:QwenImageEditMethod",
 }
 
 

@@ -95,7 +95,8 @@ def test_methods_declare_their_weights_through_the_registry():
     assert [w.source for w in ssr].count("manual") == 1  # the aligner lives on Google Drive
     everything = selection(False, [])
     owners = {owner for owner, _ in everything}
-    assert owners == {"scorers", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet"}
+    assert owners == {"scorers", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet",
+                      "qwen-image-edit"}  # fmt: skip
     with pytest.raises(ValueError, match="GitHub release asset needs its tag"):
         WeightFiles("ultralytics/assets", ("yolo11x-seg.pt",), None, source="github")
 
