@@ -93,9 +93,12 @@ def requests_for(tasks):
     return out
 
 
-def pick_tasks(manifest, track: str, n: int):
-    """``n`` tasks of ``track``; for multi, K spread from 2 to 5."""
-    tasks = [t for t in manifest.tasks if t.track == track]
+def pick_tasks(manifest, track: str, n: int, keep=None):
+    """``n`` tasks of ``track`` (those ``keep`` accepts, when given); for multi, K spread over the K there are (2 to
+    5, or up to a method's maximum)."""
+    tasks = [t for t in manifest.tasks if t.track == track and (keep is None or keep(t))]
+    if not tasks:
+        return []
     if track == "single":
         return tasks[:n]
     by_k: dict[int, list] = {}
@@ -433,7 +436,7 @@ def time_method(name: str, args) -> dict[str, Any]:
     out: dict[str, Any] = {"method": name, "config": method.config(), "build_s": round(built, 1),
                            "setup_s": round(setup_s, 1), "tracks": {}}  # fmt: skip
     for track in ("single", "multi"):
-        tasks = [t for t in pick_tasks(manifest, track, args.tasks + 1) if method.can_do(t) is None]
+        tasks = pick_tasks(manifest, track, args.tasks + 1, keep=lambda t: method.can_do(t) is None)
         if len(tasks) < 2:
             continue
         warm, timed = requests_for(tasks[:1]), requests_for(tasks[1:])
