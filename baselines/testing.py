@@ -104,3 +104,70 @@ def tiny_uno_folders(
         )
     ).save_pretrained(folders["clip"])
     return folders
+
+
+#: The special tokens of Qwen2.5-VL's chat template that QwenImageEditPlusPipeline's prompt template uses.
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                       "<|video_pad|>")  # fmt: skip
+
+
+def byte_qwen2_processor() -> Any:
+    """A real ``Qwen2VLProcessor`` (Qwen2-VL image processor at its defaults, the video processor it requires) over a
+    byte-level ``Qwen2Tokenizer`` without merges: every byte one token, plus Qwen's chat and vision special tokens
+    (``<|endoftext|>`` is id 256, the specials follow in :data:`QWEN_SPECIAL_TOKENS` order)."""
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(sorted(set(bytes_to_unicode().values())))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()
+    )
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0) -> Any:
+    """A ``QwenImageEditPlusPipeline`` of the same architecture as Qwen-Image-Edit-2511 at toy width (diffusers'
+    ``tests/pipelines/qwenimage/test_qwenimage_edit_plus.py`` ``get_dummy_components`` shapes, with 2511's
+    ``zero_cond_t=True`` and a VAE with 2511's three down-sampling stages, so the latent grid is the real 8x),
+    random weights from ``seed``; the tokenizer and processor are :func:`byte_qwen2_processor`'s."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = byte_qwen2_processor()
+    tokenizer = processor.tokenizer
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)), strict=True))
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+                                              zero_cond_t=True)  # fmt: skip
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                                 latents_std=[1.0] * z_dim)  # fmt: skip
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": None, "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=len(tokenizer),
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+                                     text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
+                                     transformer=transformer.eval())  # fmt: skip

@@ -47,7 +47,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("paste", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet", "ms-diffusion", "uno")
+METHODS = (
+    "paste",
+    "ip-adapter",
+    "lambda-eclipse",
+    "ssr-encoder",
+    "customnet",
+    "mscustomnet",
+    "ms-diffusion",
+    "uno",
+    "qwen-image-edit",
+)
 TINY_RES = 32
 
 
@@ -206,8 +216,9 @@ def default_dtype(name: str) -> str:
     return "float16" if dtype == "auto" else dtype
 
 
-def build(name: str, size: str, root: Path) -> dict[str, Any]:
-    """Write ``name``'s weights (random, at ``size``) under ``root``; return its -M options."""
+def build(name: str, size: str, root: Path, device: str = "cpu") -> dict[str, Any]:
+    """Write ``name``'s weights (random, at ``size``) under ``root``; return its -M options (and, for a method built
+    in memory on ``device``, the model under ``"_pipeline"``)."""
     import torch
 
     torch.manual_seed(0)
@@ -259,6 +270,8 @@ def build(name: str, size: str, root: Path) -> dict[str, Any]:
 
         options = write_random_weights(root, benchmark_words(), size, half)
         return {**options, **tiny}
+    if name == "qwen-image-edit":
+        return build_qwen_image_edit(size, root, tiny, device)
     if name in ("customnet", "mscustomnet"):
         from mscustomnet.model.config import customnet_config, mscustomnet_config, tiny_config
         from mscustomnet.model.io import save_model
@@ -389,6 +402,65 @@ def build_lambda_eclipse(size: str, root: Path, tiny: dict[str, Any], half) -> d
             "image_encoder": str(root / "image_prior"), "decoder": str(root / "decoder"), **extra}  # fmt: skip
 
 
+def qwen_image_edit_components(device: str, dtype) -> dict[str, Any]:
+    """Qwen-Image-Edit-2511 at real size with random weights, built on ``device`` in ``dtype``: the transformer is
+    diffusers' QwenImageTransformer2DModel defaults (60 layers, 24 x 128 heads, joint_attention_dim 3584) with
+    2511's zero_cond_t; the VAE AutoencoderKLQwenImage's defaults; the text encoder Qwen2.5-VL-7B-Instruct's
+    configuration as recalled here (no hub access: check it against text_encoder/config.json when online). The
+    tokenizer is byte-level (baselines.testing.byte_qwen2_processor): prompts are ~4x more tokens than the real BPE,
+    a few hundred text tokens beside thousands of image tokens."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from baselines.testing import QWEN_SPECIAL_TOKENS, byte_qwen2_processor
+
+    processor = byte_qwen2_processor()
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, processor.tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)),
+                   strict=True))  # fmt: skip
+    text = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 128000, "tie_word_embeddings": False,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24], "rope_type": "default"}}  # fmt: skip
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "fullatt_block_indexes": [7, 15, 23, 31]}  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=152064,
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])  # fmt: skip
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the run's dtype: 27 B parameters never exist in float32
+    try:
+        with torch.device(device):
+            transformer = QwenImageTransformer2DModel(zero_cond_t=True)
+            vae = AutoencoderKLQwenImage()
+            text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return {"transformer": transformer.eval(), "vae": vae.eval(),
+            "text_encoder": text_encoder.to(dtype).eval(), "tokenizer": processor.tokenizer, "processor": processor,
+            "scheduler": FlowMatchEulerDiscreteScheduler()}  # fmt: skip
+
+
+def build_qwen_image_edit(size: str, root: Path, tiny: dict[str, Any], device: str) -> dict[str, Any]:
+    """Tiny: the test pipeline saved in the hub layout and loaded by setup; its reference areas shrunk to 64^2 (the
+    pipeline resizes every reference to a 1024^2 area whatever the model's width). Real: built on the device and
+    handed to the method (QwenImageEditMethod.from_pipeline): writing and reading 57 GB of bf16 would cost more than
+    this script's budget, so its setup_s excludes loading."""
+    import torch
+    from diffusers import QwenImageEditPlusPipeline
+
+    if size == "tiny":
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+        from baselines.testing import tiny_qwen_image_edit_pipeline
+
+        plus.CONDITION_IMAGE_SIZE = plus.VAE_IMAGE_SIZE = 64 * 64
+        tiny_qwen_image_edit_pipeline().save_pretrained(root / "qwen-image-edit")
+        return {"model": str(root / "qwen-image-edit"), "dtype": "float32", **tiny}
+    return {"_pipeline": QwenImageEditPlusPipeline(**qwen_image_edit_components(device, torch.bfloat16))}
+
+
 # ------------------------------------------------------------------------------------------------ timings
 
 
@@ -428,12 +500,16 @@ def time_method(name: str, args) -> dict[str, Any]:
 
     root = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-", dir=args.workdir))
     start = time.perf_counter()
-    options = build(name, args.size, root)
+    options = build(name, args.size, root, args.device)
     built = time.perf_counter() - start
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(args.device)
-    method = registry.build(name, options)
+    pipeline = options.pop("_pipeline", None)
+    if pipeline is not None:  # built in memory on the device: its weights count in the peak (they stay allocated)
+        method = registry.resolve(name).from_pipeline(pipeline, **options)
+    else:
+        method = registry.build(name, options)
     start = time.perf_counter()
     if args.size == "real" and name in IN_MEMORY:
         IN_MEMORY[name](method, args.device)

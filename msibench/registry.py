@@ -43,6 +43,7 @@ METHODS: dict[str, str] = {
     "ms-diffusion": "baselines.ms_diffusion:MSDiffusionMethod",
     "mscustomnet": "mscustomnet.adapter:MSCustomNetMethod",
     "uno": "baselines.uno:UNOMethod",
+    "qwen-image-edit": "baselines.qwen_image_edit:QwenImageEditMethod",
 }
 
 ENTRY_POINT_GROUP = "msibench.methods"

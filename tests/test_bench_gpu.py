@@ -30,6 +30,8 @@ def test_every_registered_method_has_a_builder_and_tasks_spread_over_k():
     ks = [t.k for t in module.pick_tasks(manifest, "multi", 3)]
     assert ks[0] == min(t.k for t in manifest.tasks if t.track == "multi")
     assert ks[-1] == max(t.k for t in manifest.tasks if t.track == "multi")
+    # a method's capabilities first: K spread over what it can do (qwen-image-edit: 2 and 3)
+    assert {t.k for t in module.pick_tasks(manifest, "multi", 3, keep=lambda t: t.k <= 3)} == {2, 3}
     request = module.requests_for(module.pick_tasks(manifest, "single", 1))[0]
     subject = request.task.subjects[0]
     assert request.subjects[0].reference.size == tuple(subject.reference.size)
@@ -58,3 +60,15 @@ def test_tiny_run_on_cpu_times_every_method_and_the_scorer(tmp_path):
         assert all(t["s_per_image"] > 0 or name == "paste" for t in m["tracks"].values())
         assert m["peak_memory_mb"] > 0
     assert "| mscustomnet | float32 | 2 | 32 |" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_real_size_qwen_image_edit_has_the_published_parameter_counts():
+    """Built on the meta device (no memory): the 20 B MMDiT and Qwen2.5-VL-7B (8.3 B), in bfloat16 from the start."""
+    import torch
+
+    parts = bench_gpu().qwen_image_edit_components("meta", torch.bfloat16)
+    counts = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("transformer", "text_encoder", "vae")}
+    assert 20.3e9 < counts["transformer"] < 20.6e9 and 8.2e9 < counts["text_encoder"] < 8.4e9, counts
+    assert {p.dtype for k in counts for p in parts[k].parameters()} == {torch.bfloat16}
+    assert parts["transformer"].config.zero_cond_t and torch.get_default_dtype() == torch.float32

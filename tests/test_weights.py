@@ -97,7 +97,7 @@ def test_methods_declare_their_weights_through_the_registry():
     everything = selection(False, [])
     owners = {owner for owner, _ in everything}
     assert owners == {"scorers", "ip-adapter", "lambda-eclipse", "ssr-encoder", "customnet", "mscustomnet",
-                      "ms-diffusion", "uno"}  # fmt: skip
+                      "ms-diffusion", "uno", "qwen-image-edit"}  # fmt: skip
     with pytest.raises(ValueError, match="GitHub release asset needs its tag"):
         WeightFiles("ultralytics/assets", ("yolo11x-seg.pt",), None, source="github")
 
