@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from msibench import exitcodes
-from msibench.bench.manifest import TRACKS, Manifest, Task, load_manifest
+from msibench.bench.manifest import RUN_MANIFEST_COPY, TRACKS, Manifest, Task, keep_manifest_copy, load_manifest
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import atomic_write_bytes, mkdtemp, remove_stale_temp_files, sha256_file
 from msibench.methods.base import GenerationRequest, Method, SubjectInput
@@ -559,6 +559,8 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
                 existing, old = None, {"run.json": f"unreadable ({err})"}
             if old == identity:
+                if not (run_path / RUN_MANIFEST_COPY).is_file():  # a run made before run folders kept the copy
+                    keep_manifest_copy(run_path, manifest)
                 return
             diff = (
                 ", ".join(f"{k}: {old[k]!r} -> {identity[k]!r}" for k in identity if old[k] != identity[k])
@@ -582,6 +584,9 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
                 )
             logger.warning("%s: --overwrite: discarding the results of %s", run_path, diff)
             _discard_results(run_path)
+        copied = keep_manifest_copy(run_path, manifest)
+        if not copied:
+            logger.warning("%s: %s changed since it was loaded: no copy kept in the run", run_path, manifest.path)
         info = {
             **identity,
             "fingerprint": method.fingerprint(),
@@ -591,6 +596,9 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
                 "path": manifest.path,
                 "version": manifest.version,
                 "sha256": manifest.sha256,
+                # the byte copy in the run folder (sha256 above): score, table, report, compare and plot fall back
+                # on it when the original path is gone
+                "copy": RUN_MANIFEST_COPY if copied else None,
             },
             "packages": _package_versions(),
             "git": _git_hash(),

@@ -175,7 +175,10 @@ def score_command(
         )
         for failure in summary.failures[:20]:
             click.echo(f"  failed {failure}", err=True)
-        click.echo(run_summary(run_dir))
+        try:
+            click.echo(run_summary(run_dir, manifest))
+        except (ScoreError, ValueError, OSError) as err:  # the scores are written; only the summary is missing
+            click.echo(f"  (no summary: {err})", err=True)
         if summary.damaged:
             click.echo(
                 f"  {summary.damaged} images are missing or changed since they were generated: not scored; run "
@@ -188,16 +191,24 @@ def score_command(
     sys.exit(code)
 
 
-def run_summary(run_dir: Path) -> str:
-    """The scored run's summary, per track: tasks, images, failures and each Table I metric with its 95 % CI."""
+def run_summary(run_dir: Path, manifest=None) -> str:
+    """The scored run's summary, per track: tasks, images (scored, failed, skipped, pending) and each Table I metric
+    with its 95 % CI. Figures over a track that is not fully generated and scored say ``partial`` and what they cover:
+    a --limit pass must not read as the run's result."""
     from msibench.scoring.aggregate import METRICS, find_group
     from msibench.scoring.table import COLUMNS, load_run
 
-    result = load_run(str(run_dir))
+    result = load_run(str(run_dir), manifest=manifest)
+    coverage = {c.track: c for c in result.coverage or ()}
     lines = []
     for track in ("single", "multi"):
         group = find_group(result.summary, track, None)
+        cov = coverage.get(track)
+        if group is None and (cov is None or not cov.generated):
+            continue
+        pending = cov.images - cov.images_scored if cov is not None else 0
         if group is None:
+            lines.append(f"  {track}: no image scored yet, {pending} pending (not scored yet)")
             continue
         parts = []
         for t, metric in COLUMNS:
@@ -208,8 +219,11 @@ def run_summary(run_dir: Path) -> str:
             parts.append(f"{METRICS[metric].label} {stat.mean:.3f}{ci}")
         head = (
             f"  {track}: {group.n_tasks} tasks, {group.n_images} images scored, {group.n_failed} failed, "
-            f"{group.n_skipped} skipped"
+            f"{group.n_skipped} skipped, {pending} pending (not scored yet)"
         )
+        partial = cov is not None and not cov.complete
+        if parts and partial:
+            parts[0] = f"PARTIAL ({cov.describe()}): " + parts[0]
         lines.append(head + ("\n    " + "; ".join(parts) if parts else ""))
     return "\n".join(lines) if lines else "  no scores yet"
 

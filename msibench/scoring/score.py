@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msibench import exitcodes
-from msibench.bench.manifest import Manifest, Task
+from msibench.bench.manifest import Manifest, Task, keep_manifest_copy
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import remove_stale_temp_files
 from msibench.images import load_rgb, why_undecodable
@@ -100,6 +100,7 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
     from tqdm import tqdm
 
     manifest = resolve_run_manifest(run_path, info, manifest)
+    keep_manifest_copy(run_path, manifest)  # a run made before run folders kept one: self-contained from now on
     generated = sorted(read_records(run_path / RECORDS_FILE), key=record_key)
     if not generated:
         raise ScoreError(f"{run_path / RECORDS_FILE}: no generation records to score")
