@@ -355,6 +355,13 @@ class _Page:
         items = []
         for run in self.runs:
             state = "scored" if run.scored else "not scored: images and layout only"
+            if run.header is not None:
+                from msibench.scoring.table import scorer_identity
+
+                scorer = run.header.get("scorer")
+                words, pinned = scorer_identity(scorer if isinstance(scorer, dict) else None)
+                state += f" by scorer {run.header.get('scorer_hash')}: {words}"
+                state += "" if pinned else " (NOT the pinned scorers)"
             counts = Counter(str(r.get("status")) for r in run.records.values())
             count_text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             items.append(
@@ -437,7 +444,13 @@ class _Page:
             ]
             if run.header is not None:
                 h = run.header
-                rows += [("scorer", h.get("scorer_hash")), ("scored on", f"{h.get('device')}, {h.get('date')}")]
+                from msibench.scoring.table import scorer_identity
+
+                words, pinned = scorer_identity(h.get("scorer") if isinstance(h.get("scorer"), dict) else None)
+                rows += [
+                    ("scorer", f"{h.get('scorer_hash')}: {words}" + ("" if pinned else " (NOT the pinned scorers)")),
+                    ("scored on", f"{h.get('device')}, {h.get('date')}"),
+                ]
             packages = info.get("packages") or {}
             pkg = ", ".join(f"{k} {v}" for k, v in sorted(packages.items()) if v)
             rows.append(("packages", pkg))

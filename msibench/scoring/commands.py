@@ -238,6 +238,26 @@ def _load_runs(specs):
         raise _fail(err) from err
 
 
+_ALLOW_PARTIAL = click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Show runs whose tracks are not fully generated and scored, marked with their coverage.",
+)
+
+
+def _complete_runs(specs, allow_partial: bool):
+    """The runs of ``specs``, refused when one is incomplete (unless ``allow_partial``) or their manifests differ."""
+    from msibench.scoring.table import TableError, check_complete, check_same_manifest
+
+    results = _load_runs(specs)
+    try:
+        check_complete(results, allow_partial)
+        check_same_manifest(results)
+    except TableError as err:
+        raise _fail(err) from err
+    return results
+
+
 @click.command("table")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["md", "tex", "csv"]), default="md", show_default=True)
@@ -312,15 +332,18 @@ def _width_option(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--track", type=click.Choice(["multi", "single"]), default="multi", show_default=True)
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Bars (default: all).")
 @click.option("--width", default="column", show_default=True, help=_WIDTH_HELP, callback=_width_option)
+@_ALLOW_PARTIAL
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/ablation"), show_default=True)
-def plot_ablation_command(runs, track, metrics, width, out) -> None:
+def plot_ablation_command(runs, track, metrics, width, allow_partial, out) -> None:
     """Fig. 5: grouped bars per configuration, 95% CIs; CLIP-B on its own axis; YOLO-L n/a without layout.
 
     Writes OUT.png, OUT.pdf (TrueType fonts) and OUT.csv (the plotted values)."""
     from msibench.scoring.plot import plot_ablation
 
     try:
-        paths = plot_ablation(_load_runs(runs), out, track=track, metrics=list(metrics) or None, width=width)
+        paths = plot_ablation(
+            _complete_runs(runs, allow_partial), out, track=track, metrics=list(metrics) or None, width=width
+        )
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -332,15 +355,16 @@ def plot_ablation_command(runs, track, metrics, width, out) -> None:
 @click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR (repeatable).")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Panels (default: all).")
 @click.option("--width", default="column", show_default=True, help=_WIDTH_HELP, callback=_width_option)
+@_ALLOW_PARTIAL
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/by_k"), show_default=True)
-def plot_by_k_command(runs, metrics, width, out) -> None:
+def plot_by_k_command(runs, metrics, width, allow_partial, out) -> None:
     """Each metric against subject count K (K = 1: single track, not joined), one series per run.
 
     Writes OUT.png, OUT.pdf (TrueType fonts) and OUT.csv (the plotted values)."""
     from msibench.scoring.plot import plot_by_k
 
     try:
-        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None, width=width)
+        paths = plot_by_k(_complete_runs(runs, allow_partial), out, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -396,13 +420,18 @@ def plot_qualitative_command(runs, tasks, pick, seed, sample, width, no_row_labe
 @click.argument("run_a")
 @click.argument("run_b")
 @click.option("--allow-mixed-scorers", is_flag=True, help="Compare runs scored by different scorer versions.")
-def compare_command(run_a, run_b, allow_mixed_scorers) -> None:
-    """Paired differences B - A per metric, with paired 95% bootstrap CIs over shared tasks."""
+@_ALLOW_PARTIAL
+def compare_command(run_a, run_b, allow_mixed_scorers, allow_partial) -> None:
+    """Paired differences B - A per metric, with paired 95% bootstrap CIs over shared tasks.
+
+    Runs of different manifests are refused (their tasks differ even where ids agree); so are partial runs, unless
+    --allow-partial (then the coverage of each is printed above the numbers)."""
     from msibench.scoring.aggregate import METRICS, compare
     from msibench.scoring.scorer import ScoreError
     from msibench.scoring.store import load_scores
-    from msibench.scoring.table import parse_run_spec
+    from msibench.scoring.table import parse_run_spec, scorer_identity
 
+    result_a, result_b = _complete_runs((run_a, run_b), allow_partial)
     try:
         (ha, ra), (hb, rb) = (load_scores(parse_run_spec(spec)[1]) for spec in (run_a, run_b))
     except ScoreError as err:
@@ -415,14 +444,18 @@ def compare_command(run_a, run_b, allow_mixed_scorers) -> None:
     diffs = compare(ra, rb)
     if not diffs:
         raise click.ClickException("the runs share no scored task")
-    click.echo(f"A = {run_a}\nB = {run_b}")
+    for name, spec, result in (("A", run_a, result_a), ("B", run_b, result_b)):
+        words, _ = scorer_identity(result.scorer)
+        click.echo(f"{name} = {spec} (scorer {result.scorer_hash}: {words})")
+        if result.incomplete:
+            click.echo(f"    PARTIAL: {result.coverage_note()}")
     click.echo(f"{'track':<7}{'metric':<17}{'n':>5}{'A':>9}{'B':>9}{'B-A':>9}  95% CI")
     for d in diffs:
         ci = f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if d.ci_low is not None else "-"
         sig = " *" if d.ci_low is not None and (d.ci_low > 0 or d.ci_high < 0) else ""
         values = f"{d.mean_a:>9.4f}{d.mean_b:>9.4f}{d.diff:>+9.4f}"
         click.echo(f"{d.track:<7}{METRICS[d.metric].label:<17}{d.n:>5}{values}  {ci}{sig}")
-    click.echo("* the interval excludes 0")
+    click.echo("* the interval excludes 0; n = tasks scored in both runs")
 
 
 COMMANDS = [score_command, table_command, plot_group, compare_command]
