@@ -257,6 +257,12 @@ def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
 @click.option("--manifest", default=None, help=_MANIFEST_HELP)
 @click.option("--overwrite", is_flag=True, help="Discard results of another configuration in the run folder.")
 @click.option("--retry-failed", is_flag=True, help="Generate again the samples recorded as failed.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rewrite a damaged run.json for this configuration, keeping the images and records (checked: every record "
+    "must be of this method fingerprint, manifest and --seed).",
+)
 @click.option("--no-progress", is_flag=True)
 def run_command(
     method_name,
@@ -273,6 +279,7 @@ def run_command(
     manifest,
     overwrite,
     retry_failed,
+    repair,
     no_progress,
 ) -> None:
     """Generate images for the benchmark tasks; resumable.
@@ -302,7 +309,11 @@ def run_command(
         raise click.UsageError(str(err)) from err
     try:
         method = registry.build(method_name, _parse_options(method_options))
-    except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
+    except registry.UnknownMethodError as err:  # an invalid option value: a usage error (exit 2)
+        raise click.BadParameter(str(err), param_hint="--method") from err
+    except (ValueError, TypeError) as err:  # -M resolution=abc, -M nokey=1
+        raise click.BadParameter(str(err), param_hint="-M") from err
+    except registry.MethodUnavailableError as err:  # installed without the method's module: not a usage error
         raise click.ClickException(str(err)) from err
     try:
         summary = run_method(
@@ -322,6 +333,7 @@ def run_command(
             progress=not no_progress,
             argv=sys.argv,
             wait_for_peers=under_torchrun,
+            repair=repair,
         )
     except LockBusyError as err:
         click.echo(f"Error: {err}", err=True)

@@ -131,6 +131,14 @@ def score_command(
         import torch
 
         torch.set_num_threads(threads)
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in _METRIC_CHOICES]
+    if unknown or not wanted:
+        raise click.BadParameter(
+            f"{', '.join(map(repr, unknown)) or 'nothing'}: choose a comma-separated subset of "
+            + ", ".join(_METRIC_CHOICES),
+            param_hint="--metrics",
+        )
     try:
         config = ScorerConfig(
             detector=detector,
