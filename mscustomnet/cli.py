@@ -114,7 +114,15 @@ def info_command(msi_dir: Path, check: bool, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=1, sort_keys=True))
     else:
         click.echo(format_info(info))
-    if check and info["files"]["missing"]:
+    torn = info["files"]["torn_last_line"]
+    if check and torn:
+        click.echo(
+            f"Error: {msi_dir / 'manifest.jsonl'}: the last line is torn ({torn} bytes without a newline, left by a "
+            "killed build or a damaged copy); training refuses it. Run `mscustomnet data build-msi` again with the "
+            "same options: it cuts the torn line off and builds that scene again",
+            err=True,
+        )
+    if check and (info["files"]["missing"] or torn):
         raise SystemExit(1)
 
 

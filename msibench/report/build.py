@@ -33,7 +33,7 @@ from string import Template
 from typing import Any
 
 from msibench.bench.manifest import Manifest, Task
-from msibench.records import RECORDS_FILE, read_records, record_key
+from msibench.records import RECORDS_FILE, exclusive_or_busy, read_records, record_key
 from msibench.report.thumbs import THUMBS_DIR, ThumbnailStore
 
 logger = logging.getLogger(__name__)
@@ -157,10 +157,21 @@ def build_report(
     title: str | None = None,
     progress: bool = False,
 ) -> ReportSummary:
-    """Write ``out/index.html`` and ``out/assets/`` for ``run_specs``; see the module docstring."""
-    start = time.perf_counter()
+    """Write ``out/index.html`` and ``out/assets/`` for ``run_specs``; see the module docstring. One report per
+    ``out`` at a time: a second one is refused at once (:class:`~msibench.records.LockBusyError`, naming the holder),
+    since both would write and prune the same thumbnails."""
     if not run_specs:
         raise ReportError("msibench report needs at least one run folder")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_or_busy(
+        out / ".report.lock", f"the report in {out}", "wait for it to end or stop it, or write into another --out"
+    ):
+        return _build_report(run_specs, out, thumb_size, workers, manifest, coco_root, paper, title, progress)
+
+
+def _build_report(run_specs, out, thumb_size, workers, manifest, coco_root, paper, title, progress) -> ReportSummary:
+    start = time.perf_counter()
     runs = [load_report_run(spec, i, manifest) for i, spec in enumerate(run_specs)]
     _unique_labels(runs)
     shas = {r.manifest.sha256 for r in runs}

@@ -125,3 +125,17 @@ def test_damaged_photos_are_named_and_a_resume_after_restoring_them_rebuilds_wha
     res = CliRunner().invoke(main, args)
     assert res.exit_code == exitcodes.FAILURES and photo.name not in res.output  # the split's own damaged photos stay
     assert tree_bytes(out, skip=("config.json",)) == tree_bytes(intact.out, skip=("config.json",))
+
+
+def test_info_check_fails_on_a_torn_last_manifest_line_as_training_does(tiny_build, tmp_path):
+    out = shutil.copytree(tiny_build, tmp_path / "msi")
+    data = (out / "manifest.jsonl").read_bytes()
+    (out / "manifest.jsonl").write_bytes(data + data[: len(data) // 4])  # a torn copy of a line
+    res = CliRunner().invoke(main, ["data", "info", str(out)])
+    assert res.exit_code == 0  # a plain summary still reads what is committed
+    res = CliRunner().invoke(main, ["data", "info", str(out), "--check"])
+    assert res.exit_code == exitcodes.ERROR and "last line is torn" in res.output and "build-msi" in res.output
+    from mscustomnet.data.dataset import load_manifest
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_manifest(out / "manifest.jsonl")
