@@ -233,3 +233,20 @@ def test_scorer_weights_are_pinned_and_a_file_unlike_its_pinned_sha256_is_refuse
         fetch([("scorers", clip)])
     assert not any(key.startswith(f"hf:{clip.repo_id}") for key in weights.read_fetched())
     assert [s.status for s in status([("scorers", clip)])] == ["different"]
+
+
+def test_weights_ls_honours_the_variables_score_uses(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from msibench.cli import main
+
+    dino = tmp_path / "my_dino.pth"
+    dino.write_bytes(b"weights")
+    monkeypatch.setenv("MSIBENCH_DINO_WEIGHTS", str(dino))
+    monkeypatch.setenv("MSIBENCH_CLIP_WEIGHTS", str(tmp_path / "absent.bin"))
+    monkeypatch.delenv("MSIBENCH_YOLO_WEIGHTS", raising=False)
+    res = CliRunner().invoke(main, ["weights", "ls", "--scorers"])
+    lines = res.output.splitlines()
+    assert any(line.strip().startswith("override") and "my_dino.pth" in line for line in lines), res.output
+    assert any(line.strip().startswith("missing") and "absent.bin: no such file" in line for line in lines)
+    assert res.exit_code == 1
