@@ -155,7 +155,7 @@ def score_command(
             batch_size=batch_size,
         )
         scorer = Scorer(config, device=device)
-        scorer.setup()
+        scorer.setup(announce=None if no_progress else lambda message: click.echo(message, err=True))
     except (ValueError, BackboneError, ScoreError) as err:
         raise _fail(err) from err
     code = exitcodes.OK

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,8 @@ def _score_run(run_path, info, scorer, manifest, coco_root, rescore, limit, prog
         return out
 
     if uses_references:
-        scorer.warm_references({sha: p for _, task, _, _ in pending for sha, p in references(task)})
+        announce = (lambda message: tqdm.write(message, file=sys.stderr)) if progress else None
+        scorer.warm_references({sha: p for _, task, _, _ in pending for sha, p in references(task)}, announce)
 
     bar = tqdm(total=len(pending), desc=f"score {run_path.name}", unit="img", disable=not progress, leave=False)
     try:

@@ -224,7 +224,11 @@ def test_a_run_made_before_the_copy_gets_one_when_scored_with_manifest(run_copy,
     _forget_manifest_path(run_copy)
     res = _invoke("report", run_copy, "--out", run_copy.parent / "rep", "--no-progress")
     assert res.exit_code == exitcodes.ERROR and "--manifest" in res.output
-    res = _invoke("score", run_copy, *CHEAP, "--coco-root", coco_root, "--manifest", original)
+    with_progress = [a for a in CHEAP if a != "--no-progress"]
+    res = _invoke("score", run_copy, *with_progress, "--coco-root", coco_root, "--manifest", original)
     assert res.exit_code == 0, res.output  # scores written, summary printed, no traceback
+    # start-up is not silent: each backbone load and the reference features are announced as they happen
+    assert "loading the dino weights (random)" in res.output and "dino loaded in" in res.output
+    assert "reference features of" in res.output
     assert "single:" in res.output and (run_copy / "manifest.json").is_file()
     assert _invoke("table", run_copy).exit_code == 0
