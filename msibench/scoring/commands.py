@@ -253,6 +253,14 @@ _ALLOW_PARTIAL = click.option(
 )
 
 
+def _warn_unpinned(results) -> None:
+    from msibench.scoring.plot import provenance_text
+
+    text, pinned = provenance_text(results)
+    if not pinned:
+        click.echo(f"warning: NOT the pinned scorers ({text}): the figure's CSV and metadata say so", err=True)
+
+
 def _complete_runs(specs, allow_partial: bool):
     """The runs of ``specs``, refused when one is incomplete (unless ``allow_partial``) or their manifests differ."""
     from msibench.scoring.table import TableError, check_complete, check_same_manifest
@@ -349,9 +357,9 @@ def plot_ablation_command(runs, track, metrics, width, allow_partial, out) -> No
     from msibench.scoring.plot import plot_ablation
 
     try:
-        paths = plot_ablation(
-            _complete_runs(runs, allow_partial), out, track=track, metrics=list(metrics) or None, width=width
-        )
+        results = _complete_runs(runs, allow_partial)
+        _warn_unpinned(results)
+        paths = plot_ablation(results, out, track=track, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -372,7 +380,9 @@ def plot_by_k_command(runs, metrics, width, allow_partial, out) -> None:
     from msibench.scoring.plot import plot_by_k
 
     try:
-        paths = plot_by_k(_complete_runs(runs, allow_partial), out, metrics=list(metrics) or None, width=width)
+        results = _complete_runs(runs, allow_partial)
+        _warn_unpinned(results)
+        paths = plot_by_k(results, out, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file

@@ -113,7 +113,7 @@ def provenance(run: RunResult) -> dict[str, Any]:
     }
 
 
-def _provenance_text(runs: Sequence[RunResult]) -> tuple[str, bool]:
+def provenance_text(runs: Sequence[RunResult]) -> tuple[str, bool]:
     """(the scorers of ``runs`` in words, whether every one is the pinned default)."""
     seen: dict[str | None, tuple[str, bool]] = {}
     for run in runs:
@@ -127,21 +127,14 @@ def _save(
 ) -> list[Path]:
     """PNG at 300 dpi and PDF at the figure's exact size (no tight bbox: the width is the column's), and the CSV.
 
-    The scorer weights of ``runs`` go into the PNG and PDF metadata and, when they are not the pinned defaults or a
-    run is partial, also into a small note at the figure's foot, so a figure never passes for what it is not."""
+    The scorer weights of ``runs`` go into the PNG (``Description``) and PDF (``Subject``) metadata, as into every
+    CSV row; a partial run is labelled so in the figure. (No visible note: a paper figure keeps 8 pt text and no
+    title; ``msibench plot`` warns on stderr when the weights are not the pinned defaults.)"""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     png, pdf, table = outputs(out)
-    text, pinned = _provenance_text(runs) if runs else ("", True)
-    partial = [r.label for r in runs if r.incomplete]
-    foot = []
-    if runs and not pinned:
-        foot.append("NOT the pinned scorers: " + text)
-    if partial:
-        foot.append("partial (see the CSV's coverage): " + ", ".join(partial))
-    if foot:
-        fig.text(0.005, 0.002, "\n".join(foot), fontsize=4, color="#b00000", ha="left", va="bottom", wrap=True)
+    text, _ = provenance_text(runs) if runs else ("", True)
     fig.savefig(png, dpi=DPI, metadata={"Software": "msibench", "Description": text} if text else None)
     fig.savefig(pdf, metadata={"CreationDate": None, "Creator": "msibench", **({"Subject": text} if text else {})})
     with open(table, "w", newline="", encoding="utf-8") as f:
