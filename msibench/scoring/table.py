@@ -414,7 +414,7 @@ def render_table(
         return _render_tex(rows, runs, notes, digits, ci, paper is not None)
     texts = [
         [
-            _cell_text(c, digits, ci, paper is not None) + _subset_mark(row, track, runs)
+            _cell_text(c, digits, ci, paper is not None) + _subset_mark(row, track, runs, c)
             for (track, _), c in zip(COLUMNS, row.cells, strict=True)
         ]
         for row in rows
@@ -436,11 +436,13 @@ def _run_of(row: Row, runs: Sequence[RunResult]) -> RunResult | None:
     return next((r for r in runs if r.run_dir == row.run_dir and r.label == row.label), None)
 
 
-def _subset_mark(row: Row, track: str, runs: Sequence[RunResult]) -> str:
+def _subset_mark(row: Row, track: str, runs: Sequence[RunResult], cell: Cell) -> str:
     """``†`` on a multi-track cell computed over a subset (the method declares fewer subjects than the manifest
     has): such a method skips the hardest tasks and must not look better for it."""
     run = _run_of(row, runs)
-    return SUBSET_MARK if track == "multi" and run is not None and run.multi_subset and row.cells else ""
+    if cell.stat is None or cell.stat.mean is None:  # no value, nothing computed over a subset
+        return ""
+    return SUBSET_MARK if track == "multi" and run is not None and run.multi_subset else ""
 
 
 def _best(rows: list[Row]) -> list[float | None]:
@@ -479,7 +481,7 @@ def _render_tex(rows, runs, notes, digits: int, ci: bool, with_paper: bool) -> s
         cells = []
         for j, ((track, _), cell) in enumerate(zip(COLUMNS, row.cells, strict=True)):
             mean = cell.stat.mean if cell.stat is not None else None
-            text = _tex(_cell_text(cell, digits, False, with_paper) + _subset_mark(row, track, runs))
+            text = _tex(_cell_text(cell, digits, False, with_paper) + _subset_mark(row, track, runs, cell))
             if mean is not None and best[j] is not None and round(mean, digits) == round(best[j], digits):
                 text = rf"\textbf{{{text}}}"
             if ci and cell.stat is not None and cell.stat.ci_low is not None:
@@ -645,7 +647,7 @@ def _render_html(
     for row in rows:
         cells = []
         for (track, metric), cell in zip(COLUMNS, row.cells, strict=True):
-            text = escape(_cell_text(cell, digits, False, with_paper) + _subset_mark(row, track, runs))
+            text = escape(_cell_text(cell, digits, False, with_paper) + _subset_mark(row, track, runs, cell))
             if ci and cell.stat is not None and cell.stat.ci_low is not None:
                 text += f'<span class="ci">[{cell.stat.ci_low:.{digits}f}, {cell.stat.ci_high:.{digits}f}]</span>'
             cells.append(f'<td data-col="{track}_{metric}">{text}</td>')
