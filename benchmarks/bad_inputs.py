@@ -10,7 +10,7 @@
 
 Setup (in --work, default a temp folder): small paste runs at 64 px on coco2017-mini (v2 and v1, 1 task per track;
 a run from a custom 2-task manifest), scored with a random-weight DINO (no hub access needed), and a small COCO subset
-(12 val2017 photos) for build-msi. Everything runs offline on CPU in a few minutes.
+(60 val2017 photos, --alpha 3) for build-msi. Everything runs offline on CPU in a few minutes.
 
 Usage: python benchmarks/bad_inputs.py [--coco-root ../shared/data/coco2017-mini] [--work DIR] [--only NAME,...]
 Prints one line per case and the totals; exit status 1 when any case is wrong-or-lost.
@@ -83,7 +83,7 @@ def _digest(folder: Path, pattern: str = "*") -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------- setup
 
 
-def _subset_coco(coco: Path, dest: Path, n: int = 12) -> None:
+def _subset_coco(coco: Path, dest: Path, n: int = 60) -> None:
     """A COCO root of the first ``n`` val2017 photos that have annotations (photos copied: cases damage them)."""
     instances = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
     captions = json.loads((coco / "annotations" / "captions_val2017.json").read_text())
@@ -111,14 +111,19 @@ def _custom_manifest(dest: Path) -> None:
 
 
 def setup(work: Path, coco: Path) -> None:
-    paste = [*MSIBENCH, "run", "--method", "paste", "-M", "resolution=64", "--limit", "1", "--no-progress"]
-    paste += ["--coco-root", coco]
-    _must([*paste, "--run-dir", work / "v2"], work)
-    _must([*paste, "--run-dir", work / "v1", "--manifest", "v1"], work)
-    _custom_manifest(work / "custom.json")
-    _must([*paste, "--run-dir", work / "custom", "--manifest", work / "custom.json"], work)
-    for run in ("v2", "v1", "custom"):
-        _must([*MSIBENCH, "score", work / run, *SCORE, "--coco-root", coco], work)
+    """What the cases start from; each part is made once per work folder."""
+    if not (work / "custom" / "scores.json").is_file():
+        paste = [*MSIBENCH, "run", "--method", "paste", "-M", "resolution=64", "--limit", "1", "--no-progress"]
+        paste += ["--coco-root", coco]
+        _must([*paste, "--run-dir", work / "v2"], work)
+        _must([*paste, "--run-dir", work / "v1", "--manifest", "v1"], work)
+        _custom_manifest(work / "custom.json")
+        _must([*paste, "--run-dir", work / "custom", "--manifest", work / "custom.json"], work)
+        for run in ("v2", "v1", "custom"):
+            _must([*MSIBENCH, "score", work / run, *SCORE, "--coco-root", coco], work)
+    if (work / "msi-intact" / "stats.json").is_file():
+        return
+    shutil.rmtree(work / "coco", ignore_errors=True)
     _subset_coco(coco, work / "coco")
     _must([*MSCUSTOMNET, "data", "build-msi", "--coco-root", work / "coco", "--split", "val2017", "--out",
            work / "msi-intact", "--alpha", "3", "--quiet"], work, (0, 3))  # fmt: skip
@@ -201,7 +206,7 @@ def _same_as_intact(work: Path) -> str | None:
 def _torn_msi(work: Path) -> None:
     msi = _copy(work, "msi-intact", "msi-torn")
     data = (msi / "manifest.jsonl").read_bytes()
-    (msi / "manifest.jsonl").write_bytes(data + data[:40])
+    (msi / "manifest.jsonl").write_bytes(data + b'{"image_id": 1, "subjects": [{"cat')  # a torn write
 
 
 def _train_config(work: Path) -> None:
@@ -255,7 +260,7 @@ def cases(coco: Path) -> list[Case]:
         Case("tampered image, score", lambda w: [*MSIBENCH, "score", w / "tampered", *SCORE], (3,),
              ("changed since",), setup=_tamper_image),
         Case("report --out is a file", lambda w: [*MSIBENCH, "report", w / "v2", "--out", w / "custom.json",
-             "--no-progress"], (1,), ("custom.json",)),  # fmt: skip
+             "--no-progress"], (2,), ("custom.json",)),  # fmt: skip
         Case("weights ls, variable names no file", lambda w: [*MSIBENCH, "weights", "ls", "--scorers"], (1,),
              ("nothere.pth",), env={"MSIBENCH_DINO_WEIGHTS": "/nonexistent/nothere.pth"}),
         # ---- mixed and partial: refused, naming both / the coverage
@@ -352,8 +357,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
     coco = args.coco_root.resolve()
-    if not (work / "v2" / "scores.json").is_file():
-        setup(work, coco)
+    setup(work, coco)
     selected = cases(coco)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]

@@ -394,8 +394,8 @@ def _photo_problem(reason: str | None) -> bool:
 def _recheck_photos(config: BuildConfig, out: Path, coco: CocoInstances) -> None:
     """On a resume: photos an earlier pass skipped as damaged are read again. One that reads now (restored, or the
     build now runs on a repaired COCO) changes what it affects, which is rebuilt: a pool candidate changes the
-    reference pools and so every scene (pool.json, manifest.jsonl, skipped.jsonl and layouts/ are set aside and
-    built again); a scene's own photo changes that scene (its skip record is dropped, so it is built now)."""
+    reference pools and so every scene (pool.json, pool/, manifest.jsonl, skipped.jsonl and layouts/ are set aside
+    and built again: the cut-outs of the candidates that stood in for it must not stay behind); a scene's own photo changes that scene (its skip record is dropped, so it is built now)."""
     pool_path, skipped_path = out / POOL_FILE, out / SKIPPED_FILE
     if pool_path.is_file():
         _, pool_skipped, _ = _load_pools(pool_path)
@@ -414,7 +414,7 @@ def _recheck_photos(config: BuildConfig, out: Path, coco: CocoInstances) -> None
                 )
                 stale = out / f".stale-{os.getpid()}"
                 stale.mkdir(exist_ok=True)
-                for name in (POOL_FILE, MANIFEST_FILE, SKIPPED_FILE, STATS_FILE, LAYOUT_DIR):
+                for name in (POOL_FILE, POOL_DIR, MANIFEST_FILE, SKIPPED_FILE, STATS_FILE, LAYOUT_DIR):
                     if (out / name).exists():
                         os.replace(out / name, stale / name)
                 shutil.rmtree(stale, ignore_errors=True)
