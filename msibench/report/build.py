@@ -125,15 +125,13 @@ def load_report_run(spec: str | Path, index: int, manifest_override: str | Path 
 
 
 def _unique_labels(runs: list[RunData]) -> None:
-    """Runs of one method without a LABEL= get their fingerprint hash appended, so columns stay tellable apart."""
-    counts = Counter(r.label for r in runs)
-    for run in runs:
-        if counts[run.label] > 1:
-            run.label = f"{run.label} ({run.info.get('fingerprint_hash') or run.path.name})"
-    counts = Counter(r.label for r in runs)
-    for run in runs:
-        if counts[run.label] > 1:
-            run.label = f"{run.label} [{run.index + 1}]"
+    """Runs of one method without a LABEL= get their fingerprint hash appended, so columns stay tellable apart (the
+    rule of every table and figure: :func:`msibench.scoring.table.distinct_labels`)."""
+    from msibench.scoring.table import distinct_labels
+
+    labels = distinct_labels([r.label for r in runs], [r.info.get("fingerprint_hash") or r.path.name for r in runs])
+    for run, label in zip(runs, labels, strict=True):
+        run.label = label
     if any(r.result is not None for r in runs):
         from dataclasses import replace
 

@@ -13,6 +13,11 @@ Only complete rows enter the table: every task of a generated track (one the run
 with as many samples as the largest ``--seeds`` of the track's records, and every generated image scored.
 ``allow_partial=True`` shows incomplete rows too, marked in every format with what they cover (md and tex: the label
 says ``partial: multi 6/100 tasks, 6/6 images scored``; csv: a ``partial`` column and the counts per track).
+
+Every table also says what produced it: runs of different manifests are refused (:func:`check_same_manifest`), a
+note names the scorer weights of each scorer version (:func:`scorer_identity`: pinned or local), multi-track cells
+of a method declaring fewer subjects than the manifest holds carry ``†``, and runs of different configurations get
+distinct labels (:func:`distinct_labels`); the paper's own rows are labelled ``(paper)``.
 """
 
 from __future__ import annotations
@@ -419,14 +424,12 @@ def render_table(
         ]
         for row in rows
     ]
-    if fmt == "md":
-        lines = ["| Method | " + " | ".join(_headers()) + " |", "|---|" + "---:|" * len(COLUMNS)]
-        lines += [
-            f"| {_row_label(row, runs, paper is not None)} | " + " | ".join(t) + " |"
-            for row, t in zip(rows, texts, strict=True)
-        ]
-        return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
-    raise AssertionError(fmt)  # pragma: no cover
+    lines = ["| Method | " + " | ".join(_headers()) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    lines += [
+        f"| {_row_label(row, runs, paper is not None)} | " + " | ".join(t) + " |"
+        for row, t in zip(rows, texts, strict=True)
+    ]
+    return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
 
 
 SUBSET_MARK = "†"
