@@ -37,7 +37,9 @@ import click
 def train_command(
     config_path: Path, out: Path | None, resume: str | None, max_steps: int | None, device: str, quiet: bool
 ) -> None:
-    """Train MS-CustomNet as configured. Several GPUs: torchrun --nproc_per_node N -m mscustomnet.train --config ..."""
+    """Train MS-CustomNet as configured. Several GPUs: torchrun --nproc_per_node N -m mscustomnet.train --config ...
+
+    Exit codes: 0 done, 1 error, 2 usage, 4 another trainer writes --out (see msibench.exitcodes)."""
     import dataclasses
 
     from mscustomnet.model.io import WeightsNotFoundError
