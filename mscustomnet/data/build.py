@@ -395,7 +395,8 @@ def _recheck_photos(config: BuildConfig, out: Path, coco: CocoInstances) -> None
     """On a resume: photos an earlier pass skipped as damaged are read again. One that reads now (restored, or the
     build now runs on a repaired COCO) changes what it affects, which is rebuilt: a pool candidate changes the
     reference pools and so every scene (pool.json, pool/, manifest.jsonl, skipped.jsonl and layouts/ are set aside
-    and built again: the cut-outs of the candidates that stood in for it must not stay behind); a scene's own photo changes that scene (its skip record is dropped, so it is built now)."""
+    and built again: the cut-outs of the candidates that stood in for it must not stay behind); a scene's own photo
+    changes that scene (its skip record is dropped, so it is built now)."""
     pool_path, skipped_path = out / POOL_FILE, out / SKIPPED_FILE
     if pool_path.is_file():
         _, pool_skipped, _ = _load_pools(pool_path)
