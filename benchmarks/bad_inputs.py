@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's msibench, as the commands it starts (PYTHONPATH)
 MSIBENCH = [sys.executable, "-m", "msibench"]
 MSCUSTOMNET = [sys.executable, "-c", "from mscustomnet.cli import main; main()"]
 SCORE = ["--metrics", "dino_i", "--identity-crop", "target", "--dino-weights", "random", "--no-progress"]
@@ -100,11 +101,12 @@ def _subset_coco(coco: Path, dest: Path, n: int = 60) -> None:
 
 
 def _custom_manifest(dest: Path) -> None:
-    """The packaged v2 manifest cut to its first single and first multi task (a user's own manifest)."""
-    from msibench.bench.manifest import default_manifest_path, dumps
+    """The packaged v2 manifest cut to the tasks `--limit 1` selects (a user's own manifest of 2 tasks)."""
+    from msibench.bench.manifest import default_manifest_path, dumps, load_manifest
 
     raw = json.loads(default_manifest_path().read_text())
-    tasks = [next(t for t in raw["tasks"] if t["track"] == tr) for tr in ("single", "multi")]
+    chosen = {t.id for t in load_manifest().select("all", 1)}
+    tasks = [t for t in raw["tasks"] if t["id"] in chosen]
     used = {s["reference"]["image_id"] for t in tasks for s in t["subjects"]}
     raw.update(tasks=tasks, sources=[s for s in raw["sources"] if s["image_id"] in used])
     dest.write_bytes(dumps(raw))
