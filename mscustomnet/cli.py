@@ -55,7 +55,8 @@ def build_msi_command(
 ) -> None:
     """Build (or resume) the MSI dataset from a COCO split: manifest.jsonl, pool/, layouts/, stats.json.
 
-    Exit codes: 0 done, 1 error, 2 usage, 4 another build is writing --out (see msibench.exitcodes)."""
+    Exit codes: 0 done, 1 error, 2 usage, 3 done but photos named by the annotations could not be read (listed; the
+    dataset differs from one over an intact COCO), 4 another build is writing --out (see msibench.exitcodes)."""
     from mscustomnet.data.build import BuildConfig, build_msi
     from msibench import exitcodes
     from msibench.records import LockBusyError
@@ -83,6 +84,16 @@ def build_msi_command(
         f"{summary.scenes_written} written, {summary.scenes_skipped} skipped; filter {summary.filter_seconds:.1f} s"
     )
     click.echo(f"output: {summary.out} (manifest.jsonl, pool/, layouts/, stats.json)")
+    if summary.photo_problems:
+        shown = "\n".join(f"  {p}" for p in summary.photo_problems[:20])
+        more = f"\n  ... and {len(summary.photo_problems) - 20} more" if len(summary.photo_problems) > 20 else ""
+        click.echo(
+            f"{len(summary.photo_problems)} photos named by the annotations could not be read, so this dataset "
+            f"differs from a build over an intact COCO:\n{shown}{more}\nRestore them and run the same command again: "
+            "the build checks them again and rebuilds what they affect. Exit code 3.",
+            err=True,
+        )
+        raise SystemExit(exitcodes.FAILURES)
 
 
 @data.command("info")
@@ -103,7 +114,15 @@ def info_command(msi_dir: Path, check: bool, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=1, sort_keys=True))
     else:
         click.echo(format_info(info))
-    if check and info["files"]["missing"]:
+    torn = info["files"]["torn_last_line"]
+    if check and torn:
+        click.echo(
+            f"Error: {msi_dir / 'manifest.jsonl'}: the last line is torn ({torn} bytes without a newline, left by a "
+            "killed build or a damaged copy); training refuses it. Run `mscustomnet data build-msi` again with the "
+            "same options: it cuts the torn line off and builds that scene again",
+            err=True,
+        )
+    if check and (info["files"]["missing"] or torn):
         raise SystemExit(1)
 
 

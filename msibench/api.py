@@ -24,7 +24,7 @@ exit codes. Nothing here imports torch before it is needed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,19 +57,26 @@ def load_method(method: str | type[Method] | Method, options: Mapping[str, Any] 
     return registry.build(str(method), dict(options or {}))
 
 
-def make_scorer(config: ScorerConfig | None = None, *, device: str | None = None, **settings: Any) -> Scorer:
+def make_scorer(
+    config: ScorerConfig | None = None,
+    *,
+    device: str | None = None,
+    announce: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> Scorer:
     """A :class:`~msibench.scoring.scorer.Scorer` with its backbones loaded (``msibench score``'s options:
     ``ScorerConfig(detector=..., dino=..., clip=..., metrics=...)``, or the same keywords as ``settings``).
 
     Backbones are read offline from the caches ``msibench weights fetch --scorers`` fills; every missing one is named
-    in one :class:`~msibench.scoring.backbones.BackboneError`."""
+    in one :class:`~msibench.scoring.backbones.BackboneError`. ``announce`` (e.g. a print to stderr) hears each
+    backbone load as it starts and ends."""
     from msibench.runner import resolve_device
     from msibench.scoring.scorer import Scorer, ScorerConfig
 
     if config is not None and settings:
         raise ValueError("pass a ScorerConfig or its settings as keywords, not both")
     scorer = Scorer(config or ScorerConfig(**settings), device=resolve_device(device))
-    scorer.setup()
+    scorer.setup(announce=announce)
     return scorer
 
 

@@ -390,6 +390,12 @@ def data_prepare(coco_root: Path | None, manifest: str | None) -> None:
 @click.option("--manifest", default=None, help=_MANIFEST_HELP)
 @click.option("--overwrite", is_flag=True, help="Discard results of another configuration in the run folder.")
 @click.option("--retry-failed", is_flag=True, help="Generate again the samples recorded as failed.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rewrite a damaged run.json for this configuration, keeping the images and records (checked: every record "
+    "must be of this method fingerprint, manifest and --seed).",
+)
 @click.option("--no-progress", is_flag=True)
 def run_command(
     method_name,
@@ -406,6 +412,7 @@ def run_command(
     manifest,
     overwrite,
     retry_failed,
+    repair,
     no_progress,
 ) -> None:
     """Generate images for the benchmark tasks; resumable.
@@ -437,7 +444,9 @@ def run_command(
 
     try:
         method = load_method(method_name, _parse_options(method_options))
-    except (registry.UnknownMethodError, registry.MethodUnavailableError, ValueError) as err:
+    except (ValueError, TypeError) as err:  # an invalid option value (-M resolution=abc, -M nokey=1): exit 2
+        raise click.BadParameter(str(err), param_hint="-M") from err
+    except (registry.UnknownMethodError, registry.MethodUnavailableError) as err:
         raise method_error(err) from err
     try:
         summary = run_method(
@@ -457,6 +466,7 @@ def run_command(
             progress=not no_progress,
             argv=sys.argv,
             wait_for_peers=under_torchrun,
+            repair=repair,
         )
     except LockBusyError as err:
         click.echo(f"Error: {err}", err=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from msibench import exitcodes, registry
-from msibench.bench.manifest import TRACKS, Manifest, Task, load_manifest
+from msibench.bench.manifest import RUN_MANIFEST_COPY, TRACKS, Manifest, Task, keep_manifest_copy, load_manifest
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import atomic_write_bytes, mkdtemp, remove_stale_temp_files, sha256_file
 from msibench.methods.base import GenerationRequest, Method, SubjectInput
@@ -250,6 +250,7 @@ def run_method(
     progress: bool = True,
     argv: list[str] | None = None,
     wait_for_peers: bool = False,
+    repair: bool = False,
 ) -> RunSummary:
     """Generate every pending (task, sample) of this shard into ``run_dir``; see the module docstring.
 
@@ -275,7 +276,7 @@ def run_method(
             )
         )
         writers = stack.enter_context(FolderWriters(run_path))
-        _open_run(run_path, method, manifest, base_seed, device, overwrite, argv, alone=writers.alone)
+        _open_run(run_path, method, manifest, base_seed, device, overwrite, argv, alone=writers.alone, repair=repair)
         if writers.alone:
             remove_stale_temp_files([run_path, run_path / IMAGES_DIR])
         writers.share()
@@ -546,9 +547,34 @@ def _discard_results(run_path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, argv, alone: bool) -> None:
+def _repair_problem(run_path: Path, method: Method, manifest: Manifest, base_seed: int) -> str | None:
+    """Why the records of ``run_path`` cannot be kept under this configuration's new ``run.json`` (None: every one
+    was made by this method fingerprint, from this manifest's version, with seeds of this base seed)."""
+    fingerprint = method.fingerprint_hash()
+    records = read_records(run_path / RECORDS_FILE)
+    for rec in records:
+        key = f"{rec.get('task_id')}#{rec.get('sample_index')}"
+        if rec.get("fingerprint") != fingerprint:
+            return (
+                f"record {key} was made by fingerprint {rec.get('fingerprint')}, this configuration is {fingerprint}"
+            )
+        if rec.get("manifest_version") != manifest.version or rec.get("task_id") not in manifest.by_id:
+            return f"record {key} is not of manifest {manifest.name} (version {manifest.version})"
+        try:
+            seed_ok = rec.get("seed") == sample_seed(base_seed, str(rec["task_id"]), int(rec["sample_index"]))
+        except (KeyError, TypeError, ValueError):
+            seed_ok = False
+        if not seed_ok:
+            return f"record {key} has seed {rec.get('seed')}, not one of --seed {base_seed}"
+    return None
+
+
+def _open_run(
+    run_path: Path, method, manifest, base_seed, device, overwrite, argv, alone: bool, repair: bool = False
+) -> None:
     """Check ``run.json`` against this configuration (write it for a new run); ``overwrite`` replaces an old run,
-    which only a writer alone in the folder may do."""
+    which only a writer alone in the folder may do. ``repair`` rewrites a damaged (unreadable) ``run.json`` for this
+    configuration when every record of the folder was made by it, keeping the images and records."""
     identity = _identity(method, manifest, base_seed)
     with locked(run_path / ".run.lock"):
         run_file = run_path / RUN_FILE
@@ -559,6 +585,8 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
                 existing, old = None, {"run.json": f"unreadable ({err})"}
             if old == identity:
+                if not (run_path / RUN_MANIFEST_COPY).is_file():  # a run made before run folders kept the copy
+                    keep_manifest_copy(run_path, manifest)
                 return
             diff = (
                 ", ".join(f"{k}: {old[k]!r} -> {identity[k]!r}" for k in identity if old[k] != identity[k])
@@ -569,11 +597,26 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
             diff = f"results without a {RUN_FILE}, of an unknown configuration"
         else:
             diff = None
+        if diff is not None and repair and run_file.exists() and existing is None:
+            problem = _repair_problem(run_path, method, manifest, base_seed)
+            if problem is not None:
+                raise RunConflictError(
+                    f"{run_path}: --repair cannot rewrite {RUN_FILE} for this configuration: {problem}. Run the "
+                    "command that made the folder with --repair, or --overwrite to discard its results."
+                )
+            logger.warning("%s: --repair: %s rewritten; the images and records are kept", run_path, RUN_FILE)
+            diff = None
         if diff is not None:
             if not overwrite:
+                repair_hint = (
+                    " If this command made the folder, --repair rewrites its damaged run.json and keeps the images "
+                    "and records."
+                    if run_file.exists() and existing is None
+                    else ""
+                )
                 raise RunConflictError(
                     f"{run_path} holds results of another configuration ({diff}); refusing to mix them. "
-                    "Use another --out/--run-dir, or --overwrite to discard the old results."
+                    "Use another --out/--run-dir, or --overwrite to discard the old results." + repair_hint
                 )
             if not alone:
                 raise LockBusyError(
@@ -582,6 +625,9 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
                 )
             logger.warning("%s: --overwrite: discarding the results of %s", run_path, diff)
             _discard_results(run_path)
+        copied = keep_manifest_copy(run_path, manifest)
+        if not copied:
+            logger.warning("%s: %s changed since it was loaded: no copy kept in the run", run_path, manifest.path)
         info = {
             **identity,
             "fingerprint": method.fingerprint(),
@@ -594,6 +640,9 @@ def _open_run(run_path: Path, method, manifest, base_seed, device, overwrite, ar
                 "path": manifest.path,
                 "version": manifest.version,
                 "sha256": manifest.sha256,
+                # the byte copy in the run folder (sha256 above): score, table, report, compare and plot fall back
+                # on it when the original path is gone
+                "copy": RUN_MANIFEST_COPY if copied else None,
             },
             "packages": _package_versions(),
             "git": _git_hash(),

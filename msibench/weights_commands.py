@@ -69,10 +69,40 @@ def ls_command(scorers: bool, methods: tuple[str, ...], grounding: bool, verify:
     Exit code 1 when a file is missing or different."""
     from msibench.weights import status
 
-    rows = status(_entries(scorers, methods, grounding), verify=verify)
+    rows = [_with_override(r) for r in status(_entries(scorers, methods, grounding), verify=verify)]
     _print(rows)
     if any(r.status in ("missing", "different") for r in rows):
         raise SystemExit(1)
+
+
+def _with_override(row):
+    """A scorer file that ``msibench score`` does not use because ``MSIBENCH_YOLO/DINO/CLIP_WEIGHTS`` names other
+    weights: shown as ``override`` (what score loads instead), ``missing`` when that variable names no file."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from msibench.scoring.backbones import CLIP_ENV, CLIP_HUB_ID, DEFAULT_DINO, DINO_ENV, RANDOM, YOLO_ENV
+
+    if row.owner != "scorers":
+        return row
+    env = {"ultralytics/assets": YOLO_ENV, DEFAULT_DINO: DINO_ENV, CLIP_HUB_ID: CLIP_ENV}.get(row.spec.repo_id)
+    value = os.environ.get(env or "", "")
+    if not value:
+        return row
+    if env == YOLO_ENV and Path(value).is_dir():
+        found = Path(value) / Path(row.file).name
+        if not found.is_file():  # score looks in the folder first, then where the pinned file lies
+            return row
+        value = str(found)
+    if value == RANDOM:
+        detail = f"${env}={value}: score uses random weights, not the pinned file (local, not comparable)"
+        return dataclasses.replace(row, status="override", path=None, detail=detail)
+    looks_like_path = os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path and not Path(value).exists():
+        return dataclasses.replace(row, status="missing", path=value, detail=f"${env}={value}: no such file")
+    detail = f"${env}: score uses {value}, not the pinned file (local weights)"
+    return dataclasses.replace(row, status="override", path=value, detail=detail)
 
 
 def _print(rows) -> None:

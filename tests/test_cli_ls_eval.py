@@ -70,7 +70,7 @@ def test_eval_runs_scores_and_prints_table_one_resumably(tmp_path, coco_root):
     assert "0 scored, 2 already current" in again.output and "| Paste (oracle) (partial:" in again.output
 
     res = CliRunner().invoke(main, [*args[:-2], "--metrics", "nope"])
-    assert res.exit_code != 0 and "metrics" in res.output
+    assert res.exit_code == 2 and "--metrics" in res.output
 
 
 def test_eval_stops_with_exit_4_while_another_process_generates_the_run(tmp_path, coco_root):

@@ -224,7 +224,7 @@ def test_cli_exit_code_counts_failures_and_refusal_message(tmp_path, prepared, c
     )
     assert refused.returncode == 1 and "refusing to mix" in refused.stderr and "--overwrite" in refused.stderr
     bad = subprocess.run(_cli("-M", "resolutoin=40"), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "unknown option 'resolutoin'" in bad.stderr
+    assert bad.returncode == 2 and "unknown option 'resolutoin'" in bad.stderr  # an invalid option value: usage
 
 
 def test_shard_from_torchrun_environment(monkeypatch):

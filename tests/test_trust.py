@@ -280,8 +280,23 @@ def test_run_json_records_the_device_of_this_machine(tmp_path, prepared):
 )
 def test_method_options_are_validated_at_construction(tmp_path, option, message):
     res = _paste(tmp_path / "r", "-M", option)
-    assert res.exit_code == exitcodes.ERROR and message in res.output and "paste option" in res.output
+    assert res.exit_code == exitcodes.USAGE and message in res.output and "paste option" in res.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--method", "nosuch"],
+        ["run", "--method", "paste", "-M", "resolution=abc"],
+        ["run", "--method", "paste", "-M", "nokey=1"],
+        ["score", ".", "--metrics", "bogus"],
+    ],
+)
+def test_invalid_option_values_are_usage_errors(args):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == exitcodes.USAGE, res.output
+    assert "Invalid value for" in res.output
 
 
 def test_common_bounds_apply_to_every_method():
@@ -469,3 +484,22 @@ def test_rank_with_failures_waits_for_the_other_ranks(tmp_path, prepared):
     thread.join(60)
     assert not thread.is_alive() and result["summary"].exit_code == exitcodes.FAILURES
     assert peer.wait(60) == 0
+
+
+def test_a_damaged_run_json_is_repaired_keeping_images_and_records(tmp_path, prepared):
+    run_dir = tmp_path / "run"
+    assert _paste(run_dir, "--limit", "1", "-M", "resolution=32").exit_code == 0
+    images = {p.name: p.read_bytes() for p in (run_dir / "images").iterdir()}
+    records = (run_dir / "records.jsonl").read_bytes()
+    (run_dir / "run.json").write_text('{"method": "paste", "fingerp')  # torn
+    res = _paste(run_dir, "--limit", "1", "-M", "resolution=32")
+    assert res.exit_code == exitcodes.ERROR and "--repair" in res.output
+    # another configuration cannot claim the records
+    res = _paste(run_dir, "--limit", "1", "-M", "resolution=48", "--repair")
+    assert res.exit_code == exitcodes.ERROR and "cannot rewrite run.json" in res.output
+    res = _paste(run_dir, "--limit", "1", "-M", "resolution=32", "--repair")
+    assert res.exit_code == 0, res.output
+    assert "0 generated" in res.output and "already done" in res.output
+    assert json.loads((run_dir / "run.json").read_text())["method"] == "paste"
+    assert {p.name: p.read_bytes() for p in (run_dir / "images").iterdir()} == images
+    assert (run_dir / "records.jsonl").read_bytes() == records

@@ -255,3 +255,20 @@ def test_the_hub_helpers_sit_below_the_registry_and_the_scorers():
 
     assert msibench_imports("msibench.weights") == {"msibench.cache"}
     assert {"msibench.registry", "msibench.scoring.backbones"} <= msibench_imports("msibench.inventory")
+
+
+def test_weights_ls_honours_the_variables_score_uses(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from msibench.cli import main
+
+    dino = tmp_path / "my_dino.pth"
+    dino.write_bytes(b"weights")
+    monkeypatch.setenv("MSIBENCH_DINO_WEIGHTS", str(dino))
+    monkeypatch.setenv("MSIBENCH_CLIP_WEIGHTS", str(tmp_path / "absent.bin"))
+    monkeypatch.delenv("MSIBENCH_YOLO_WEIGHTS", raising=False)
+    res = CliRunner().invoke(main, ["weights", "ls", "--scorers"])
+    lines = res.output.splitlines()
+    assert any(line.strip().startswith("override") and "my_dino.pth" in line for line in lines), res.output
+    assert any(line.strip().startswith("missing") and "absent.bin: no such file" in line for line in lines)
+    assert res.exit_code == 1

@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -175,6 +176,9 @@ class BuildSummary:
     scenes_written: int
     scenes_skipped: int
     filter_seconds: float
+    # photos the annotations name that are missing, truncated, undecodable or of another size than annotated: the
+    # build left them out, so the dataset differs from one over an intact COCO (the command exits 3)
+    photo_problems: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------- files
@@ -406,18 +410,71 @@ def _cut_reference(task: tuple[str, Any, tuple[float, ...], int, int, str, str, 
     return None
 
 
+# Every reason _open_rgb gives starts with this: a skip for a damaged photo (not a rule of the build), which a resume
+# checks again (see _recheck_photos).
+PHOTO_PROBLEM = "image "
+
+
 def _open_rgb(path: Path, width: int, height: int) -> tuple[np.ndarray | None, str]:
-    """Fully decoded RGB pixels of a photo, or (None, reason) when it is missing, corrupt or of another size."""
+    """Fully decoded RGB pixels of a photo, or (None, reason) when it is missing, corrupt or of another size than
+    its annotation says (each photo is checked as it is read: size, then a full decode)."""
     if not path.is_file():
         return None, f"image file missing: {path}"
     try:
         with Image.open(path) as img:
-            img.load()
             if img.size != (width, height):
                 return None, f"image {path} is {img.size[0]}x{img.size[1]}, annotations say {width}x{height}"
+            img.load()
             return np.asarray(img.convert("RGB")), ""
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return None, f"image {path} cannot be decoded: {e}"
+
+
+def _photo_problem(reason: str | None) -> bool:
+    return bool(reason) and str(reason).startswith(PHOTO_PROBLEM)
+
+
+def _recheck_photos(config: BuildConfig, out: Path, coco: CocoInstances) -> None:
+    """On a resume: photos an earlier pass skipped as damaged are read again. One that reads now (restored, or the
+    build now runs on a repaired COCO) changes what it affects, which is rebuilt: a pool candidate changes the
+    reference pools and so every scene (pool.json, pool/, manifest.jsonl, skipped.jsonl and layouts/ are set aside
+    and built again: the cut-outs of the candidates that stood in for it must not stay behind); a scene's own photo
+    changes that scene (its skip record is dropped, so it is built now)."""
+    pool_path, skipped_path = out / POOL_FILE, out / SKIPPED_FILE
+    if pool_path.is_file():
+        _, pool_skipped, _ = _load_pools(pool_path)
+        for skip in pool_skipped:
+            if not _photo_problem(skip.get("reason")):
+                continue
+            image = coco.images.get(int(skip["image_id"]))
+            if (
+                image is not None
+                and _open_rgb(config.image_dir / image.file_name, image.width, image.height)[0] is not None
+            ):
+                log.warning(
+                    "photo %s was skipped as damaged by an earlier pass and reads now: rebuilding the reference pools "
+                    "and every scene that draws from them",
+                    image.file_name,
+                )
+                stale = out / f".stale-{os.getpid()}"
+                stale.mkdir(exist_ok=True)
+                for name in (POOL_FILE, POOL_DIR, MANIFEST_FILE, SKIPPED_FILE, STATS_FILE, LAYOUT_DIR):
+                    if (out / name).exists():
+                        os.replace(out / name, stale / name)
+                shutil.rmtree(stale, ignore_errors=True)
+                return
+    if skipped_path.is_file():
+        kept, changed = [], False
+        for skip in read_jsonl_committed(skipped_path):
+            image = coco.images.get(int(skip["image_id"]))
+            if _photo_problem(skip.get("reason")) and image is not None:
+                if _open_rgb(config.image_dir / image.file_name, image.width, image.height)[0] is not None:
+                    log.warning("photo %s reads now: building its scene", image.file_name)
+                    changed = True
+                    continue
+            kept.append(skip)
+        if changed:
+            write_bytes_atomic(skipped_path, b"".join((json.dumps(r) + "\n").encode("utf-8") for r in kept))
 
 
 def build_pools(
@@ -788,6 +845,7 @@ def _build(config: BuildConfig, out: Path, write_config: bool, lock_fd: int, pro
     )
 
     pool_path = out / POOL_FILE
+    _recheck_photos(config, out, coco)
     if pool_path.is_file():
         pools, pool_skipped, rule = _load_pools(pool_path)
     else:
@@ -841,7 +899,10 @@ def _build(config: BuildConfig, out: Path, write_config: bool, lock_fd: int, pro
         config, coco, len(scenes.scenes), int(scenes.salient.sum()), pools, pool_skipped, records, skipped, rule
     )
     write_json_atomic(out / STATS_FILE, stats)
-    return BuildSummary(out, len(scenes.scenes), len(records), len(skipped), filter_seconds)
+    problems = sorted({str(r["reason"]) for r in [*pool_skipped, *skipped] if _photo_problem(r.get("reason"))})
+    for problem in problems:
+        log.warning("damaged photo left out: %s", problem)
+    return BuildSummary(out, len(scenes.scenes), len(records), len(skipped), filter_seconds, tuple(problems))
 
 
 def _plan_or_render(task: dict[str, Any]) -> dict[str, Any]:

@@ -37,13 +37,16 @@ def _read_json(path: Path) -> Any:
         raise MSIInfoError(f"{path}: not valid JSON: {err}") from err
 
 
-def _read_manifest(path: Path) -> list[dict[str, Any]]:
+def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(the committed records, the bytes of a torn last line: 0 when the file ends with a newline)."""
     if not path.is_file():
-        return []
+        return [], 0
     data = path.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]  # a partial last line is not committed yet (info only reads)
+    end = data.rfind(b"\n") + 1
+    torn = len(data) - end
+    data = data[:end]  # a partial last line is not committed yet (info only reads)
     try:
-        return parse_jsonl(path, data)
+        return parse_jsonl(path, data), torn
     except ValueError as err:
         raise MSIInfoError(str(err)) from err
 
@@ -57,7 +60,7 @@ def msi_info(folder: str | Path, *, check_files: bool = False) -> dict[str, Any]
             f"{folder}: not an MSI dataset folder (no {CONFIG_FILE}); build one with `mscustomnet data build-msi`"
         )
     config = _read_json(config_path)
-    records = _read_manifest(folder / MANIFEST_FILE)
+    records, torn = _read_manifest(folder / MANIFEST_FILE)
     stats = _read_json(folder / STATS_FILE) if (folder / STATS_FILE).is_file() else None
     pools = _read_json(folder / POOL_FILE) if (folder / POOL_FILE).is_file() else {"categories": {}}
 
@@ -71,6 +74,9 @@ def msi_info(folder: str | Path, *, check_files: bool = False) -> dict[str, Any]
         "pool_images": sum(1 for p in (folder / POOL_DIR).glob("*/*.png") if not p.name.endswith("_mask.png")),
         "checked": check_files,
         "missing": [],
+        # bytes of a torn last manifest line (a killed build, a damaged copy): training refuses the file, so --check
+        # fails on it too
+        "torn_last_line": torn,
     }
     if check_files:
         for r in records:

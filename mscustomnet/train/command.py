@@ -37,12 +37,16 @@ import click
 def train_command(
     config_path: Path, out: Path | None, resume: str | None, max_steps: int | None, device: str, quiet: bool
 ) -> None:
-    """Train MS-CustomNet as configured. Several GPUs: torchrun --nproc_per_node N -m mscustomnet.train --config ..."""
+    """Train MS-CustomNet as configured. Several GPUs: torchrun --nproc_per_node N -m mscustomnet.train --config ...
+
+    Exit codes: 0 done, 1 error, 2 usage, 4 another trainer writes --out (see msibench.exitcodes)."""
     import dataclasses
 
     from mscustomnet.model.io import WeightsNotFoundError
     from mscustomnet.train.config import ConfigError, load_config
     from mscustomnet.train.distributed import DistEnv
+    from msibench import exitcodes
+    from msibench.records import LockBusyError
 
     env = DistEnv.from_env()
     level = logging.WARNING if quiet or not env.is_main else logging.INFO
@@ -55,6 +59,9 @@ def train_command(
         from mscustomnet.train.trainer import Trainer
 
         result = Trainer(config, out, device=device, env=env, progress=not quiet).run(resume)
+    except LockBusyError as err:  # another trainer writes this --out: exit 4, as msibench run does
+        click.echo(f"Error: {err}", err=True)
+        raise SystemExit(exitcodes.BUSY) from err
     except (ConfigError, WeightsNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     if env.is_main:

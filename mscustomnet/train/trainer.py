@@ -53,6 +53,9 @@ from mscustomnet.train.samples import sample_grid, save_grid
 from msibench.cache import mkstemp as umask_mkstemp
 from msibench.cache import sha256_file
 from msibench.coco import CATEGORY_INDEX
+from msibench.records import exclusive_or_busy
+
+TRAIN_LOCK = ".train.lock"
 
 log = logging.getLogger(__name__)
 # One line per logged step, to train.log only (the console has the progress bar).
@@ -408,12 +411,36 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- the loop
     def run(self, resume: str | Path | None = None) -> TrainResult:
-        created_group = init_process_group(self.env, self.device)
-        try:
-            return self._run(resume)
-        finally:
-            if created_group:
-                torch.distributed.destroy_process_group()
+        """Train (or resume). One training per ``out`` at a time: a second one is refused at once with
+        :class:`~msibench.records.LockBusyError` naming the holder (the same lock as ``msibench run``'s shards);
+        under torchrun the main rank holds it for its group."""
+        if (
+            resume is not None
+            and str(resume) == ckpt.LATEST
+            and not (ckpt.checkpoint_root(self.out) / ckpt.LATEST).is_file()
+        ):
+            # the run stopped before its first checkpoint: nothing to continue, and nothing is lost by starting over
+            log.warning(
+                "--resume latest: %s holds no checkpoint yet (the run stopped before its first save, "
+                "train.checkpoint_every sets how often it saves): starting from step 0",
+                self.out,
+            )
+            resume = None
+        lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = exclusive_or_busy(
+                self.out / TRAIN_LOCK,
+                f"the training run in {self.out}",
+                "wait for it to end or stop it, or train into another --out",
+            )
+        with lock:
+            created_group = init_process_group(self.env, self.device)
+            try:
+                return self._run(resume)
+            finally:
+                if created_group:
+                    torch.distributed.destroy_process_group()
 
     def _run(self, resume: str | Path | None) -> TrainResult:
         config, env, t = self.config, self.env, self.config.train

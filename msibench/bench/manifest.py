@@ -179,6 +179,29 @@ def dumps(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+# The copy of its manifest that every run folder keeps (its sha256 is run.json's manifest_sha256), so a run made from
+# a custom manifest stays usable when that file moves or the folder is copied to another machine.
+RUN_MANIFEST_COPY = "manifest.json"
+
+
+def keep_manifest_copy(folder: str | Path, manifest: Manifest) -> bool:
+    """Write ``folder/manifest.json``, a byte copy of ``manifest``'s file, unless an identical copy is there; False
+    (nothing written) when the manifest's file no longer holds the bytes it was loaded from."""
+    from msibench.cache import atomic_write_bytes
+
+    dest = Path(folder) / RUN_MANIFEST_COPY
+    try:
+        if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == manifest.sha256:
+            return True
+        blob = Path(manifest.path).read_bytes()
+    except OSError:
+        return False
+    if hashlib.sha256(blob).hexdigest() != manifest.sha256:
+        return False
+    atomic_write_bytes(dest, blob)
+    return True
+
+
 def load_manifest(path: str | Path | None = None) -> Manifest:
     """Load and validate a manifest: a file, or a packaged name (``v1``, ``v2``, ``v3``); the packaged v3 by
     default."""

@@ -33,7 +33,7 @@ from string import Template
 from typing import Any
 
 from msibench.bench.manifest import Manifest, Task
-from msibench.records import RECORDS_FILE, read_records, record_key
+from msibench.records import RECORDS_FILE, exclusive_or_busy, read_records, record_key
 from msibench.report.thumbs import THUMBS_DIR, ThumbnailStore
 
 logger = logging.getLogger(__name__)
@@ -125,15 +125,13 @@ def load_report_run(spec: str | Path, index: int, manifest_override: str | Path 
 
 
 def _unique_labels(runs: list[RunData]) -> None:
-    """Runs of one method without a LABEL= get their fingerprint hash appended, so columns stay tellable apart."""
-    counts = Counter(r.label for r in runs)
-    for run in runs:
-        if counts[run.label] > 1:
-            run.label = f"{run.label} ({run.info.get('fingerprint_hash') or run.path.name})"
-    counts = Counter(r.label for r in runs)
-    for run in runs:
-        if counts[run.label] > 1:
-            run.label = f"{run.label} [{run.index + 1}]"
+    """Runs of one method without a LABEL= get their fingerprint hash appended, so columns stay tellable apart (the
+    rule of every table and figure: :func:`msibench.scoring.table.distinct_labels`)."""
+    from msibench.scoring.table import distinct_labels
+
+    labels = distinct_labels([r.label for r in runs], [r.info.get("fingerprint_hash") or r.path.name for r in runs])
+    for run, label in zip(runs, labels, strict=True):
+        run.label = label
     if any(r.result is not None for r in runs):
         from dataclasses import replace
 
@@ -157,10 +155,21 @@ def build_report(
     title: str | None = None,
     progress: bool = False,
 ) -> ReportSummary:
-    """Write ``out/index.html`` and ``out/assets/`` for ``run_specs``; see the module docstring."""
-    start = time.perf_counter()
+    """Write ``out/index.html`` and ``out/assets/`` for ``run_specs``; see the module docstring. One report per
+    ``out`` at a time: a second one is refused at once (:class:`~msibench.records.LockBusyError`, naming the holder),
+    since both would write and prune the same thumbnails."""
     if not run_specs:
         raise ReportError("msibench report needs at least one run folder")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_or_busy(
+        out / ".report.lock", f"the report in {out}", "wait for it to end or stop it, or write into another --out"
+    ):
+        return _build_report(run_specs, out, thumb_size, workers, manifest, coco_root, paper, title, progress)
+
+
+def _build_report(run_specs, out, thumb_size, workers, manifest, coco_root, paper, title, progress) -> ReportSummary:
+    start = time.perf_counter()
     runs = [load_report_run(spec, i, manifest) for i, spec in enumerate(run_specs)]
     _unique_labels(runs)
     shas = {r.manifest.sha256 for r in runs}
@@ -355,6 +364,13 @@ class _Page:
         items = []
         for run in self.runs:
             state = "scored" if run.scored else "not scored: images and layout only"
+            if run.header is not None:
+                from msibench.scoring.table import scorer_identity
+
+                scorer = run.header.get("scorer")
+                words, pinned = scorer_identity(scorer if isinstance(scorer, dict) else None)
+                state += f" by scorer {run.header.get('scorer_hash')}: {words}"
+                state += "" if pinned else " (NOT the pinned scorers)"
             counts = Counter(str(r.get("status")) for r in run.records.values())
             count_text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             items.append(
@@ -437,7 +453,13 @@ class _Page:
             ]
             if run.header is not None:
                 h = run.header
-                rows += [("scorer", h.get("scorer_hash")), ("scored on", f"{h.get('device')}, {h.get('date')}")]
+                from msibench.scoring.table import scorer_identity
+
+                words, pinned = scorer_identity(h.get("scorer") if isinstance(h.get("scorer"), dict) else None)
+                rows += [
+                    ("scorer", f"{h.get('scorer_hash')}: {words}" + ("" if pinned else " (NOT the pinned scorers)")),
+                    ("scored on", f"{h.get('device')}, {h.get('date')}"),
+                ]
             packages = info.get("packages") or {}
             pkg = ", ".join(f"{k} {v}" for k, v in sorted(packages.items()) if v)
             rows.append(("packages", pkg))

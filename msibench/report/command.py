@@ -31,6 +31,10 @@ def report_command(runs, out, thumb_size, workers, paper, title, manifest, coco_
     """A static HTML report of RUNS (each DIR or LABEL=DIR, side by side): Table I, the per-K figure, metadata,
     and every task with its references, layout, images, detections, scores and reasons. Unscored runs show their
     images and layout only."""
+    import sys
+
+    from msibench import exitcodes
+    from msibench.records import LockBusyError
     from msibench.report.build import ReportError, build_report
 
     try:
@@ -45,6 +49,9 @@ def report_command(runs, out, thumb_size, workers, paper, title, manifest, coco_
             title=title,
             progress=not no_progress,
         )
+    except LockBusyError as err:  # another report is being written into --out
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(exitcodes.BUSY)
     except ReportError as err:
         raise click.ClickException(str(err)) from err
     except OSError as err:  # --out under a file, a full disk, a folder without permission: the error names the path

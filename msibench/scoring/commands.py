@@ -155,6 +155,14 @@ def score_command(
         import torch
 
         torch.set_num_threads(threads)
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in _METRIC_CHOICES]
+    if unknown or not wanted:
+        raise click.BadParameter(
+            f"{', '.join(map(repr, unknown)) or 'nothing'}: choose a comma-separated subset of "
+            + ", ".join(_METRIC_CHOICES),
+            param_hint="--metrics",
+        )
     try:
         config = ScorerConfig(
             detector=detector,
@@ -171,7 +179,9 @@ def score_command(
             metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
             batch_size=batch_size,
         )
-        scorer = make_scorer(config, device=device)
+        scorer = make_scorer(
+            config, device=device, announce=None if no_progress else lambda message: click.echo(message, err=True)
+        )
     except (ValueError, BackboneError, ScoreError) as err:
         raise _fail(err) from err
     code = exitcodes.OK
@@ -203,7 +213,10 @@ def score_command(
         )
         for failure in summary.failures[:20]:
             click.echo(f"  failed {failure}", err=True)
-        click.echo(run_summary(run_dir))
+        try:
+            click.echo(run_summary(run_dir, manifest))
+        except (ScoreError, ValueError, OSError) as err:  # the scores are written; only the summary is missing
+            click.echo(f"  (no summary: {err})", err=True)
         if summary.damaged:
             click.echo(
                 f"  {summary.damaged} images are missing or changed since they were generated: not scored; run "
@@ -216,16 +229,24 @@ def score_command(
     sys.exit(code)
 
 
-def run_summary(run_dir: Path) -> str:
-    """The scored run's summary, per track: tasks, images, failures and each Table I metric with its 95 % CI."""
+def run_summary(run_dir: Path, manifest=None) -> str:
+    """The scored run's summary, per track: tasks, images (scored, failed, skipped, pending) and each Table I metric
+    with its 95 % CI. Figures over a track that is not fully generated and scored say ``partial`` and what they cover:
+    a --limit pass must not read as the run's result."""
     from msibench.scoring.aggregate import METRICS, find_group
     from msibench.scoring.table import COLUMNS, load_run
 
-    result = load_run(str(run_dir))
+    result = load_run(str(run_dir), manifest=manifest)
+    coverage = {c.track: c for c in result.coverage or ()}
     lines = []
     for track in ("single", "multi"):
         group = find_group(result.summary, track, None)
+        cov = coverage.get(track)
+        if group is None and (cov is None or not cov.generated):
+            continue
+        pending = cov.images - cov.images_scored if cov is not None else 0
         if group is None:
+            lines.append(f"  {track}: no image scored yet, {pending} pending (not scored yet)")
             continue
         parts = []
         for t, metric in COLUMNS:
@@ -236,8 +257,11 @@ def run_summary(run_dir: Path) -> str:
             parts.append(f"{METRICS[metric].label} {stat.mean:.3f}{ci}")
         head = (
             f"  {track}: {group.n_tasks} tasks, {group.n_images} images scored, {group.n_failed} failed, "
-            f"{group.n_skipped} skipped"
+            f"{group.n_skipped} skipped, {pending} pending (not scored yet)"
         )
+        partial = cov is not None and not cov.complete
+        if parts and partial:
+            parts[0] = f"PARTIAL ({cov.describe()}): " + parts[0]
         lines.append(head + ("\n    " + "; ".join(parts) if parts else ""))
     return "\n".join(lines) if lines else "  no scores yet"
 
@@ -250,6 +274,34 @@ def _load_runs(specs):
         return [load_run(spec) for spec in specs]
     except (ScoreError, ValueError, OSError) as err:
         raise _fail(err) from err
+
+
+_ALLOW_PARTIAL = click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Show runs whose tracks are not fully generated and scored, marked with their coverage.",
+)
+
+
+def _warn_unpinned(results) -> None:
+    from msibench.scoring.plot import provenance_text
+
+    text, pinned = provenance_text(results)
+    if not pinned:
+        click.echo(f"warning: NOT the pinned scorers ({text}): the figure's CSV and metadata say so", err=True)
+
+
+def _complete_runs(specs, allow_partial: bool):
+    """The runs of ``specs``, refused when one is incomplete (unless ``allow_partial``) or their manifests differ."""
+    from msibench.scoring.table import TableError, check_complete, check_same_manifest
+
+    results = _load_runs(specs)
+    try:
+        check_complete(results, allow_partial)
+        check_same_manifest(results)
+    except TableError as err:
+        raise _fail(err) from err
+    return results
 
 
 @click.command("table")
@@ -326,15 +378,18 @@ def _width_option(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--track", type=click.Choice(["multi", "single"]), default="multi", show_default=True)
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Bars (default: all).")
 @click.option("--width", default="column", show_default=True, help=_WIDTH_HELP, callback=_width_option)
+@_ALLOW_PARTIAL
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/ablation"), show_default=True)
-def plot_ablation_command(runs, track, metrics, width, out) -> None:
+def plot_ablation_command(runs, track, metrics, width, allow_partial, out) -> None:
     """Fig. 5: grouped bars per configuration, 95% CIs; CLIP-B on its own axis; YOLO-L n/a without layout.
 
     Writes OUT.png, OUT.pdf (TrueType fonts) and OUT.csv (the plotted values)."""
     from msibench.scoring.plot import plot_ablation
 
     try:
-        paths = plot_ablation(_load_runs(runs), out, track=track, metrics=list(metrics) or None, width=width)
+        results = _complete_runs(runs, allow_partial)
+        _warn_unpinned(results)
+        paths = plot_ablation(results, out, track=track, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -346,15 +401,18 @@ def plot_ablation_command(runs, track, metrics, width, out) -> None:
 @click.option("--run", "runs", multiple=True, required=True, help="LABEL=DIR (repeatable).")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(_METRIC_CHOICES), help="Panels (default: all).")
 @click.option("--width", default="column", show_default=True, help=_WIDTH_HELP, callback=_width_option)
+@_ALLOW_PARTIAL
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/figures/by_k"), show_default=True)
-def plot_by_k_command(runs, metrics, width, out) -> None:
+def plot_by_k_command(runs, metrics, width, allow_partial, out) -> None:
     """Each metric against subject count K (K = 1: single track, not joined), one series per run.
 
     Writes OUT.png, OUT.pdf (TrueType fonts) and OUT.csv (the plotted values)."""
     from msibench.scoring.plot import plot_by_k
 
     try:
-        paths = plot_by_k(_load_runs(runs), out, metrics=list(metrics) or None, width=width)
+        results = _complete_runs(runs, allow_partial)
+        _warn_unpinned(results)
+        paths = plot_by_k(results, out, metrics=list(metrics) or None, width=width)
     except ValueError as err:
         raise _fail(err) from err
     except OSError as err:  # e.g. --out under a path that is a file
@@ -410,13 +468,18 @@ def plot_qualitative_command(runs, tasks, pick, seed, sample, width, no_row_labe
 @click.argument("run_a")
 @click.argument("run_b")
 @click.option("--allow-mixed-scorers", is_flag=True, help="Compare runs scored by different scorer versions.")
-def compare_command(run_a, run_b, allow_mixed_scorers) -> None:
-    """Paired differences B - A per metric, with paired 95% bootstrap CIs over shared tasks."""
+@_ALLOW_PARTIAL
+def compare_command(run_a, run_b, allow_mixed_scorers, allow_partial) -> None:
+    """Paired differences B - A per metric, with paired 95% bootstrap CIs over shared tasks.
+
+    Runs of different manifests are refused (their tasks differ even where ids agree); so are partial runs, unless
+    --allow-partial (then the coverage of each is printed above the numbers)."""
     from msibench.scoring.aggregate import METRICS, compare
     from msibench.scoring.scorer import ScoreError
     from msibench.scoring.store import load_scores
-    from msibench.scoring.table import parse_run_spec
+    from msibench.scoring.table import parse_run_spec, scorer_identity
 
+    result_a, result_b = _complete_runs((run_a, run_b), allow_partial)
     try:
         (ha, ra), (hb, rb) = (load_scores(parse_run_spec(spec)[1]) for spec in (run_a, run_b))
     except ScoreError as err:
@@ -429,14 +492,18 @@ def compare_command(run_a, run_b, allow_mixed_scorers) -> None:
     diffs = compare(ra, rb)
     if not diffs:
         raise click.ClickException("the runs share no scored task")
-    click.echo(f"A = {run_a}\nB = {run_b}")
+    for name, spec, result in (("A", run_a, result_a), ("B", run_b, result_b)):
+        words, _ = scorer_identity(result.scorer)
+        click.echo(f"{name} = {spec} (scorer {result.scorer_hash}: {words})")
+        if result.incomplete:
+            click.echo(f"    PARTIAL: {result.coverage_note()}")
     click.echo(f"{'track':<7}{'metric':<17}{'n':>5}{'A':>9}{'B':>9}{'B-A':>9}  95% CI")
     for d in diffs:
         ci = f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if d.ci_low is not None else "-"
         sig = " *" if d.ci_low is not None and (d.ci_low > 0 or d.ci_high < 0) else ""
         values = f"{d.mean_a:>9.4f}{d.mean_b:>9.4f}{d.diff:>+9.4f}"
         click.echo(f"{d.track:<7}{METRICS[d.metric].label:<17}{d.n:>5}{values}  {ci}{sig}")
-    click.echo("* the interval excludes 0")
+    click.echo("* the interval excludes 0; n = tasks scored in both runs")
 
 
 COMMANDS = [score_command, table_command, plot_group, compare_command]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from msibench.scoring.aggregate import METRICS, Stat, find_group
-from msibench.scoring.table import RunResult
+from msibench.scoring.table import RunResult, check_same_manifest, scorer_identity, with_distinct_labels
 
 ABLATION_METRICS = ("yolo_subj", "yolo_l", "dino_i", "clip_i", "clip_b", "z_acc")
 BY_K_METRICS = ("yolo_subj", "yolo_l", "dino_i", "clip_i", "clip_b", "z_acc", "collapse", "collapse_same", "found")
@@ -89,14 +89,54 @@ def outputs(out: str | Path) -> tuple[Path, Path, Path]:
     return tuple(stem.with_name(stem.name + ext) for ext in (".png", ".pdf", ".csv"))  # type: ignore[return-value]
 
 
-def _save(fig, out: str | Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> list[Path]:
-    """PNG at 300 dpi and PDF at the figure's exact size (no tight bbox: the width is the column's), and the CSV."""
+# Columns every metric figure's CSV adds: what each point covers and which weights scored it.
+PROVENANCE_COLUMNS = ("coverage", "scorer_hash", "scorer_weights", "scorer_pinned")
+
+
+def prepare_runs(runs: Sequence[RunResult]) -> list[RunResult]:
+    """The runs a metric figure may draw: one manifest (a v1 and a v2 task may share an id), distinct labels, and a
+    partial run's label saying so (its CSV rows carry its coverage)."""
+    from dataclasses import replace
+
+    check_same_manifest(runs)
+    runs = with_distinct_labels(runs)
+    return [replace(r, label=f"{r.label} (partial)") if r.incomplete else r for r in runs]
+
+
+def provenance(run: RunResult) -> dict[str, Any]:
+    words, pinned = scorer_identity(run.scorer)
+    return {
+        "coverage": run.coverage_note() or ("complete" if run.coverage is not None else "not checked"),
+        "scorer_hash": run.scorer_hash,
+        "scorer_weights": words,
+        "scorer_pinned": str(pinned).lower(),
+    }
+
+
+def provenance_text(runs: Sequence[RunResult]) -> tuple[str, bool]:
+    """(the scorers of ``runs`` in words, whether every one is the pinned default)."""
+    seen: dict[str | None, tuple[str, bool]] = {}
+    for run in runs:
+        seen.setdefault(run.scorer_hash, scorer_identity(run.scorer))
+    text = "; ".join(f"scorer {h}: {words}" for h, (words, _) in seen.items())
+    return text, all(pinned for _, pinned in seen.values())
+
+
+def _save(
+    fig, out: str | Path, rows: list[dict[str, Any]], columns: Sequence[str], runs: Sequence[RunResult] = ()
+) -> list[Path]:
+    """PNG at 300 dpi and PDF at the figure's exact size (no tight bbox: the width is the column's), and the CSV.
+
+    The scorer weights of ``runs`` go into the PNG (``Description``) and PDF (``Subject``) metadata, as into every
+    CSV row; a partial run is labelled so in the figure. (No visible note: a paper figure keeps 8 pt text and no
+    title; ``msibench plot`` warns on stderr when the weights are not the pinned defaults.)"""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     png, pdf, table = outputs(out)
-    fig.savefig(png, dpi=DPI)
-    fig.savefig(pdf, metadata={"CreationDate": None, "Creator": "msibench"})
+    text, _ = provenance_text(runs) if runs else ("", True)
+    fig.savefig(png, dpi=DPI, metadata={"Software": "msibench", "Description": text} if text else None)
+    fig.savefig(pdf, metadata={"CreationDate": None, "Creator": "msibench", **({"Subject": text} if text else {})})
     with open(table, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
@@ -165,14 +205,21 @@ def _value_limits(stats: Sequence[Stat | None], bounded: bool) -> tuple[float, f
 # ------------------------------------------------------------------------------------------------ ablation
 
 
-ABLATION_COLUMNS = ("label", "run_dir", "track", "metric", "metric_label", "mean", "ci_low", "ci_high", "n", "shown")
+ABLATION_COLUMNS = (
+    "label", "run_dir", "track", "metric", "metric_label", "mean", "ci_low", "ci_high", "n", "shown",
+    *PROVENANCE_COLUMNS,
+)  # fmt: skip
 
 
 def plot_ablation(runs: Sequence[RunResult], out: str | Path, **options: Any) -> list[Path]:
-    """Fig. 5 (see :func:`ablation_figure` for the options); returns [png, pdf, csv]."""
+    """Fig. 5 (see :func:`ablation_figure` for the options); returns [png, pdf, csv]. Runs of different manifests
+    are refused; partial runs are labelled so (the CLI refuses them without --allow-partial)."""
+    runs = prepare_runs(runs)
     with paper_style():
         fig, rows = ablation_figure(runs, **options)
-        return _save(fig, out, rows, ABLATION_COLUMNS)
+        by_dir = {(r.run_dir, r.label): r for r in runs}
+        rows = [{**row, **provenance(by_dir[(row["run_dir"], row["label"])])} for row in rows]
+        return _save(fig, out, rows, ABLATION_COLUMNS, runs)
 
 
 def ablation_figure(
@@ -297,14 +344,21 @@ def _fit_ticklabels(fig, axes) -> None:
 # ----------------------------------------------------------------------------------------------------- by K
 
 
-BY_K_COLUMNS = ("label", "run_dir", "track", "k", "metric", "metric_label", "mean", "ci_low", "ci_high", "n", "x")
+BY_K_COLUMNS = (
+    "label", "run_dir", "track", "k", "metric", "metric_label", "mean", "ci_low", "ci_high", "n", "x",
+    *PROVENANCE_COLUMNS,
+)  # fmt: skip
 
 
 def plot_by_k(runs: Sequence[RunResult], out: str | Path, **options: Any) -> list[Path]:
-    """Metrics against K (see :func:`by_k_figure` for the options); returns [png, pdf, csv]."""
+    """Metrics against K (see :func:`by_k_figure` for the options); returns [png, pdf, csv]. Runs of different
+    manifests are refused; partial runs are labelled so (the CLI refuses them without --allow-partial)."""
+    runs = prepare_runs(runs)
     with paper_style():
         fig, rows = by_k_figure(runs, **options)
-        return _save(fig, out, rows, BY_K_COLUMNS)
+        by_dir = {(r.run_dir, r.label): r for r in runs}
+        rows = [{**row, **provenance(by_dir[(row["run_dir"], row["label"])])} for row in rows]
+        return _save(fig, out, rows, BY_K_COLUMNS, runs)
 
 
 def by_k_figure(runs: Sequence[RunResult], *, metrics: Sequence[str] | None = None, width: str | float = "column"):

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msibench import exitcodes
-from msibench.bench.manifest import Manifest, Task
+from msibench.bench.manifest import Manifest, Task, keep_manifest_copy
 from msibench.bench.prepare import missing_references, prepare, reference_paths
 from msibench.cache import remove_stale_temp_files
 from msibench.images import load_rgb, why_undecodable
@@ -120,6 +121,7 @@ def _score_run(
     from msibench.runner import shard_of
 
     manifest = resolve_run_manifest(run_path, info, manifest)
+    keep_manifest_copy(run_path, manifest)  # a run made before run folders kept one: self-contained from now on
     generated = sorted(read_records(run_path / RECORDS_FILE), key=record_key)
     if not generated:
         raise ScoreError(f"{run_path / RECORDS_FILE}: no generation records to score")
@@ -204,7 +206,8 @@ def _score_run(
         return out
 
     if uses_references:
-        scorer.warm_references({sha: p for _, task, _, _ in pending for sha, p in references(task)})
+        announce = (lambda message: tqdm.write(message, file=sys.stderr)) if progress else None
+        scorer.warm_references({sha: p for _, task, _, _ in pending for sha, p in references(task)}, announce)
 
     bar = tqdm(total=len(pending), desc=f"score {run_path.name}", unit="img", disable=not progress, leave=False)
     pool = None

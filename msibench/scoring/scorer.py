@@ -37,6 +37,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,13 +248,15 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------- setup
 
-    def setup(self) -> None:
+    def setup(self, announce: Callable[[str], None] | None = None) -> None:
         """Load every backbone the configured metrics need and that was not injected.
 
         Nothing is downloaded (see :mod:`msibench.scoring.backbones`); every backbone that cannot be loaded is
-        reported in one :class:`~msibench.scoring.backbones.BackboneError`, not one per attempt."""
+        reported in one :class:`~msibench.scoring.backbones.BackboneError`, not one per attempt. ``announce`` (e.g.
+        a print to stderr) hears each load as it starts and ends: loading can take minutes on a CPU."""
         if self._ready:
             return
+        say = announce or (lambda message: None)
         from msibench.scoring import backbones
         from msibench.scoring.detect import YoloDetector
 
@@ -261,11 +264,16 @@ class Scorer:
         errors: list[str] = []
 
         def load(loader, *args, **kwargs):
+            what = loader.__name__.removeprefix("load_")
+            say(f"loading the {what} weights ({args[0] or 'default'}) on {self.device} ...")
+            start = time.perf_counter()
             try:
-                return loader(*args, **kwargs)
+                model = loader(*args, **kwargs)
             except backbones.BackboneError as err:
                 errors.append(str(err))
                 return None
+            say(f"  {what} loaded in {time.perf_counter() - start:.1f} s")
+            return model
 
         def yolo(spec: str | None) -> YoloDetector | None:
             model = load(backbones.load_yolo, spec, device=self.device, seed=self.seed)
@@ -410,15 +418,21 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------- references
 
-    def warm_references(self, references: dict[str, Path]) -> None:
-        """Make reference features of ``references`` (sha256 -> path) available, from the cache or in batches."""
+    def warm_references(self, references: dict[str, Path], announce: Callable[[str], None] | None = None) -> None:
+        """Make reference features of ``references`` (sha256 -> path) available, from the cache or in batches;
+        ``announce`` hears what is being done (``setup``'s)."""
         from msibench.scoring.identity import reference_features
 
         for encoder in self._identity_encoders():
             have = self._ref_feats.setdefault(encoder.identity, {})
             missing = {sha: path for sha, path in references.items() if sha not in have}
             if missing:
+                if announce is not None:
+                    announce(f"reference features of {len(missing)} references ({encoder.name}, cached after) ...")
+                start = time.perf_counter()
                 have.update(reference_features(encoder, _LazyImages(missing), self.feature_cache))
+                if announce is not None:
+                    announce(f"  reference features ready in {time.perf_counter() - start:.1f} s")
 
     def _identity_encoders(self) -> list[ImageEncoder]:
         out = []

@@ -21,7 +21,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from msibench.bench.manifest import PACKAGED_MANIFESTS, TRACKS, Manifest, ManifestError, load_manifest
+from msibench.bench.manifest import (
+    PACKAGED_MANIFESTS,
+    RUN_MANIFEST_COPY,
+    TRACKS,
+    Manifest,
+    ManifestError,
+    load_manifest,
+)
 from msibench.cache import atomic_write_bytes
 from msibench.records import RECORDS_FILE, locked, read_records, record_key
 from msibench.scoring.scorer import ScoreConflictError, ScoreError
@@ -208,6 +215,7 @@ class ScoredRun:
     records: list[dict[str, Any]]  # current score records only
     stale: int  # score records of the current scorer that no longer match a generation record
     coverage: tuple[TrackCoverage, ...]
+    max_k: int | None = None  # the largest K of the manifest's multi-track tasks
 
 
 def load_scored_run(run_dir: str | Path, manifest: Manifest | str | Path | None = None) -> ScoredRun:
@@ -256,7 +264,8 @@ def load_scored_run(run_dir: str | Path, manifest: Manifest | str | Path | None 
                 tasks_short=sum(1 for n in samples.values() if samples_per_task is not None and n < samples_per_task),
             )
         )
-    return ScoredRun(header, info, records, len(scores) - len(records), tuple(coverage))
+    max_k = max((t.k for t in task_manifest.tasks if t.track == "multi"), default=None)
+    return ScoredRun(header, info, records, len(scores) - len(records), tuple(coverage), max_k)
 
 
 def load_scores(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -266,8 +275,9 @@ def load_scores(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def resolve_run_manifest(run_path: Path, info: dict[str, Any], override: Manifest | str | Path | None) -> Manifest:
-    """The manifest a run was generated from: the override, else the recorded path, else the recorded packaged name,
-    else any packaged manifest; the sha256 recorded in run.json must match."""
+    """The manifest a run was generated from: the override, else the run folder's own copy (``manifest.json``), else
+    the recorded path, else the recorded packaged name, else any packaged manifest; the sha256 recorded in run.json
+    must match, so a copy or file that changed is never used."""
     expected = info.get("manifest_sha256") or (info.get("manifest") or {}).get("sha256")
     if isinstance(override, Manifest):
         candidates: list[Any] = [override]
@@ -275,7 +285,8 @@ def resolve_run_manifest(run_path: Path, info: dict[str, Any], override: Manifes
         candidates = [Path(override)]
     else:
         recorded = info.get("manifest") or {}
-        candidates = [Path(recorded["path"])] if recorded.get("path") else []
+        candidates = [run_path / RUN_MANIFEST_COPY] if (run_path / RUN_MANIFEST_COPY).is_file() else []
+        candidates += [Path(recorded["path"])] if recorded.get("path") else []
         names = [recorded["name"]] if recorded.get("name") in PACKAGED_MANIFESTS else []
         candidates += [*names, *(n for n in PACKAGED_MANIFESTS if n not in names)]
     tried = []

@@ -14,6 +14,11 @@ Only complete rows enter the table: every task of a generated track (one the run
 with as many samples as the largest ``--seeds`` of the track's records, and every generated image scored.
 ``allow_partial=True`` shows incomplete rows too, marked in every format with what they cover (md and tex: the label
 says ``partial: multi 6/100 tasks, 6/6 images scored``; csv: a ``partial`` column and the counts per track).
+
+Every table also says what produced it: runs of different manifests are refused (:func:`check_same_manifest`), a
+note names the scorer weights of each scorer version (:func:`scorer_identity`: pinned or local), multi-track cells
+of a method declaring fewer subjects than the manifest holds carry ``†``, and runs of different configurations get
+distinct labels (:func:`distinct_labels`); the paper's own rows are labelled ``(paper)``.
 """
 
 from __future__ import annotations
@@ -73,6 +78,16 @@ class RunResult:
     #: the method's fingerprint config from the run folder's run.json (None when absent)
     config: dict[str, Any] | None = None
     coverage: tuple[TrackCoverage, ...] | None = None  # None: not checked (a RunResult built by hand)
+    #: the manifest the run was generated from (run.json); runs of different manifests never share a table
+    manifest_sha256: str | None = None
+    manifest_name: str | None = None
+    #: scores.json's scorer version (the weights of every backbone): :func:`scorer_identity` names them
+    scorer: dict[str, Any] | None = None
+    fingerprint_hash: str | None = None
+    #: the method's declared capability and the largest K of the manifest's multi-track tasks: a method declaring
+    #: fewer subjects is scored on a subset of the multi track (its cells are marked)
+    max_subjects: int | None = None
+    manifest_max_k: int | None = None
 
     @property
     def incomplete(self) -> list[TrackCoverage]:
@@ -81,6 +96,15 @@ class RunResult:
 
     def coverage_note(self) -> str:
         return ", ".join(c.describe() for c in self.incomplete)
+
+    @property
+    def multi_subset(self) -> bool:
+        """Whether the multi-track cells cover only the tasks with K <= the method's declared max_subjects."""
+        return (
+            self.max_subjects is not None
+            and self.manifest_max_k is not None
+            and self.max_subjects < self.manifest_max_k
+        )
 
 
 @dataclass(frozen=True)
@@ -108,13 +132,14 @@ def parse_run_spec(spec: str) -> tuple[str | None, Path]:
     return None, Path(spec)
 
 
-def load_run(spec: str | Path, label: str | None = None) -> RunResult:
-    """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated, with its coverage of the manifest."""
+def load_run(spec: str | Path, label: str | None = None, manifest: Any = None) -> RunResult:
+    """A scored run folder (``LABEL=DIR`` or ``DIR``), aggregated, with its coverage of the manifest (``manifest``:
+    a manifest or path to use instead of the run's own, checked against its sha256)."""
     from msibench.scoring.results import groups_from_results, read_results
     from msibench.scoring.store import load_scored_run
 
     spec_label, path = parse_run_spec(str(spec))
-    scored = load_scored_run(path)
+    scored = load_scored_run(path, manifest)
     method = (scored.header.get("run") or {}).get("method")
     label = label or spec_label or METHOD_LABELS.get(str(method), str(method or path.name))
     # The figures the scoring pass stored (results.json) while they describe the current records and scores;
@@ -124,6 +149,9 @@ def load_run(spec: str | Path, label: str | None = None) -> RunResult:
         summary = groups_from_results(document)
     else:
         summary = aggregate(scored.records)
+    info = scored.info if isinstance(scored.info, dict) else {}
+    caps = info.get("capabilities") if isinstance(info.get("capabilities"), dict) else {}
+    max_subjects = caps.get("max_subjects")
     return RunResult(
         label,
         method,
@@ -132,7 +160,98 @@ def load_run(spec: str | Path, label: str | None = None) -> RunResult:
         summary,
         config=_run_config(path),
         coverage=scored.coverage,
+        manifest_sha256=info.get("manifest_sha256") or (info.get("manifest") or {}).get("sha256"),
+        manifest_name=(info.get("manifest") or {}).get("name"),
+        scorer=scored.header.get("scorer") if isinstance(scored.header.get("scorer"), dict) else None,
+        fingerprint_hash=info.get("fingerprint_hash"),
+        max_subjects=max_subjects if isinstance(max_subjects, int) and not isinstance(max_subjects, bool) else None,
+        manifest_max_k=scored.max_k,
     )
+
+
+def check_same_manifest(runs: Sequence[RunResult]) -> None:
+    """Refuse runs generated from different benchmark manifests: their tasks differ (a v1 task and a v2 task can
+    share an id), so a table, figure or comparison across them would mix two benchmarks."""
+    shas = {run.manifest_sha256 for run in runs if run.manifest_sha256}
+    if len(shas) > 1:
+        listing = "; ".join(
+            f"{run.run_dir}: manifest {run.manifest_name or '?'} (sha256 {str(run.manifest_sha256)[:12]})"
+            for run in runs
+        )
+        raise TableError(
+            f"the runs were made from different benchmark manifests, their tasks differ: {listing}. "
+            "Compare runs of one manifest (msibench run --manifest)."
+        )
+
+
+def distinct_labels(labels: Sequence[str], fingerprints: Sequence[str | None]) -> list[str]:
+    """Default labels made distinct: runs that share a label but not a configuration get their fingerprint hash
+    appended (``IP-Adapter (1a2b3c4d5e)``); what is still equal (the same run twice) gets ``[i]``."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    out = [f"{lab} ({fp})" if counts[lab] > 1 and fp else lab for lab, fp in zip(labels, fingerprints, strict=True)]
+    again: dict[str, int] = {}
+    for label in out:
+        again[label] = again.get(label, 0) + 1
+    return [f"{lab} [{i + 1}]" if again[lab] > 1 else lab for i, lab in enumerate(out)]
+
+
+def with_distinct_labels(runs: Sequence[RunResult]) -> list[RunResult]:
+    from dataclasses import replace
+
+    labels = distinct_labels([r.label for r in runs], [r.fingerprint_hash for r in runs])
+    return [r if r.label == lab else replace(r, label=lab) for r, lab in zip(runs, labels, strict=True)]
+
+
+def _short_weights(identity: Any) -> str:
+    """A backbone identity (file name + sha256, hub id @ commit, random + seed) in a few words."""
+    import re
+
+    text = str(identity).split("|")[0]
+    if text.startswith("random:"):
+        return "random " + text.split(":")[1] + " weights"
+    found = re.search(r"([^:/|]+):sha256:([0-9a-f]{8})", text)
+    if found:
+        name = found[1] if found[1] not in ("hf-dir", "file") else "folder"
+        return f"{name} sha256:{found[2]}"
+    found = re.search(r"([\w.-]+(?:/[\w.-]+)?)@([0-9a-f]{8})", text)
+    if found:
+        return f"{found[1]}@{found[2]}"
+    return text
+
+
+def scorer_identity(version: dict[str, Any] | None) -> tuple[str, bool]:
+    """(the weights that produced a run's scores, in words; whether they are all the pinned defaults).
+
+    Pinned: the detector is the released ``yolo11x-seg.pt`` (its sha256 shown), DINO is facebook/dino-vits16 at the
+    pinned commit and CLIP OpenAI's ViT-B/32 at the pinned commit (``msibench weights fetch --scorers``); anything
+    else (a local file, another revision, random weights, an injected backbone) is ``local``."""
+    if not version:
+        return "unknown scorer (scores.json names no weights)", False
+    from msibench.scoring.backbones import CLIP_REVISION, DEFAULT_DETECTOR, DEFAULT_DINO, DINO_REVISION
+
+    parts, pinned = [], True
+    detector = version.get("detector")
+    if isinstance(detector, dict):
+        ident = str(detector.get("identity") or detector.get("weights") or "?")
+        ok = ident.startswith(f"ultralytics:{DEFAULT_DETECTOR}:sha256:")
+        parts.append(f"detector {_short_weights(ident)} ({'pinned' if ok else 'local'})")
+        pinned &= ok
+    for key, label, ok_prefix in (
+        ("dino", "DINO", f"hf:{DEFAULT_DINO}@{DINO_REVISION}"),
+        ("clip", "CLIP", None),
+    ):
+        ident = version.get(key)
+        if ident is None:
+            continue
+        text = str(ident)
+        ok = text.startswith(ok_prefix) if ok_prefix else f":openai@{CLIP_REVISION}" in text.split("|")[0]
+        parts.append(f"{label} {_short_weights(text)} ({'pinned' if ok else 'local'})")
+        pinned &= ok
+    if not parts:
+        return "no backbone recorded", False
+    return ", ".join(parts), pinned
 
 
 def _run_config(run_dir: Path) -> dict[str, Any] | None:
@@ -196,10 +315,12 @@ def paper_cell(paper: dict[str, Any], method: str | None, track: str, metric: st
     entry = (paper.get("methods") or {}).get(method or "")
     if entry is None:
         return None, "absent"
-    value = (entry.get(track) or {}).get(metric)
+    cells = entry.get(track) or {}
+    value = cells.get(metric)
     if value is not None:
         return float(value), "reported"
-    if f"{track}.{metric}" in (entry.get("dash") or []):
+    # listed as empty, or a column the paper does not have at all (identity collapse is msibench's own)
+    if f"{track}.{metric}" in (entry.get("dash") or []) or metric not in cells:
         return None, "dash"
     return None, "unread"
 
@@ -230,7 +351,8 @@ def build_rows(runs: Sequence[RunResult], paper: dict[str, Any] | None = None) -
                 continue
             cells = tuple(Cell(None, *paper_cell(paper, method, t, m)) for t, m in COLUMNS)
             if any(c.paper_status == "reported" for c in cells):
-                rows.append(Row(entry.get("label") or METHOD_LABELS.get(method, method), method, None, cells))
+                label = entry.get("label") or METHOD_LABELS.get(method, method)
+                rows.append(Row(f"{label} (paper)", method, None, cells))
     return rows
 
 
@@ -245,11 +367,16 @@ def check_complete(runs: Sequence[RunResult], allow_partial: bool) -> None:
         )
 
 
-def _row_label(row: Row, runs: Sequence[RunResult]) -> str:
-    run = next((r for r in runs if r.run_dir == row.run_dir and r.label == row.label), None)
-    if run is None or not run.incomplete:
+def _row_label(row: Row, runs: Sequence[RunResult], with_paper: bool = False) -> str:
+    run = _run_of(row, runs)
+    if run is None:
         return row.label
-    return f"{row.label} (partial: {run.coverage_note()})"
+    label = row.label
+    if with_paper and not scorer_identity(run.scorer)[1]:
+        label += " (NOT the pinned scorers)"  # beside the paper's numbers: say loudly that they are not comparable
+    if run.incomplete:
+        label += f" (partial: {run.coverage_note()})"
+    return label
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -290,6 +417,8 @@ def render_table(
     if isinstance(digits, bool) or not isinstance(digits, int) or not 0 <= digits <= 12:
         raise TableError(f"digits must be an integer in 0..12, got {digits!r}")
     check_complete(runs, allow_partial)
+    check_same_manifest(runs)
+    runs = with_distinct_labels(runs)
     rows = build_rows(runs, paper)
     if fmt == "csv":
         return _render_csv(rows, runs, paper is not None)
@@ -297,14 +426,63 @@ def render_table(
         return _render_html(rows, runs, _notes(runs, paper), digits, ci, paper is not None)
     if fmt not in ("md", "tex"):
         raise TableError(f"unknown table format {fmt!r}; choose md, tex, csv or html")
-    texts = [[_cell_text(c, digits, ci, paper is not None) for c in row.cells] for row in rows]
     notes = _notes(runs, paper)
-    if fmt == "md":
-        lines = ["| Method | " + " | ".join(_headers()) + " |", "|---|" + "---:|" * len(COLUMNS)]
-        lines += [f"| {_row_label(row, runs)} | " + " | ".join(t) + " |" for row, t in zip(rows, texts, strict=True)]
-        return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
-    labels = [METRICS[m].label for _, m in COLUMNS]
+    if fmt == "tex":
+        return _render_tex(rows, runs, notes, digits, ci, paper is not None)
+    texts = [
+        [
+            _cell_text(c, digits, ci, paper is not None) + _subset_mark(row, track, runs, c)
+            for (track, _), c in zip(COLUMNS, row.cells, strict=True)
+        ]
+        for row in rows
+    ]
+    lines = ["| Method | " + " | ".join(_headers()) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    lines += [
+        f"| {_row_label(row, runs, paper is not None)} | " + " | ".join(t) + " |"
+        for row, t in zip(rows, texts, strict=True)
+    ]
+    return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
+
+
+SUBSET_MARK = "†"
+
+
+def _run_of(row: Row, runs: Sequence[RunResult]) -> RunResult | None:
+    return next((r for r in runs if r.run_dir == row.run_dir and r.label == row.label), None)
+
+
+def _subset_mark(row: Row, track: str, runs: Sequence[RunResult], cell: Cell) -> str:
+    """``†`` on a multi-track cell computed over a subset (the method declares fewer subjects than the manifest
+    has): such a method skips the hardest tasks and must not look better for it."""
+    run = _run_of(row, runs)
+    if cell.stat is None or cell.stat.mean is None:  # no value, nothing computed over a subset
+        return ""
+    return SUBSET_MARK if track == "multi" and run is not None and run.multi_subset else ""
+
+
+def _best(rows: list[Row]) -> list[float | None]:
+    """Per column, the best mean over the run rows (the highest, the lowest where lower is better)."""
+    out = []
+    for j, (_, metric) in enumerate(COLUMNS):
+        means = [
+            r.cells[j].stat.mean for r in rows if r.cells[j].stat is not None and r.cells[j].stat.mean is not None
+        ]
+        if not means:
+            out.append(None)
+            continue
+        out.append(min(means) if METRICS[metric].lower_is_better else max(means))
+    return out
+
+
+def _render_tex(rows, runs, notes, digits: int, ci: bool, with_paper: bool) -> str:
+    """booktabs LaTeX: an arrow per column says which way is better, the best value of each column is bold, and
+    with ``ci`` the 95 % interval sits on a second, smaller line of the cell (no extra package needed)."""
+    labels = [
+        _tex(METRICS[m].label) + (r" $\downarrow$" if METRICS[m].lower_is_better else r" $\uparrow$")
+        for _, m in COLUMNS
+    ]
     n_single, n_multi = _track_spans()
+    best = _best(rows)
     lines = [
         r"\begin{tabular}{l" + "c" * len(COLUMNS) + "}",
         r"\toprule",
@@ -314,10 +492,18 @@ def render_table(
         "Method & " + " & ".join(labels) + r" \\",
         r"\midrule",
     ]
-    lines += [
-        _tex(_row_label(row, runs)) + " & " + " & ".join(_tex(x) for x in t) + r" \\"
-        for row, t in zip(rows, texts, strict=True)
-    ]
+    for row in rows:
+        cells = []
+        for j, ((track, _), cell) in enumerate(zip(COLUMNS, row.cells, strict=True)):
+            mean = cell.stat.mean if cell.stat is not None else None
+            text = _tex(_cell_text(cell, digits, False, with_paper) + _subset_mark(row, track, runs, cell))
+            if mean is not None and best[j] is not None and round(mean, digits) == round(best[j], digits):
+                text = rf"\textbf{{{text}}}"
+            if ci and cell.stat is not None and cell.stat.ci_low is not None:
+                interval = f"[{cell.stat.ci_low:.{digits}f}, {cell.stat.ci_high:.{digits}f}]"
+                text = rf"\begin{{tabular}}[c]{{@{{}}c@{{}}}}{text}\\{{\scriptsize {interval}}}\end{{tabular}}"
+            cells.append(text)
+        lines.append(_tex(_row_label(row, runs, with_paper)) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -328,8 +514,30 @@ def _track_spans() -> tuple[int, int]:
     return n_single, len(COLUMNS) - n_single
 
 
+_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
+
+
 def _tex(text: str) -> str:
-    return text.replace("λ", r"$\lambda$").replace(DASH, "--").replace("%", r"\%").replace("_", r"\_")
+    """Plain text (a label, a cell) as LaTeX: its special characters escaped, λ and – typeset."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append(r"\textbackslash{}")
+        elif ch in _TEX_SPECIAL:
+            out.append(_TEX_SPECIAL[ch])
+        elif ch == "~":
+            out.append(r"\textasciitilde{}")
+        elif ch == "^":
+            out.append(r"\textasciicircum{}")
+        elif ch == "λ":
+            out.append(r"$\lambda$")
+        elif ch == SUBSET_MARK:
+            out.append(r"$^\dagger$")
+        elif ch == DASH:
+            out.append("--")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _notes(runs: Sequence[RunResult], paper: dict[str, Any] | None) -> list[str]:
@@ -349,6 +557,28 @@ def _notes(runs: Sequence[RunResult], paper: dict[str, Any] | None) -> list[str]
     hashes = {run.scorer_hash for run in runs}
     if len(hashes) > 1:
         notes.append(f"Warning: runs were scored by different scorer versions: {', '.join(sorted(map(str, hashes)))}.")
+    # which weights produced the numbers, per scorer version (a reader must see a local or random backbone)
+    by_scorer: dict[str | None, list[RunResult]] = {}
+    for run in runs:
+        by_scorer.setdefault(run.scorer_hash, []).append(run)
+    for scorer_hash, members in by_scorer.items():
+        words, pinned = scorer_identity(members[0].scorer)
+        who = "" if len(by_scorer) == 1 else f" ({', '.join(r.label for r in members)})"
+        notes.append(f"Scorer {scorer_hash}{who}: {words}.")
+        if not pinned and paper is not None:
+            notes.append(
+                f"WARNING: {', '.join(r.label for r in members)} scored with weights other than the pinned default "
+                "scorers (`msibench weights fetch --scorers`): not comparable with the paper's numbers."
+            )
+    for run in runs:
+        if run.multi_subset:
+            skipped = find_group(run.summary, "multi", None)
+            n_skipped = skipped.n_skipped if skipped is not None else 0
+            notes.append(
+                f"{SUBSET_MARK} {run.label}: multi-track cells computed over a subset, the tasks with K <= "
+                f"{run.max_subjects} (the method declares max_subjects = {run.max_subjects}, the manifest goes to K = "
+                f"{run.manifest_max_k}; {n_skipped} images skipped): not comparable with rows over every task."
+            )
     for run in runs:
         for cov in run.coverage or ():
             if not cov.generated:
@@ -380,6 +610,7 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
     for track in ("single", "multi"):
         header += [f"{track}_tasks", f"{track}_tasks_generated", f"{track}_images", f"{track}_images_scored"]
         header += [f"{track}_samples_per_task", f"{track}_tasks_short"]
+    header += ["multi_subset_max_k", "scorer_hash", "scorer_weights", "scorer_pinned", "manifest_sha256"]
     by_run = {(run.run_dir, run.label): run for run in runs}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -401,6 +632,12 @@ def _render_csv(rows: list[Row], runs: Sequence[RunResult], with_paper: bool) ->
                 out += [""] * 6
                 continue
             out += [c.tasks, c.tasks_generated, c.images, c.images_scored, c.samples_per_task or "", c.tasks_short]
+        if run is None:
+            out += ["", "", "", "", ""]
+        else:
+            words, pinned = scorer_identity(run.scorer)
+            subset = run.max_subjects if run.multi_subset else ""
+            out += [subset, run.scorer_hash or "", words, str(pinned).lower(), run.manifest_sha256 or ""]
         writer.writerow(out)
     return buf.getvalue()
 
@@ -425,11 +662,11 @@ def _render_html(
     for row in rows:
         cells = []
         for (track, metric), cell in zip(COLUMNS, row.cells, strict=True):
-            text = escape(_cell_text(cell, digits, False, with_paper))
+            text = escape(_cell_text(cell, digits, False, with_paper) + _subset_mark(row, track, runs, cell))
             if ci and cell.stat is not None and cell.stat.ci_low is not None:
                 text += f'<span class="ci">[{cell.stat.ci_low:.{digits}f}, {cell.stat.ci_high:.{digits}f}]</span>'
             cells.append(f'<td data-col="{track}_{metric}">{text}</td>')
-        label = escape(_row_label(row, runs))
+        label = escape(_row_label(row, runs, with_paper))
         body.append(f'<tr data-method="{escape(row.method or "")}"><td>{label}</td>{"".join(cells)}</tr>')
     notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
     return f'<table class="table1"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>' + (

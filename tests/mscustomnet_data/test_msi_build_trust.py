@@ -34,7 +34,7 @@ def test_failed_first_build_writes_no_config_and_the_corrected_command_runs(tiny
     res = runner.invoke(main, [*args, "--coco-root", str(wrong)])
     assert res.exit_code == exitcodes.ERROR and "annotation file not found" in res.output
     res = runner.invoke(main, [*args, "--coco-root", str(tiny_coco)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == exitcodes.FAILURES, res.output  # done; the tiny split's two damaged photos named
     assert tree_bytes(out) == tree_bytes(tiny_build)
 
 
@@ -50,7 +50,7 @@ def test_broken_captions_file_writes_no_config_and_the_repaired_coco_builds(tiny
     assert not (out / "config.json").exists()
     captions.write_bytes(good)
     res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == exitcodes.FAILURES, res.output  # done; the tiny split's two damaged photos named
     fresh = build_msi(BuildConfig(coco_root=coco, split="train2017", out=tmp_path / "fresh"), progress=False)
     assert tree_bytes(out) == tree_bytes(fresh.out)
 
@@ -104,3 +104,39 @@ def test_stale_temp_files_of_a_killed_build_are_removed(tiny_coco, tiny_build, t
     build_msi(BuildConfig(coco_root=tiny_coco, split="train2017", out=out), progress=False)
     assert not any(p.exists() for p in stale)
     assert tree_bytes(out) == tree_bytes(tiny_build)
+
+
+def test_damaged_photos_are_named_and_a_resume_after_restoring_them_rebuilds_what_they_affect(tiny_coco, tmp_path):
+    """A photo damaged at build time leaves the dataset different (exit 3, named); restored, the same command
+    rebuilds what it affected, and the result equals a build over the intact COCO."""
+    coco = shutil.copytree(tiny_coco, tmp_path / "coco")
+    intact = build_msi(BuildConfig(coco_root=coco, split="train2017", out=tmp_path / "intact"), progress=False)
+    pool = json.loads((intact.out / "pool.json").read_text())
+    used = {e["image_id"] for entries in pool["categories"].values() for e in entries}
+    photo = coco / "train2017" / f"{min(used):012d}.png"  # a photo a reference pool cuts from
+    good = photo.read_bytes()
+    photo.write_bytes(good[: len(good) // 3])  # truncated
+    out = tmp_path / "msi"
+    args = ["data", "build-msi", "--coco-root", str(coco), "--split", "train2017", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == exitcodes.FAILURES and photo.name in res.output
+    assert (out / "pool.json").read_bytes() != (intact.out / "pool.json").read_bytes()
+    photo.write_bytes(good)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == exitcodes.FAILURES and photo.name not in res.output  # the split's own damaged photos stay
+    # every file equal, so no cut-out of a stand-in candidate stays behind in pool/
+    assert tree_bytes(out, skip=("config.json",)) == tree_bytes(intact.out, skip=("config.json",))
+
+
+def test_info_check_fails_on_a_torn_last_manifest_line_as_training_does(tiny_build, tmp_path):
+    out = shutil.copytree(tiny_build, tmp_path / "msi")
+    data = (out / "manifest.jsonl").read_bytes()
+    (out / "manifest.jsonl").write_bytes(data + data[: len(data) // 4])  # a torn copy of a line
+    res = CliRunner().invoke(main, ["data", "info", str(out)])
+    assert res.exit_code == 0  # a plain summary still reads what is committed
+    res = CliRunner().invoke(main, ["data", "info", str(out), "--check"])
+    assert res.exit_code == exitcodes.ERROR and "last line is torn" in res.output and "build-msi" in res.output
+    from mscustomnet.data.dataset import load_manifest
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_manifest(out / "manifest.jsonl")

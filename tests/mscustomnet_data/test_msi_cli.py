@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from mscustomnet.cli import main
+from msibench import exitcodes
 
 
 def test_build_msi_command(tiny_coco: Path, tiny_build: Path, tmp_path: Path) -> None:
@@ -15,14 +16,17 @@ def test_build_msi_command(tiny_coco: Path, tiny_build: Path, tmp_path: Path) ->
     out = tmp_path / "msi"
     args = ["data", "build-msi", "--coco-root", str(tiny_coco), "--out", str(out), "--workers", "2", "--quiet"]
     result = runner.invoke(main, args)
-    assert result.exit_code == 0, result.output
+    # the tiny split's photos 5 (missing) and 6 (truncated) are left out, named, exit code 3
+    assert result.exit_code == exitcodes.FAILURES, result.output
+    assert "000000000005.png" in result.output and "000000000006.png" in result.output
     assert "5 scenes kept (alpha=5, beta=0.015), 3 written, 2 skipped" in result.output
     for name in ("manifest.jsonl", "stats.json", "pool.json", "config.json"):
         assert (out / name).read_bytes() == (tiny_build / name).read_bytes()
     assert len(list((out / "layouts").glob("*.png"))) == 3
 
     result = runner.invoke(main, args)  # a finished build resumes to the same files
-    assert result.exit_code == 0 and (out / "stats.json").read_bytes() == (tiny_build / "stats.json").read_bytes()
+    assert result.exit_code == exitcodes.FAILURES
+    assert (out / "stats.json").read_bytes() == (tiny_build / "stats.json").read_bytes()
 
     result = runner.invoke(main, [*args, "--alpha", "4"])
     assert result.exit_code == 1 and "alpha: 5 -> 4" in result.output
@@ -33,7 +37,7 @@ def test_build_msi_command(tiny_coco: Path, tiny_build: Path, tmp_path: Path) ->
 
     out4 = tmp_path / "alpha4"
     result = runner.invoke(main, [*args[:5], str(out4), "--alpha", "4", "--pool-size", "2", "--seed", "7", "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exitcodes.FAILURES, result.output
     config = json.loads((out4 / "config.json").read_text())
     assert (config["alpha"], config["pool_size"], config["seed"]) == (4, 2, 7)
     stats = json.loads((out4 / "stats.json").read_text())

@@ -120,8 +120,7 @@ def test_resume_refuses_a_changed_configuration(msi_val, tiny_customnet_dir, tmp
         train(changed, tmp_path / "run", resume="latest")
     with pytest.raises(FileExistsError, match="already holds a run with checkpoints: continue it with --resume"):
         train(config, tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(config, tmp_path / "elsewhere", resume="latest")
+    # --resume latest before any checkpoint starts fresh (test_resume_latest_before_the_first_checkpoint_...)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         train(config, tmp_path / "run", resume=tmp_path / "nope")
     broken = tmp_path / "broken.pt"
@@ -211,3 +210,33 @@ def test_bad_inputs_are_named(msi_val, tiny_customnet_dir, tmp_path):
     )
     with pytest.raises(ValueError, match="1 scene.* make no full optimiser step of 4 samples"):
         train(too_small, tmp_path / "run3")
+
+
+def test_a_second_trainer_on_one_out_is_refused_naming_the_holder(msi_val, tiny_customnet_dir, tmp_path):
+    from click.testing import CliRunner
+    from train_helpers import tiny_dict
+
+    from mscustomnet.cli import main as mscustomnet_main
+    from mscustomnet.train.trainer import TRAIN_LOCK
+    from msibench import exitcodes
+    from msibench.records import LockBusyError, exclusive_or_busy
+
+    out = tmp_path / "run"
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(json.dumps(tiny_dict(msi_val, tiny_customnet_dir)))  # JSON is YAML
+    with exclusive_or_busy(out / TRAIN_LOCK, "a training run", "wait"):
+        with pytest.raises(LockBusyError, match=r"training run in .*pid \d+"):
+            train(tiny_train_config(msi_val, tiny_customnet_dir), out)
+        res = CliRunner().invoke(
+            mscustomnet_main, ["train", "--config", str(config_file), "--out", str(out), "--quiet"]
+        )
+        assert res.exit_code == exitcodes.BUSY and "is being written by pid" in res.output
+    assert not (out / "log.csv").exists()  # nothing was written by the refused trainers
+
+
+def test_resume_latest_before_the_first_checkpoint_starts_fresh(msi_val, tiny_customnet_dir, tmp_path, caplog):
+    config = tiny_train_config(msi_val, tiny_customnet_dir)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=1))
+    with caplog.at_level("WARNING"):
+        result = train(config, tmp_path / "run", resume="latest")
+    assert result.global_step == 1 and "holds no checkpoint yet" in caplog.text

@@ -275,3 +275,22 @@ def test_an_unwritable_out_is_a_clear_error(report_runs, tmp_path):
     res = CliRunner().invoke(main, ["report", str(report_runs["unscored"]), "--out", str(tmp_path / "afile" / "r")])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception  # no traceback
     assert "cannot build the report in --out" in res.output and "Not a directory" in res.output
+
+
+def test_a_second_report_into_one_out_is_refused_naming_the_holder(report_runs, tmp_path):
+    from msibench import exitcodes
+    from msibench.cli import main
+    from msibench.records import exclusive_or_busy
+
+    out = tmp_path / "rep"
+    with exclusive_or_busy(out / ".report.lock", "a report", "wait"):
+        res = CliRunner().invoke(main, ["report", str(report_runs["scored"]), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == exitcodes.BUSY and "is being written by pid" in res.output
+    assert not (out / "index.html").exists()
+
+
+def test_the_report_names_each_runs_scorer_weights(report_runs, tmp_path):
+    build([report_runs["scored"]], tmp_path / "r")
+    html = (tmp_path / "r" / "index.html").read_text()
+    # the fakes of the test scorer are not the pinned default weights: the page says so beside the run
+    assert "by scorer" in html and "(NOT the pinned scorers)" in html
