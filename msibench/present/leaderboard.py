@@ -96,17 +96,13 @@ def _load(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _labels(runs: list[BoardRun]) -> None:
-    """Method labels, with the configuration's fingerprint where two runs would share one."""
-    from collections import Counter
+    """Method labels made distinct the one way tables and reports do (:func:`msibench.scoring.table.distinct_labels`):
+    the configuration's fingerprint where two runs would share one, then ``[i]`` for the same run twice."""
+    from msibench.scoring.table import distinct_labels
 
-    counts = Counter(r.label for r in runs)
-    for r in runs:
-        if counts[r.label] > 1:
-            r.label = f"{r.label} [{r.document['run'].get('fingerprint_hash') or r.path.name}]"
-    counts = Counter(r.label for r in runs)
-    for r in runs:
-        if counts[r.label] > 1:  # the same configuration twice (copied folders): the folder tells them apart
-            r.label = f"{r.label} ({r.path.name})"
+    labels = distinct_labels([r.label for r in runs], [r.document["run"].get("fingerprint_hash") for r in runs])
+    for run, label in zip(runs, labels, strict=True):
+        run.label = label
 
 
 def _significance(board: Board) -> None:

@@ -43,7 +43,7 @@ def test_leaderboard_sorts_compares_and_links_reports(browser, board, runs_folde
     page, _, outside, errors = open_report(browser, board)
     assert not errors and not outside
     # two paste configurations: the method's label and each one's fingerprint
-    expected = {f"Paste (oracle) [{_fp(runs_folder / name)}]": name for name in ("scored", "limited")}
+    expected = {f"Paste (oracle) ({_fp(runs_folder / name)})": name for name in ("scored", "limited")}
     assert sorted(_rows(page)) == sorted(expected)
 
     # sort by multi YOLO-Subj: the limited run skips K = 4, 5 and fails a task; clicking twice reverses the order
