@@ -48,13 +48,13 @@ from msibench.methods.base import (
 from msibench.methods.harness import (
     check_non_negative,
     env_default,
-    hub_file,
     local_path,
     require_setup,
     seeded_generator,
     source_record,
     torch_dtype,
     warn_if_half_on_cpu,
+    weight_file,
 )
 from msibench.weights import WeightFiles
 
@@ -105,25 +105,8 @@ def _default_options() -> dict[str, Any]:
 
 def resolve_file(source: str, filename: str, revision: str, what: str) -> Path:
     """``filename`` inside ``source`` (a local folder, a local file, or a hub repo id at ``revision``)."""
-    if not source:
-        raise WeightsUnavailableError(
-            f"ip-adapter: no source given for the {what}; use -M adapter={ADAPTER_ID} or a local folder laid out "
-            f"like it (or set {ADAPTER_ENV})."
-        )
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        candidate = path / filename
-        if candidate.is_file():
-            return candidate
-        raise WeightsUnavailableError(
-            f"ip-adapter: {what} not found: {candidate} does not exist. Download {filename} from the hub repo "
-            f"{ADAPTER_ID} (revision {ADAPTER_REVISION}) into {path}, keeping its relative path."
-        )
-    return hub_file(
-        source, filename, revision, method="ip-adapter", what=what, option=f"-M adapter=DIR (or set {ADAPTER_ENV})"
-    )
+    option = f"-M adapter=DIR (or set {ADAPTER_ENV})"
+    return weight_file(source, filename, revision, method="ip-adapter", what=what, option=option, repo_id=ADAPTER_ID)
 
 
 class IPAdapterMethod(Method):

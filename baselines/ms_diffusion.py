@@ -50,7 +50,6 @@ from msibench.methods.harness import (
     diffusers_dtype_kwarg,
     env_default,
     from_pretrained,
-    hub_file,
     quiet_loading,
     require_setup,
     seeded_generator,
@@ -58,6 +57,7 @@ from msibench.methods.harness import (
     torch_dtype,
     transformers_dtype_kwarg,
     warn_if_half_on_cpu,
+    weight_file,
 )
 from msibench.weights import WeightFiles
 
@@ -115,24 +115,11 @@ def check_options(o: dict[str, Any], method: str) -> None:
 
 def resolve_adapter_file(source: str, filename: str, revision: str) -> Path:
     """``filename`` inside ``source`` (a local folder, a local file, or a hub repo id at ``revision``)."""
-    if not source:
-        raise WeightsUnavailableError(
-            f"ms-diffusion: no source given for the adapter weights; use -M adapter={ADAPTER_ID} or a local folder "
-            f"holding {ADAPTER_WEIGHTS} (or set {ADAPTER_ENV})."
-        )
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        candidate = path / filename
-        if candidate.is_file():
-            return candidate
-        raise WeightsUnavailableError(
-            f"ms-diffusion: adapter weights not found: {candidate} does not exist. Download {filename} from the hub "
-            f"repo {ADAPTER_ID} into {path}."
-        )
-    return hub_file(source, filename, revision or "main", method="ms-diffusion", what="adapter weights",
-                    option=f"-M adapter=DIR (or set {ADAPTER_ENV})")  # fmt: skip
+    option = f"-M adapter={ADAPTER_ID} or DIR (or set {ADAPTER_ENV})"
+    return weight_file(
+        source, filename, revision or "main", method="ms-diffusion", what="adapter weights", option=option,
+        repo_id=ADAPTER_ID,
+    )  # fmt: skip
 
 
 class MSDiffusionMethod(Method):

@@ -88,15 +88,8 @@ def _default_options() -> dict[str, Any]:
 
 def resolve_file(source: str, filename: str, revision: str, what: str, option: str, env: str | None) -> Path:
     """``filename`` of ``source``: a local file, a local folder holding it, or a hub repo id at ``revision``."""
-    local = harness.local_path(source)
     hint = f"-M {option}=DIR" + (f" (or set {env})" if env else "")
-    if local is not None and local.is_file():
-        return local
-    if local is not None:
-        if (local / filename).is_file():
-            return local / filename
-        raise WeightsUnavailableError(f"uno: {what} not found: {local / filename} does not exist ({hint}).")
-    return harness.hub_file(source, filename, revision, method="uno", what=what, option=hint)
+    return harness.weight_file(source, filename, revision, method="uno", what=what, option=hint)
 
 
 class UNOMethod(Method):

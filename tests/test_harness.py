@@ -103,3 +103,20 @@ def test_seeded_generator_is_the_cpu_stream_of_the_seed() -> None:
     assert harness.seeded_generator(7).device.type == "cpu"
     assert torch.equal(first, torch.randn(4, generator=torch.Generator().manual_seed(7)))
     assert not torch.equal(first, torch.randn(4, generator=harness.seeded_generator(8)))
+
+
+def test_weight_file_takes_a_file_a_folder_or_the_hub(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "adapter.bin"
+    weights.write_bytes(b"w")
+    kw = {"method": "m", "what": "adapter weights", "option": "-M adapter=DIR", "repo_id": "owner/repo"}
+    assert harness.weight_file(str(weights), "other.bin", "abc", **kw) == weights.resolve()
+    assert harness.weight_file(str(tmp_path), "adapter.bin", "abc", **kw) == weights.resolve()
+    with pytest.raises(WeightsUnavailableError, match=r"m: adapter weights not found: .*/nope.bin does not exist "
+                       r"\(-M adapter=DIR\)\. Download nope.bin from the hub repo owner/repo \(revision abc\)"):  # fmt: skip
+        harness.weight_file(str(tmp_path), "nope.bin", "abc", **kw)
+    with pytest.raises(WeightsUnavailableError, match="m: no source given for the adapter weights; use -M adapter=DIR"):
+        harness.weight_file("", "adapter.bin", "abc", **kw)
+    asked = []
+    monkeypatch.setattr(harness, "hub_file", lambda *a, **k: asked.append(a) or tmp_path / "from-hub.bin")
+    assert harness.weight_file("owner/repo", "adapter.bin", "abc", **kw) == tmp_path / "from-hub.bin"
+    assert asked == [("owner/repo", "adapter.bin", "abc")]

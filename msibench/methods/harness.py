@@ -126,6 +126,31 @@ def hub_file(repo_id: str, filename: str, revision: str | None, *, method: str, 
         ) from err
 
 
+def weight_file(
+    source: str, filename: str, revision: str | None, *, method: str, what: str, option: str, repo_id: str = ""
+) -> Path:
+    """``filename`` of ``source``: ``source`` itself when it is a local file, ``source/filename`` when it is a local
+    folder, else the file of the hub repo ``source`` at ``revision``. Each way that fails names the file and
+    ``option`` (how to point elsewhere); ``repo_id`` is the hub repo to download it from, for the messages."""
+    if not source:
+        raise WeightsUnavailableError(
+            f"{method}: no source given for the {what}; use {option}, or a local folder holding {filename}."
+        )
+    local = local_path(source)
+    if local is not None and local.is_file():
+        return local
+    if local is not None:
+        if (local / filename).is_file():
+            return local / filename
+        where = f" Download {filename} from the hub repo {repo_id}" if repo_id else ""
+        where += f" (revision {revision})" if repo_id and revision else ""
+        where += f" into {local}, keeping its relative path." if repo_id else ""
+        raise WeightsUnavailableError(
+            f"{method}: {what} not found: {local / filename} does not exist ({option}).{where}"
+        )
+    return hub_file(source, filename, revision, method=method, what=what, option=option)
+
+
 # ------------------------------------------------------------------------------------------------ dtypes
 
 
