@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import html
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ class BoardRun:
     method: str | None
     document: dict[str, Any]
     records: list[dict[str, Any]]
+    multi_subset: int | None = None  # the method's max_subjects when below the manifest's largest K
     report: str | None = None  # relative link from the page
 
 
@@ -143,7 +143,7 @@ def build_leaderboard(
     report_builder: Callable[..., Any] | None = None,
 ) -> LeaderboardSummary:
     """Write ``out/index.html`` (and the runs' reports under ``out/reports/``); see the module docstring."""
-    from msibench.scoring.table import METHOD_LABELS
+    from msibench.scoring.table import METHOD_LABELS, load_run
 
     run_paths, skipped = find_runs(paths)
     if not run_paths:
@@ -163,6 +163,8 @@ def build_leaderboard(
             continue
         method = document["run"].get("method")
         run = BoardRun(path, METHOD_LABELS.get(str(method), str(method or path.name)), method, document, records)
+        result = load_run(str(path))  # what the tables know of the run: its declared subset of the multi track
+        run.multi_subset = result.max_subjects if result.multi_subset else None
         board = Board(document["manifest"], document["scorer"])
         boards.setdefault(board.key, board).runs.append(run)
     if not boards:
@@ -204,16 +206,13 @@ def _columns() -> list[tuple[str, str, str, bool]]:
 
 
 def _scorer_text(scorer: dict[str, Any]) -> str:
-    """The scorer's hash and, for each of its models, the identity it records (weights file or hub id and sha)."""
-    version = scorer.get("version") or {}
-    parts = [f"scorer {scorer.get('hash')}"]
-    for key in ("detector", "dino", "clip", "identity_crop"):
-        value = version.get(key)
-        if isinstance(value, dict):
-            value = value.get("identity") or value.get("name") or value.get("mode") or json.dumps(value)
-        if value:
-            parts.append(f"{key}: {str(value)[:90]}")
-    return " · ".join(parts)
+    """The scorer's hash and the weights behind it, pinned or local, in the words the tables use
+    (:func:`msibench.scoring.table.scorer_identity`)."""
+    from msibench.scoring.table import scorer_identity
+
+    words, pinned = scorer_identity(scorer.get("version"))
+    verdict = "the pinned default scorers" if pinned else "NOT the pinned default scorers: not comparable with them"
+    return f"scorer {scorer.get('hash')}: {words} ({verdict})"
 
 
 def _board_html(index: int, board: Board) -> str:
@@ -253,13 +252,21 @@ def _board_html(index: int, board: Board) -> str:
                 cells += f"<td data-col='{col}' data-value=''>–</td>"
                 continue
             ci = f" [{_fmt(stat['ci_low'])}, {_fmt(stat['ci_high'])}]" if stat.get("ci_low") is not None else ""
+            mark = "†" if track == "multi" and run.multi_subset else ""
             cells += (
                 f"<td data-col='{col}' data-value='{stat['mean']!r}' title='n = {stat.get('n')} tasks{ci}'>"
-                f"{_fmt(stat['mean'])}<span class='ci'>{_e(ci)}</span></td>"
+                f"{_fmt(stat['mean'])}{mark}<span class='ci'>{_e(ci)}</span></td>"
             )
         rows.append(f"<tr data-run='{i}'>{cells}</tr>")
     table = f"<table class='board'><thead><tr>{ths}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return head + table + _matrix_html(board, columns)
+    subsets = [
+        f"† {_e(r.label)}: multi-track cells computed over a subset, the tasks with K ≤ {r.multi_subset} (the method "
+        "declares no more subjects): not comparable with rows over every task."
+        for r in board.runs
+        if r.multi_subset
+    ]
+    notes = "".join(f"<p class='note subset'>{s}</p>" for s in subsets)
+    return head + table + notes + _matrix_html(board, columns)
 
 
 def _matrix_html(board: Board, columns) -> str:

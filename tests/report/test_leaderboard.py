@@ -46,6 +46,13 @@ def test_leaderboard_sorts_compares_and_links_reports(browser, board, runs_folde
     expected = {f"Paste (oracle) ({_fp(runs_folder / name)})": name for name in ("scored", "limited")}
     assert sorted(_rows(page)) == sorted(expected)
 
+    # the limited run declares 3 subjects: its multi cells are marked as a subset, as in the tables
+    limited = page.locator("table.board tbody tr", has_text=_fp(runs_folder / "limited"))
+    assert "†" in limited.locator("td[data-col='multi_yolo_subj']").inner_text()
+    assert "†" not in limited.locator("td[data-col='single_dino_i']").inner_text()
+    assert "K ≤ 3" in page.inner_text("p.subset")
+    assert "NOT the pinned default scorers" in page.inner_text("p.scorer")
+
     # sort by multi YOLO-Subj: the limited run skips K = 4, 5 and fails a task; clicking twice reverses the order
     head = page.locator("table.board th[data-sort='multi_yolo_subj']")
     head.click()
