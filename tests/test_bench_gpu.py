@@ -31,7 +31,7 @@ def test_every_registered_method_has_a_builder_and_tasks_spread_over_k():
     assert ks[0] == min(t.k for t in manifest.tasks if t.track == "multi")
     assert ks[-1] == max(t.k for t in manifest.tasks if t.track == "multi")
     # a method's capabilities first: K spread over what it can do (qwen-image-edit: 2 and 3)
-    assert {t.k for t in module.pick_tasks(manifest, "multi", 3, keep=lambda t: t.k <= 3)} == {2, 3}
+    assert {t.k for t in module.pick_tasks(manifest, "multi", 3, lambda t: None if t.k <= 3 else "K > 3")} == {2, 3}
     request = module.requests_for(module.pick_tasks(manifest, "single", 1))[0]
     subject = request.task.subjects[0]
     assert request.subjects[0].reference.size == tuple(subject.reference.size)

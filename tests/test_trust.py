@@ -296,7 +296,8 @@ def test_method_options_are_validated_at_construction(tmp_path, option, message)
 def test_invalid_option_values_are_usage_errors(args):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == exitcodes.USAGE, res.output
-    assert "Invalid value for" in res.output
+    # click names the option; an unknown --method is named with the methods there are
+    assert "Invalid value for" in res.output or "unknown method 'nosuch'" in res.output
 
 
 def test_common_bounds_apply_to_every_method():

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from baselines.qwen_image_edit import MODEL_ID, MODEL_REVISION, WEIGHTS_ENV, QwenImageEditMethod
-from msibench import weights
+from msibench import inventory, weights
 from msibench.methods.base import GenerationRequest, WeightsUnavailableError
 from msibench.records import read_records
 from msibench.runner import run_method
@@ -100,7 +100,7 @@ def test_defaults_are_the_model_cards_and_options_are_checked():
 
 
 def test_weights_are_declared_pinned_with_every_pipeline_folder():
-    (spec,) = weights.method_weights("qwen-image-edit")
+    (spec,) = inventory.method_weights("qwen-image-edit")
     assert spec.repo_id == MODEL_ID and spec.revision == MODEL_REVISION and spec.pinned
     for folder in ("transformer", "text_encoder", "vae", "tokenizer", "processor", "scheduler"):
         assert f"{folder}/*" in spec.files
@@ -221,7 +221,7 @@ def test_weights_fetch_gets_every_pipeline_file_and_setup_loads_the_hub_id_from_
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None, **kw: [
         *served, "README.md", ".gitattributes"])  # fmt: skip
     monkeypatch.setattr(weights, "unreachable", lambda source: None)
-    done = weights.fetch(weights.selection(False, ["qwen-image-edit"]))
+    done = weights.fetch(inventory.selection(False, ["qwen-image-edit"]))
     assert sorted(d.file for d in done) == served and {d.status for d in done} == {"present"}
     assert any(f.startswith("transformer/diffusion_pytorch_model") for f in served)
 
