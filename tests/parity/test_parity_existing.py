@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 PARITY = Path(__file__).resolve().parents[2] / "parity"
-SCRIPTS = ["clip_pixels.py"]
+SCRIPTS = ["clip_pixels.py", "customnet.py"]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -78,3 +78,19 @@ def test_clip_pixels_gives_transformers_4_46_3s_values():
     for (row, col), values in official.items():
         assert px[:, row, col].tolist() == values, (row, col)
     assert float(px.astype(np.float64).sum()) == pytest.approx(44417.66354003479, abs=1e-9)
+
+
+def test_the_customnet_stand_in_denoiser_is_shared_and_our_schedule_is_the_officials():
+    """parity/customnet.py printed (official DDIMSampler, customnet/ddim.py:139-146, t_start=-1): 49 timesteps
+    961 ... 1, identical to ours; the script's stand-in depends on x, t and the layout latent."""
+    import torch
+
+    from mscustomnet.model.pipeline import ddim_timesteps
+
+    steps = ddim_timesteps(50)
+    assert len(steps) == 49 and steps[0] == 961 and steps[-1] == 1 and steps == list(range(961, 0, -20))
+    eps = _module("customnet").stand_in_eps
+    x, layout = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    t1, t2 = torch.tensor([1]), torch.tensor([961])
+    assert not torch.equal(eps(x, t1, layout), eps(x, t2, layout))
+    assert not torch.equal(eps(x, t1, layout), eps(x, t1, layout + 1))
