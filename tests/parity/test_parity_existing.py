@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 PARITY = Path(__file__).resolve().parents[2] / "parity"
-SCRIPTS = ["clip_pixels.py", "customnet.py"]
+SCRIPTS = ["clip_pixels.py", "customnet.py", "ssr_encoder.py"]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -94,3 +94,21 @@ def test_the_customnet_stand_in_denoiser_is_shared_and_our_schedule_is_the_offic
     t1, t2 = torch.tensor([1]), torch.tensor([961])
     assert not torch.equal(eps(x, t1, layout), eps(x, t2, layout))
     assert not torch.equal(eps(x, t1, layout), eps(x, t1, layout + 1))
+
+
+def test_ssr_unipc_is_the_vendored_diffusers_0_23_1s():
+    """Official values: the UniPCMultistepScheduler vendored in Xiaojiu-z/SSR_Encoder@7bb5f68
+    (diffusers/schedulers/scheduling_unipc_multistep.py, diffusers 0.23.1) from the SD1.5 scheduler config, 30 steps
+    (infer_text.py), printed under /work/venvs/parity-old: its timesteps, and its last sigma, sigma_min, not 0."""
+    from baselines.sd15 import scheduler_from_config
+    from baselines.ssr_encoder import UNIPC_OFFICIAL
+
+    config = _module("ssr_encoder").SD15_SCHEDULER
+    scheduler = scheduler_from_config("unipc", config, **UNIPC_OFFICIAL)
+    scheduler.set_timesteps(30)
+    assert scheduler.timesteps.tolist() == [
+        999, 966, 932, 899, 866, 832, 799, 766, 733, 699, 666, 633, 599, 566, 533,
+        499, 466, 433, 400, 366, 333, 300, 266, 233, 200, 166, 133, 100, 67, 33,
+    ]  # fmt: skip
+    assert float(scheduler.sigmas[-1]) == pytest.approx(0.02916753478348255, rel=1e-6)
+    assert float(scheduler.sigmas[-2]) == pytest.approx(0.17925918102264404, rel=1e-6)
