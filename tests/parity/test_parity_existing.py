@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 PARITY = Path(__file__).resolve().parents[2] / "parity"
-SCRIPTS = ["clip_pixels.py", "customnet.py", "ssr_encoder.py", "ip_adapter.py"]
+SCRIPTS = ["clip_pixels.py", "customnet.py", "ssr_encoder.py", "ip_adapter.py", "lambda_eclipse.py"]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
