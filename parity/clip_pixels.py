@@ -12,9 +12,9 @@ Usage (from the repository root)::
     python parity/clip_pixels.py --official /work/venvs/parity-old/lib/python3.11/site-packages
 
 ``--official`` is a folder holding transformers 4.x (a venv's site-packages); the official side runs in its own
-process with that folder first on its path. ``--references DIR`` takes other images (default: the prepared
-references in ``$MSIBENCH_CACHE/references``). Exit 0: every figure within ``--tolerance`` (default 0.0), 1: not,
-2: a usage error.
+process with that folder first on its path. The images are the prepared references of ``--manifest`` (v1: 268);
+``--references DIR`` takes the PNGs of a folder instead. Exit 0: every figure within ``--tolerance`` (default
+0.0), 1: not, 2: a usage error.
 """
 
 from __future__ import annotations
@@ -42,28 +42,35 @@ def _official(inputs: dict) -> dict:
     return {"pixels": pixels, "version": transformers.__version__}
 
 
-def _reference_paths(folder: str) -> list[str]:
+def _reference_paths(folder: str, manifest_name: str) -> list[str]:
     if folder:
         root = Path(folder)
-    else:
-        sys.path.insert(0, str(REPO_ROOT))
-        from msibench.bench.prepare import references_dir
+        paths = sorted(str(p) for p in root.glob("*.png") if not p.name.endswith(".mask.png"))
+        if not paths:
+            usage_error(f"--references {root}: no reference images")
+        return paths
+    sys.path.insert(0, str(REPO_ROOT))
+    from msibench.bench.manifest import load_manifest
+    from msibench.bench.prepare import reference_paths
 
-        root = references_dir()
-    paths = sorted(str(p) for p in root.glob("*.png") if not p.name.endswith(".mask.png"))
-    if not paths:
-        usage_error(f"--references {root}: no reference images (run `python -m msibench data prepare` first)")
+    manifest = load_manifest(manifest_name)
+    refs = {(s.reference.image_id, s.reference.annotation_id): s.reference for t in manifest.tasks for s in t.subjects}
+    paths = sorted(str(reference_paths(r, manifest.sources[r.image_id]).image) for r in refs.values())
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        usage_error(f"{missing[0]}: missing; run `python -m msibench data prepare --manifest {manifest_name}` first")
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.split("\n\n")[0], OFFICIAL_HELP, tolerance=0.0)
-    p.add_argument("--references", default="", help="folder of reference PNGs (default: the prepared references)")
+    p.add_argument("--manifest", default="v1", help="manifest whose prepared references are compared (default v1)")
+    p.add_argument("--references", default="", help="a folder of PNGs to compare instead of a manifest's references")
     args = p.parse_args(argv)
     check_official(args.official, ["transformers/models/clip/image_processing_clip.py"], OFFICIAL_HELP)
     if args.side == "official":
         return official_side(args, _official)
-    paths = _reference_paths(args.references)
+    paths = _reference_paths(args.references, args.manifest)
     official = run_official(__file__, args, {"paths": paths})
     sys.path.insert(0, str(REPO_ROOT))
     import transformers
