@@ -8,16 +8,23 @@ config: the parameter names must agree 1:1. Both then predict from the same inpu
 embedding, text states with a padding mask, control embedding), one forward pass each, as the subject pipeline
 (``src/pipelines/pipeline_kandinsky_subject_prior.py`` ``__call__``) calls the prior.
 
-Not compared here: the rest of the subject prior pipeline (text encoding with the subject keywords swapped for
-image embeddings, the zero-image control and negative) and the keyword binding rule (``get_text_feats``) against
-``-M binding=official``; docs/parity.md says so.
+The keyword binding rule: the official ``get_text_feats`` (the same file) runs on every v1 task's prompt with its
+subjects' category names as keywords, around a real CLIP BPE tokenizer (vocab and merges built from open_clip's
+``bpe_simple_vocab_16e6.txt.gz``, OpenAI CLIP's BPE; the hub is not needed) and stand-in encoders that tag each
+subject's image embedding with its index; the positions each subject overwrites must equal those of our
+``baselines.lambda_eclipse.bind_keywords_official`` (``-M binding=official``). How often our default
+(``binding=span``) binds differently is printed for information.
+
+Not compared here: the rest of the subject prior pipeline (text encoding, the zero-image control and negative)
+and the decoder; docs/parity.md says so.
 
 Usage (from the repository root)::
 
     git --git-dir=<bare eclipse-t2i/lambda-eclipse-inference> archive 6a7e00e src | tar -x -C /tmp/lambda-eclipse
     python parity/lambda_eclipse.py --official /tmp/lambda-eclipse --python /work/venvs/parity-old/bin/python
 
-``--official`` is the checkout (the folder holding ``src/priors/``). Exit 0: every figure within
+``--official`` is the checkout (the folder holding ``src/priors/``); the binding needs open_clip installed on our
+side (for its BPE file). Exit 0: every figure within
 ``--rel-tolerance`` (default 1e-6), 1: not, 2: a usage error.
 """
 
@@ -51,7 +58,49 @@ def _official(inputs: dict) -> dict:
         "version": diffusers.__version__,
         "embeds": out.predicted_image_embedding,
         "keys": sorted(prior.state_dict()),
+        "binding": _official_binding(inputs["tokenizer"], inputs["tasks"]),
     }
+
+
+def _official_binding(tokenizer_dir: str, tasks: list) -> list[list[int]]:
+    """Per task, which subject (1-based; 0: none) the official get_text_feats writes into each of the 77 positions."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import torch
+    from src.pipelines.pipeline_kandinsky_subject_prior import KandinskyPriorPipeline
+    from transformers import CLIPTokenizer
+
+    width = 4
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    def text_encoder(input_ids, attention_mask):
+        return SimpleNamespace(
+            last_hidden_state=torch.zeros(1, input_ids.shape[1], width), text_embeds=torch.zeros(1, width)
+        )
+
+    class Pixels(dict):
+        def to(self, device):
+            return self
+
+    def image_encoder(index):  # each subject's "image embedding" is its 1-based index
+        return SimpleNamespace(image_embeds=torch.full((1, width), float(index + 1)))
+
+    standin = SimpleNamespace(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        _execution_device="cpu",
+        image_processor=lambda index, return_tensors: Pixels(index=index),
+        image_encoder=image_encoder,
+    )
+    out = []
+    for prompt, keywords in tasks:
+        raw = {"prompt": prompt, "subject_images": list(range(len(keywords))), "subject_keywords": keywords}
+        with contextlib.redirect_stdout(io.StringIO()):  # "Couldn't find keyword ..."
+            feats = KandinskyPriorPipeline.get_text_feats(standin, raw)
+        out.append(feats["text_encoder_hidden_states"][0, :, 0].round().int().tolist())
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,8 +128,16 @@ def main(argv: list[str] | None = None) -> None:
     mask = torch.zeros(BATCH, CONFIG["num_embeddings"], dtype=torch.bool)
     for row, length in enumerate((5, 12, 77)):  # padded prompts of different lengths, and a full one
         mask[row, :length] = True
-    inputs = {"weights": weights, "noise": noise, "proj": proj, "text": text, "mask": mask, "control": control}
-    official = run_official(__file__, args, inputs)
+    import tempfile
+
+    from msibench.bench.manifest import load_manifest
+
+    tasks = [(t.prompt, [s.category for s in t.subjects]) for t in load_manifest("v1").tasks]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _clip_tokenizer(tmp)
+        inputs = {"weights": weights, "noise": noise, "proj": proj, "text": text, "mask": mask, "control": control,
+                  "tokenizer": tmp, "tasks": tasks}  # fmt: skip
+        official = run_official(__file__, args, inputs)
 
     figures = Figures(args.tolerance)
     same_keys = official["keys"] == sorted(weights)
@@ -92,7 +149,61 @@ def main(argv: list[str] | None = None) -> None:
         ours = prior(noise, proj, text, mask, control)
     figures.compare(f"prior prediction, {BATCH} prompts (5, 12, 77 tokens)", ours, official["embeds"],
                     rel_tolerance=args.rel_tolerance)  # fmt: skip
+    ours_binding, differs_from_span = _our_binding(tokenizer, tasks)
+    bound = sum(1 for row in official["binding"] for v in row if v)
+    print(f"get_text_feats bound {bound} token positions to a subject over the {len(tasks)} v1 tasks")
+    figures.compare(f"binding=official vs get_text_feats: subject per token position, {len(tasks)} v1 tasks",
+                    ours_binding, official["binding"], tolerance=0.0)  # fmt: skip
+    print(f"binding=span (our default) binds differently from the official rule in {differs_from_span} of "
+          f"{len(tasks)} v1 tasks (information)")  # fmt: skip
     figures.exit()
+
+
+def _clip_tokenizer(folder: str):
+    """OpenAI CLIP's BPE tokenizer as a transformers CLIPTokenizer, from open_clip's packaged merges file (the vocab
+    is built as open_clip's SimpleTokenizer builds it)."""
+    import gzip
+    import json
+
+    import open_clip.tokenizer as oc
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(oc.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(oc.bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    Path(folder, "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")), model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _our_binding(tokenizer, tasks: list) -> tuple[list[list[int]], int]:
+    from baselines.lambda_eclipse import bind_keywords, bind_keywords_official
+
+    def encode(text):
+        return tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+
+    def encode_words(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    maps, differs = [], 0
+    for prompt, keywords in tasks:
+        official_rule = bind_keywords_official(prompt, keywords, encode, encode_words)
+        row = [0] * 77
+        for index, positions in official_rule.assignments:  # in subject order: a later subject overwrites
+            for position in positions:
+                row[position] = index + 1
+        maps.append(row)
+        span = bind_keywords(prompt, keywords, encode, encode_words, special, where=prompt)
+        span_row = [0] * 77
+        for index, keyword in enumerate(keywords):
+            for position in span.positions.get(keyword, ()):
+                span_row[position] = index + 1
+        differs += span_row != row or span.prompt != prompt
+    return maps, differs
 
 
 if __name__ == "__main__":
