@@ -13,8 +13,17 @@ Compared, on the same inputs:
     CLIP model replaced by a stand-in: only the preprocessing runs). The app's sliders are integers: both sides get
     the integer box of ``mscustomnet.model.pipeline.app_box``.
 
-Not compared here: the checkpoint conversion (official UNet / VAE / ``cc_projection`` vs ours on one random state
-dict); docs/parity.md says so.
+(c) the checkpoint conversion at a tiny size: the official ``customnet/openaimodel.py`` ``UNetModel`` (with its
+    dual-context ``customnet/attention.py``) and ``ldm/models/autoencoder.py`` ``AutoencoderKL``, built from small
+    configs (channels multiples of 32: LDM normalises with ``GroupNorm(32, ·)``) with random weights, and a random
+    ``cc_projection`` (``nn.Linear``, as ``LatentDiffusion.__init__`` defines it), under the checkpoint's key
+    prefixes; ``mscustomnet.model.convert.convert_customnet_state_dict`` (what ``mscustomnet convert-customnet``
+    runs, here with the matching tiny config) maps them onto our modules, which must then compute the same UNet
+    noise prediction, VAE posterior mode and decoding, and projection. The CLIP towers are not compared (the
+    official image tower is OpenAI's ``clip`` package); their keys, like the DDPM buffers the converter ignores,
+    are filled so that the converter sees the full key set (``betas`` and ``alphas_cumprod`` from the official
+    ``make_beta_schedule``, which the converter checks). ``pytorch_lightning`` and ``taming`` are replaced by empty
+    stand-ins (``LightningModule`` = ``nn.Module``): the training framework, not the networks.
 
 Usage (from the repository root)::
 
@@ -25,8 +34,8 @@ Usage (from the repository root)::
     python parity/customnet.py --official /tmp/CustomNet --python /work/venvs/parity-old/bin/python
 
 Exit 0: every figure within its tolerance (the sampler's final latents: ``--rel-tolerance``, default 1e-6, as the
-two samplers do float32 arithmetic in another order; the preprocessing: identical, ``--tolerance`` 0), 1: not,
-2: a usage error.
+two samplers do float32 arithmetic in another order; the converted networks: ``--network-rel-tolerance``, default
+1e-5; the preprocessing: identical, ``--tolerance`` 0), 1: not, 2: a usage error.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from _side_by_side import REPO_ROOT, Figures, check_official, official_side, par
 OFFICIAL_HELP = "a checkout of TencentARC/CustomNet (at 23a378f): the folder holding customnet/ddim.py and main/app.py"
 MARKERS = ["customnet/ddim.py", "main/app.py", "ldm/util.py", "ldm/modules/encoders/modules.py"]
 STEPS, GUIDANCE, LATENT = 50, 3.0, (1, 4, 32, 32)
+TINY_CONTEXT, TINY_IMAGE_EMBED = 32, 24  # tiny_config's text width and CLIP projection
 
 
 def stand_in_eps(x, t, layout):
@@ -58,9 +68,13 @@ def _stub_missing_models() -> None:
 
     import torch
 
-    for name in ("carvekit", "carvekit.api", "carvekit.api.high", "clip"):
+    names = ("carvekit", "carvekit.api", "carvekit.api.high", "clip", "pytorch_lightning", "taming", "taming.modules",
+             "taming.modules.vqvae", "taming.modules.vqvae.quantize")  # fmt: skip
+    for name in names:
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["carvekit.api.high"].HiInterface = None
+    sys.modules["pytorch_lightning"].LightningModule = torch.nn.Module
+    sys.modules["taming.modules.vqvae.quantize"].VectorQuantizer2 = None
 
     def load(name, device="cpu", jit=False):
         model = torch.nn.Module()
@@ -147,6 +161,7 @@ def _official(inputs: dict) -> dict:
         conds.append(batch["image_cond"][0])
         clip_inputs.append(clip.preprocess(batch["image_cond"])[0])
     return {
+        **_official_networks(inputs["networks"]),
         "timesteps": timesteps,
         "latents": latents,
         "squares": torch.stack(squares),
@@ -154,6 +169,42 @@ def _official(inputs: dict) -> dict:
         "image_conds": torch.stack(conds),
         "clip_inputs": torch.stack(clip_inputs),
     }
+
+
+def _official_networks(inputs: dict) -> dict:
+    import numpy as np
+    import torch
+    from customnet.openaimodel import UNetModel
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules.diffusionmodules.util import make_beta_schedule
+
+    torch.manual_seed(0)
+    unet = UNetModel(
+        image_size=8, in_channels=8, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
+        channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True, transformer_depth=1,
+        context_dim=TINY_CONTEXT, use_checkpoint=False, legacy=False,
+    ).eval()  # fmt: skip
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+    vae = AutoencoderKL(ddconfig, {"target": "torch.nn.Identity"}, embed_dim=4).eval()
+    projection = torch.nn.Linear(TINY_IMAGE_EMBED + 4, TINY_CONTEXT)
+    with torch.no_grad():  # every parameter random (the default init leaves norms at 1 / 0, some convs at 0)
+        for module in (unet, vae, projection):
+            for param in module.parameters():
+                param.copy_(torch.randn_like(param) * 0.05)
+    checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    checkpoint.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    checkpoint.update({f"cc_projection.{k}": v for k, v in projection.state_dict().items()})
+    betas = make_beta_schedule("linear", 1000, linear_start=0.00085, linear_end=0.012)
+    checkpoint["betas"] = torch.tensor(betas, dtype=torch.float32)
+    checkpoint["alphas_cumprod"] = torch.tensor(np.cumprod(1.0 - betas, axis=0), dtype=torch.float32)
+    with torch.no_grad():
+        # DiffusionWrapper 'hybrid': the concat condition on the channels, context = [image token; text].
+        eps = unet(torch.cat([inputs["x"], inputs["layout"]], dim=1), inputs["t"], context=inputs["context"])
+        mode = vae.encode(inputs["image"]).mode()
+        decoded = vae.decode(inputs["z"])
+        projected = projection(inputs["clip_and_view"])
+    return {"checkpoint": checkpoint, "eps": eps, "mode": mode, "decoded": decoded, "projected": projected}
 
 
 # ---------------------------------------------------------------------------------------------- our side
@@ -225,6 +276,9 @@ def _single_track_references(manifest_name: str) -> list:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.split("\n\n")[0], OFFICIAL_HELP, tolerance=0.0)
     p.add_argument("--rel-tolerance", type=float, default=1e-6, help="largest rel figure of the sampler (1e-6)")
+    p.add_argument(
+        "--network-rel-tolerance", type=float, default=1e-5, help="largest rel figure of the converted networks (1e-5)"
+    )
     p.add_argument("--manifest", default="v1", help="manifest whose single-track references are compared (v1)")
     args = p.parse_args(argv)
     check_official(args.official, MARKERS, OFFICIAL_HELP)
@@ -251,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     boxes = [app_box(box, 256) for *_, box in references]
     inputs = {"noise": noise, "layout": layout,
               "references": [(img, msk, b) for (img, msk, _), b in zip(references, boxes, strict=True)]}  # fmt: skip
+    networks = _network_inputs()
+    inputs["networks"] = networks
     official = run_official(__file__, args, inputs)
 
     figures = Figures(args.tolerance)
@@ -280,7 +336,82 @@ def main(argv: list[str] | None = None) -> None:
     figures.compare("(b) canvas (image_location)", torch.stack(canvases), official["canvases"], tolerance=0.0)
     figures.compare("(b) image condition (image_cond)", torch.stack(conds), official["image_conds"], tolerance=0.0)
     figures.compare("(b) CLIP input", torch.stack(clip_inputs), official["clip_inputs"], tolerance=0.0)
+    _compare_networks(figures, networks, official, args.network_rel_tolerance)
     figures.exit()
+
+
+def _tiny_config():
+    from dataclasses import replace
+
+    from mscustomnet.model.config import VAEConfig, tiny_config
+
+    base = tiny_config(multi_subject=False)
+    vae = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32)
+    return replace(base, unet=replace(base.unet, norm_num_groups=32), vae=vae)
+
+
+def _network_inputs() -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    return {
+        "x": torch.randn(1, 4, 8, 8, generator=g), "layout": torch.randn(1, 4, 8, 8, generator=g),
+        "t": torch.tensor([500]), "context": torch.randn(1, 78, TINY_CONTEXT, generator=g),
+        "image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, "z": torch.randn(1, 4, 16, 16, generator=g),
+        "clip_and_view": torch.randn(1, 1, TINY_IMAGE_EMBED + 4, generator=g),
+    }  # fmt: skip
+
+
+def _compare_networks(figures, inputs: dict, official: dict, rel_tolerance: float) -> None:
+    import torch
+
+    from mscustomnet.model.convert import (
+        IGNORED_KEYS,
+        OPTIONAL_KEYS,
+        convert_customnet_state_dict,
+        export_customnet_state_dict,
+    )
+    from mscustomnet.model.network import CustomNetModel
+
+    config = _tiny_config()
+    model = CustomNetModel(config).eval()
+    # The official key set: the networks compared from the official side, the CLIP towers (not compared) from our
+    # own random model in the official layout, and the ignored DDPM buffers present as the converter requires.
+    checkpoint = export_customnet_state_dict(model.state_dict(), config)
+    compared = official["checkpoint"]
+    ours_keys = {k for k in checkpoint if k.startswith(("model.diffusion_model.", "first_stage_model.", "cc_proj"))}
+    theirs = {k for k in compared if k.startswith(("model.diffusion_model.", "first_stage_model.", "cc_proj"))}
+    print(f"(c) official UNet/VAE/cc_projection keys: {len(theirs)}, the converter's for the same config: "
+          f"{len(ours_keys)}, {'the same' if theirs == ours_keys else 'DIFFERENT'}")  # fmt: skip
+    if theirs != ours_keys:
+        print(f"    only official: {sorted(theirs - ours_keys)[:5]}; only ours: {sorted(ours_keys - theirs)[:5]}")
+        figures.failed.append("(c) key sets")
+        return
+    checkpoint.update(compared)
+    for key in IGNORED_KEYS:
+        if key not in checkpoint and key not in OPTIONAL_KEYS:
+            checkpoint[key] = torch.zeros(1000) if not key.startswith("cond_stage") else torch.zeros(1)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(convert_customnet_state_dict(checkpoint, shapes, config), strict=True)
+    with torch.no_grad():
+        sample = torch.cat([inputs["x"], inputs["layout"]], dim=1)
+        eps = model.unet(sample, inputs["t"], encoder_hidden_states=inputs["context"]).sample
+        figures.compare("(c) converted UNet: noise prediction", eps, official["eps"], rel_tolerance=rel_tolerance)
+        mode = model.vae.encode(inputs["image"]).latent_dist.mode()
+        figures.compare("(c) converted VAE: posterior mode", mode, official["mode"], rel_tolerance=rel_tolerance)
+        decoded = model.vae.decode(inputs["z"]).sample
+        figures.compare("(c) converted VAE: decoding", decoded, official["decoded"], rel_tolerance=rel_tolerance)
+        projection = dict(model.named_modules())[_projection_name(model)]
+        figures.compare("(c) converted cc_projection", projection(inputs["clip_and_view"]), official["projected"],
+                        rel_tolerance=rel_tolerance)  # fmt: skip
+
+
+def _projection_name(model) -> str:
+    from mscustomnet.model.convert import conversion_rules
+
+    rules = conversion_rules(list(model.state_dict()), model.config)
+    target = next(r.target for r in rules if r.source == "cc_projection.weight")
+    return target.rsplit(".", 1)[0]
 
 
 if __name__ == "__main__":
