@@ -62,7 +62,7 @@ def test_figures_fail_above_the_tolerance(capsys):
 
 
 def test_clip_pixels_gives_transformers_4_46_3s_values():
-    """Official values: transformers 4.46.3 ``CLIPImageProcessor()`` (models/clip/image_processing_clip.py
+    """Official values: transformers 4.46.3 ``CLIPImageProcessor()`` (models/clip/image_processing_clip.py:200
     ``preprocess``) on this 97 x 61 pattern, printed under /work/venvs/parity-old (transformers 4.46.3) and written
     out; transformers 5.25's own processor gives e.g. 0.0033438762 at [0, 0, 0] and a sum of 44416.508."""
     from baselines.clip_pixels import clip_pixels
@@ -81,7 +81,7 @@ def test_clip_pixels_gives_transformers_4_46_3s_values():
 
 
 def test_the_customnet_stand_in_denoiser_is_shared_and_our_schedule_is_the_officials():
-    """parity/customnet.py printed (official DDIMSampler, customnet/ddim.py:139-146, t_start=-1): 49 timesteps
+    """parity/customnet.py printed (official DDIMSampler, customnet/ddim.py:134,149, t_start=-1): 49 timesteps
     961 ... 1, identical to ours; the script's stand-in depends on x, t and the layout latent."""
     import torch
 
@@ -98,7 +98,8 @@ def test_the_customnet_stand_in_denoiser_is_shared_and_our_schedule_is_the_offic
 
 def test_ssr_unipc_is_the_vendored_diffusers_0_23_1s():
     """Official values: the UniPCMultistepScheduler vendored in Xiaojiu-z/SSR_Encoder@7bb5f68
-    (diffusers/schedulers/scheduling_unipc_multistep.py, diffusers 0.23.1) from the SD1.5 scheduler config, 30 steps
+    (diffusers/schedulers/scheduling_unipc_multistep.py:210 set_timesteps, :251 the sigma_min ending; diffusers
+    0.23.1) from the SD1.5 scheduler config, 30 steps
     (infer_text.py), printed under /work/venvs/parity-old: its timesteps, and its last sigma, sigma_min, not 0."""
     from baselines.sd15 import scheduler_from_config
     from baselines.ssr_encoder import UNIPC_OFFICIAL
