@@ -15,8 +15,15 @@ subject's image embedding with its index; the positions each subject overwrites 
 ``baselines.lambda_eclipse.bind_keywords_official`` (``-M binding=official``). How often our default
 (``binding=span``) binds differently is printed for information.
 
-Not compared here: the rest of the subject prior pipeline (text encoding, the zero-image control and negative)
-and the decoder; docs/parity.md says so.
+The subject prior pipeline end to end, up to the decoder: the official ``KandinskyPriorPipeline.__call__``
+(``get_text_feats``, ``get_zero_embed`` as control and negative, the noise from the generator, the prior) on
+tiny random CLIP text and vision towers (the same weights on both sides) and the small prior, against our
+``LambdaEclipseMethod._generate_one`` with ``-M binding=official``, whose decoder a stand-in replaces to catch its
+inputs (image embedding and negative), on six v1 tasks (three single, K = 2, 3, 4) with their prepared references
+and the runner's seeds.
+
+Not compared here: the Kandinsky 2.2 decoder (diffusers' own ``KandinskyV22Pipeline`` on both sides); docs/parity.md
+says so.
 
 Usage (from the repository root)::
 
@@ -49,7 +56,7 @@ def _official(inputs: dict) -> dict:
     import torch
     from src.priors.lambda_prior_transformer import PriorTransformer
 
-    prior = PriorTransformer(**CONFIG).eval()
+    prior = PriorTransformer(**CONFIG).eval()  # noqa: F841 (also the pipeline's prior)
     missing, unexpected = prior.load_state_dict(inputs["weights"], strict=True)
     with torch.no_grad():
         out = prior(inputs["noise"], proj_embedding=inputs["proj"], encoder_hidden_states=inputs["text"],
@@ -59,7 +66,48 @@ def _official(inputs: dict) -> dict:
         "embeds": out.predicted_image_embedding,
         "keys": sorted(prior.state_dict()),
         "binding": _official_binding(inputs["tokenizer"], inputs["tasks"]),
+        "pipeline": _official_pipeline(inputs, prior),
     }
+
+
+def _official_pipeline(inputs: dict, prior) -> list:
+    """The subject prior pipeline's __call__ (get_text_feats, zero-image control, noise, prior) on tiny encoders."""
+    import contextlib
+    import io
+
+    import torch
+    from diffusers import UnCLIPScheduler
+    from PIL import Image
+    from src.pipelines.pipeline_kandinsky_subject_prior import KandinskyPriorPipeline
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**inputs["text_config"])).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**inputs["vision_config"])).eval()
+    for module, weights in ((text_encoder, inputs["text_weights"]), (image_encoder, inputs["vision_weights"])):
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+            raise SystemExit(f"tiny encoder weights do not fit: missing {missing}, unexpected {unexpected}")
+    size = inputs["vision_config"]["image_size"]
+    pipe = KandinskyPriorPipeline(
+        prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(inputs["tokenizer"]), scheduler=UnCLIPScheduler(),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+    )  # fmt: skip
+    out = []
+    for prompt, keywords, images, seed in inputs["pipeline_tasks"]:
+        raw = {"prompt": prompt, "subject_images": [Image.open(p).convert("RGB") for p in images],
+               "subject_keywords": keywords}  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            embeds, zero = pipe(raw_data=raw, generator=torch.Generator().manual_seed(seed), return_dict=False)
+        out.append((embeds, zero))
+    return out
 
 
 def _official_binding(tokenizer_dir: str, tasks: list) -> list[list[int]]:
@@ -132,11 +180,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from msibench.bench.manifest import load_manifest
 
-    tasks = [(t.prompt, [s.category for s in t.subjects]) for t in load_manifest("v1").tasks]
+    manifest = load_manifest("v1")
+    tasks = [(t.prompt, [s.category for s in t.subjects]) for t in manifest.tasks]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _clip_tokenizer(tmp)
+        encoders = _tiny_encoders()
+        pipeline_tasks, requests = _pipeline_tasks(manifest)
         inputs = {"weights": weights, "noise": noise, "proj": proj, "text": text, "mask": mask, "control": control,
-                  "tokenizer": tmp, "tasks": tasks}  # fmt: skip
+                  "tokenizer": tmp, "tasks": tasks, "pipeline_tasks": pipeline_tasks,
+                  **{k: v for k, v in encoders.items() if k.endswith(("config", "weights"))}}  # fmt: skip
         official = run_official(__file__, args, inputs)
 
     figures = Figures(args.tolerance)
@@ -156,7 +208,86 @@ def main(argv: list[str] | None = None) -> None:
                     ours_binding, official["binding"], tolerance=0.0)  # fmt: skip
     print(f"binding=span (our default) binds differently from the official rule in {differs_from_span} of "
           f"{len(tasks)} v1 tasks (information)")  # fmt: skip
+    _compare_pipeline(figures, prior, tokenizer, encoders, requests, official["pipeline"], args.rel_tolerance)
     figures.exit()
+
+
+def _tiny_encoders() -> dict:
+    """Tiny CLIP text / vision towers whose widths fit the small prior (the prior's embedding_dim everywhere)."""
+    import torch
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    dim = CONFIG["embedding_dim"]
+    text_config = {"hidden_size": dim, "projection_dim": dim, "intermediate_size": 37, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "vocab_size": 49408, "max_position_embeddings": 77,
+                   "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}  # fmt: skip
+    vision_config = {"hidden_size": 32, "projection_dim": dim, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "image_size": 32, "patch_size": 8}  # fmt: skip
+    torch.manual_seed(4)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_config)).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config)).eval()
+    return {"text_config": text_config, "vision_config": vision_config, "text_encoder": text_encoder,
+            "image_encoder": image_encoder,
+            "text_weights": {k: v.clone() for k, v in text_encoder.state_dict().items()},
+            "vision_weights": {k: v.clone() for k, v in image_encoder.state_dict().items()}}  # fmt: skip
+
+
+def _pipeline_tasks(manifest) -> tuple[list, list]:
+    """Six v1 tasks (single and multi-subject) with their prepared references, as (official inputs, our requests)."""
+    from msibench.bench.prepare import reference_paths
+    from msibench.runner import _request  # the runner's own request builder: references, masks, seeds
+
+    chosen = manifest.select("single", limit=3) + manifest.select("multi", limit=3)
+    official, ours = [], []
+    for i, task in enumerate(chosen):
+        request = _request(task, 0, 7 + i, manifest)
+        paths = [
+            str(reference_paths(s.reference, manifest.sources[s.reference.image_id]).image) for s in task.subjects
+        ]
+        official.append((task.prompt, [s.category for s in task.subjects], paths, request.seed))
+        ours.append(request)
+    return official, ours
+
+
+def _compare_pipeline(figures, prior, tokenizer, encoders, requests, official, rel_tolerance) -> None:
+    """Our LambdaEclipseMethod (-M binding=official) up to the decoder, whose inputs a stand-in catches."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from baselines.clip_pixels import pil_clip_processor
+    from baselines.lambda_eclipse import LambdaEclipseMethod
+
+    method = LambdaEclipseMethod(binding="official")
+    caught = []
+
+    def decoder(image_embeds, negative_image_embeds, **kwargs):
+        caught.append((image_embeds, negative_image_embeds))
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8))])
+
+    image_encoder = encoders["image_encoder"]
+    with torch.no_grad():
+        size = image_encoder.config.image_size
+        zero_embed = image_encoder(pixel_values=torch.zeros(1, 3, size, size)).image_embeds
+    method._models = {"device": torch.device("cpu"), "dtype": torch.float32, "tokenizer": tokenizer,
+                      "text_encoder": encoders["text_encoder"], "image_processor": pil_clip_processor(size),
+                      "image_encoder": image_encoder, "prior": prior, "decoder": decoder, "zero_embed": zero_embed,
+                      "max_length": 77}  # fmt: skip
+    for request, (embeds, zero) in zip(requests, official, strict=True):
+        method._generate_one(request)
+        ours, negative = caught[-1]
+        k = len(request.subjects)
+        figures.compare(f"pipeline image embedding, {request.task.id} (K = {k})", ours, embeds,
+                        rel_tolerance=rel_tolerance)  # fmt: skip
+        figures.compare(
+            f"pipeline zero-image negative, {request.task.id}", negative, zero, rel_tolerance=rel_tolerance
+        )
 
 
 def _clip_tokenizer(folder: str):
