@@ -135,3 +135,23 @@ class Figures:
             print(f"FAILED: {', '.join(self.failed)} above tolerance")
             raise SystemExit(1)
         print("all figures within tolerance")
+
+
+def clip_bpe_tokenizer(folder: str):
+    """OpenAI CLIP's BPE tokenizer as a transformers CLIPTokenizer, from open_clip's packaged merges file (the vocab
+    is built as open_clip's SimpleTokenizer builds it)."""
+    import gzip
+    import json
+
+    import open_clip.tokenizer as oc
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(oc.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(oc.bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    Path(folder, "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")), model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer

@@ -23,7 +23,13 @@ Compared, on the same inputs:
     official image tower is OpenAI's ``clip`` package); their keys, like the DDPM buffers the converter ignores,
     are filled so that the converter sees the full key set (``betas`` and ``alphas_cumprod`` from the official
     ``make_beta_schedule``, which the converter checks). ``pytorch_lightning`` and ``taming`` are replaced by empty
-    stand-ins (``LightningModule`` = ``nn.Module``): the training framework, not the networks.
+    stand-ins (``LightningModule`` = ``nn.Module``): the training framework, not the networks;
+(d) the tokenizer: the token ids ldm's ``FrozenCLIPEmbedder.forward`` hands its text model (transformers 4.46.3
+    ``CLIPTokenizer``, ``padding="max_length"``, truncation at 77) vs ``mscustomnet.model.network.tokenize``
+    (open_clip's BPE, padded with <eot>), on every prompt of the v1 and v2 manifests plus edge cases (case,
+    whitespace, punctuation, accents, a prompt over 77 tokens). The official tokenizer files are built from
+    open_clip's ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI CLIP's BPE, the merges ``openai/clip-vit-large-patch14``
+    ships; no hub here), so what is compared is the two tokenization algorithms on the same BPE.
 
 Usage (from the repository root)::
 
@@ -44,7 +50,15 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
-from _side_by_side import REPO_ROOT, Figures, check_official, official_side, parser, run_official  # noqa: E402
+from _side_by_side import (  # noqa: E402
+    REPO_ROOT,
+    Figures,
+    check_official,
+    clip_bpe_tokenizer,
+    official_side,
+    parser,
+    run_official,
+)
 
 OFFICIAL_HELP = "a checkout of TencentARC/CustomNet (at 23a378f): the folder holding customnet/ddim.py and main/app.py"
 MARKERS = ["customnet/ddim.py", "main/app.py", "ldm/util.py", "ldm/modules/encoders/modules.py"]
@@ -162,6 +176,7 @@ def _official(inputs: dict) -> dict:
         clip_inputs.append(clip.preprocess(batch["image_cond"])[0])
     return {
         **_official_networks(inputs["networks"]),
+        "token_ids": _official_token_ids(inputs["tokenizer"], inputs["prompts"]),
         "timesteps": timesteps,
         "latents": latents,
         "squares": torch.stack(squares),
@@ -169,6 +184,24 @@ def _official(inputs: dict) -> dict:
         "image_conds": torch.stack(conds),
         "clip_inputs": torch.stack(clip_inputs),
     }
+
+
+def _official_token_ids(folder: str, prompts: list[str]):
+    """The ids FrozenCLIPEmbedder.forward gives its text model (a stand-in catches them)."""
+    import torch
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    embedder = FrozenCLIPEmbedder(version=folder, device="cpu")
+    caught = []
+
+    class Catch(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            caught.append(input_ids)
+            return type("Out", (), {"last_hidden_state": torch.zeros(1)})()
+
+    embedder.transformer = Catch()
+    embedder.forward(prompts)
+    return caught[0]
 
 
 def _official_networks(inputs: dict) -> dict:
@@ -285,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.side == "official":
         return official_side(args, _official)
     sys.path.insert(0, str(REPO_ROOT))
+    import tempfile
+
     import numpy as np
     import torch
     from PIL import Image
@@ -307,7 +342,12 @@ def main(argv: list[str] | None = None) -> None:
               "references": [(img, msk, b) for (img, msk, _), b in zip(references, boxes, strict=True)]}  # fmt: skip
     networks = _network_inputs()
     inputs["networks"] = networks
-    official = run_official(__file__, args, inputs)
+    prompts = _prompts()
+    with tempfile.TemporaryDirectory() as folder:
+        clip_bpe_tokenizer(folder)
+        _tiny_text_model(folder)  # FrozenCLIPEmbedder.__init__ loads a text model from the same folder
+        inputs.update(tokenizer=folder, prompts=prompts)
+        official = run_official(__file__, args, inputs)
 
     figures = Figures(args.tolerance)
     ours_t = ddim_timesteps(STEPS)
@@ -337,7 +377,28 @@ def main(argv: list[str] | None = None) -> None:
     figures.compare("(b) image condition (image_cond)", torch.stack(conds), official["image_conds"], tolerance=0.0)
     figures.compare("(b) CLIP input", torch.stack(clip_inputs), official["clip_inputs"], tolerance=0.0)
     _compare_networks(figures, networks, official, args.network_rel_tolerance)
+    from mscustomnet.model.network import tokenize
+
+    figures.compare(f"(d) token ids, {len(prompts)} prompts", tokenize(prompts), official["token_ids"], tolerance=0.0)
     figures.exit()
+
+
+def _prompts() -> list[str]:
+    from msibench.bench.manifest import load_manifest
+
+    prompts = sorted({t.prompt for name in ("v1", "v2") for t in load_manifest(name).tasks})
+    return prompts + [
+        "", "A DOG   on a\tSofa!!", "a café, naïve résumé", "two people; one's hat (red) & a 3-legged stool...",
+        " ".join(["a photo of a dog next to a cat"] * 12),  # over 77 tokens: truncated, <eot> last
+    ]  # fmt: skip
+
+
+def _tiny_text_model(folder: str) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                            vocab_size=49408, max_position_embeddings=77)  # fmt: skip
+    CLIPTextModel(config).save_pretrained(folder)
 
 
 def _tiny_config():

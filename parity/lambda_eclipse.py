@@ -41,7 +41,15 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
-from _side_by_side import REPO_ROOT, Figures, check_official, official_side, parser, run_official  # noqa: E402
+from _side_by_side import (  # noqa: E402
+    REPO_ROOT,
+    Figures,
+    check_official,
+    clip_bpe_tokenizer,
+    official_side,
+    parser,
+    run_official,
+)
 
 OFFICIAL_HELP = "a checkout of eclipse-t2i/lambda-eclipse-inference (at 6a7e00e): the folder holding src/priors/"
 MARKERS = ["src/priors/lambda_prior_transformer.py", "src/pipelines/pipeline_kandinsky_subject_prior.py"]
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = load_manifest("v1")
     tasks = [(t.prompt, [s.category for s in t.subjects]) for t in manifest.tasks]
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _clip_tokenizer(tmp)
+        tokenizer = clip_bpe_tokenizer(tmp)
         encoders = _tiny_encoders()
         pipeline_tasks, requests = _pipeline_tasks(manifest)
         inputs = {"weights": weights, "noise": noise, "proj": proj, "text": text, "mask": mask, "control": control,
@@ -288,26 +296,6 @@ def _compare_pipeline(figures, prior, tokenizer, encoders, requests, official, r
         figures.compare(
             f"pipeline zero-image negative, {request.task.id}", negative, zero, rel_tolerance=rel_tolerance
         )
-
-
-def _clip_tokenizer(folder: str):
-    """OpenAI CLIP's BPE tokenizer as a transformers CLIPTokenizer, from open_clip's packaged merges file (the vocab
-    is built as open_clip's SimpleTokenizer builds it)."""
-    import gzip
-    import json
-
-    import open_clip.tokenizer as oc
-    from transformers import CLIPTokenizer
-
-    merges = gzip.open(oc.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    vocab = list(oc.bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    Path(folder, "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-    Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tokenizer = CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")), model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
 
 
 def _our_binding(tokenizer, tasks: list) -> tuple[list[list[int]], int]:
