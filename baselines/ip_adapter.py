@@ -15,9 +15,13 @@ Defaults are the official ones, from tencent-ailab/IP-Adapter@62e4af9d0c1ac7d5f8
 README.md ("For multimodal prompts ... setting scale=0.5 can get good results"; base model
 runwayml/stable-diffusion-v1-5 and VAE stabilityai/sd-vae-ft-mse), ip_adapter/ip_adapter.py
 (``IPAdapter.generate``: guidance_scale=7.5, negative prompt "monochrome, lowres, bad anatomy, worst quality,
-low quality"; image encoder and adapter in float16), ip_adapter_t2i_demo.ipynb (DDIMScheduler with
-beta_start=0.00085, beta_end=0.012, scaled_linear, clip_sample=False, set_alpha_to_one=False, steps_offset=1;
-num_inference_steps=50; 512x512).
+low quality"; image encoder and adapter in float16), ip_adapter_t2i-adapter_demo.ipynb, the SD1.5 + ViT-H
+notebook readable at that commit (code cell 1: runwayml/stable-diffusion-v1-5, models/image_encoder/,
+models/ip-adapter_sd15.bin; cell 2: DDIMScheduler with beta_start=0.00085, beta_end=0.012, scaled_linear,
+clip_sample=False, set_alpha_to_one=False, steps_offset=1; cell 6: num_inference_steps=50; no size given, so
+the pipeline's 512x512). Not ip_adapter_t2i_demo.ipynb, cited here before: that notebook runs the ViT-G adapter
+(ip-adapter_sd15_vit-G.bin with sdxl_models/image_encoder). README.md:69 names ip_adapter_demo.ipynb as the SD1.5
+demo, but its blob is not in the stored snapshot, so it is not cited for these values.
 
 torch / diffusers / transformers are imported inside methods and in ``baselines.ip_adapter_modules`` only, so
 that ``msibench ls`` stays light.

@@ -197,7 +197,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     from baselines.sd15 import scheduler_from_config
 
     if name == "ddim":
-        # ip_adapter_t2i_demo.ipynb's noise_scheduler (the betas are SD1.5's own).
+        # ip_adapter_t2i-adapter_demo.ipynb's noise_scheduler, code cell 2 (the betas are SD1.5's own).
         return diffusers.DDIMScheduler(
             num_train_timesteps=1000,
             beta_start=0.00085,

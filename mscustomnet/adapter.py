@@ -53,6 +53,10 @@ class MSCustomNetMethod(Method):
         "guidance": 3.0,
         "resolution": 0,  # 0: the model's own resolution (its config.json)
         "dtype": "float32",
+        # MS-CustomNet's own conditioning; "thumbnail" + "white" is CustomNet's app's (a step-0 MS-CustomNet then
+        # reproduces CustomNet at K = 1).
+        "reference_fit": "upscale",
+        "canvas": "black",
     }
     DTYPES: ClassVar[tuple[str, ...]] = DTYPES
 
@@ -62,6 +66,9 @@ class MSCustomNetMethod(Method):
             self.options["weights"] = env_default(WEIGHTS_ENV, "")
         check_choice(self.options, "dtype", self.DTYPES, self.name)
         check_sampler_options(self.options, self.name)
+        for key, allowed in (("reference_fit", ("thumbnail", "upscale")), ("canvas", ("black", "white"))):
+            if self.options[key] not in allowed:
+                raise ValueError(f"{self.name} option {key!r}: {self.options[key]!r} is not one of {allowed}")
         if int(self.options["resolution"]) != 0 and int(self.options["resolution"]) < 8:
             raise ValueError(f"{self.name} option 'resolution': must be at least 8 (or 0: the model's own)")
         self._pipeline = None
@@ -113,15 +120,23 @@ class MSCustomNetMethod(Method):
             "dtype": o["dtype"],
             "sampler": sampler_description(o["schedule"]),
             "cfg": "one scale over text+subjects+layout; uncond = zero layout latent, no subject, empty prompt",
-            "reference": "object cropped to mask, long edge scaled to 200 (Lanczos) on a 256 white square",
-            "output": "clamp((x+1)/2,0,1)*255 truncated to uint8",
-            "layout": (
-                "M_L: references resized to boxes, pasted through masks on black, back to front by z"
-                if self._uses_layout()
-                else "none: the model was trained without M_L and samples on a blank white canvas"
+            # The default strings are those of version 2, so runs made before these options keep their fingerprint.
+            "reference": (
+                "object cropped to mask, long edge scaled to 200 (Lanczos) on a 256 white square"
+                if o["reference_fit"] == "upscale"
+                else "object cropped to mask, PIL thumbnail to 200 (never enlarged) on a 256 white square"
             ),
+            "output": "clamp((x+1)/2,0,1)*255 truncated to uint8",
+            "layout": self._layout_description(),
             "version": 2,
         }
+
+    def _layout_description(self) -> str:
+        if not self._uses_layout():
+            return "none: the model was trained without M_L and samples on a blank white canvas"
+        if self.options["canvas"] == "white":
+            return "CustomNet's app canvas: reference squares resized into boxes on white, back to front by z"
+        return "M_L: references resized to boxes, pasted through masks on black, back to front by z"
 
     def _fingerprint_resolution(self) -> int | str:
         # Not the loaded model's: the fingerprint must be the same before and after setup.
@@ -167,6 +182,11 @@ class MSCustomNetMethod(Method):
             raise ValueError(
                 f"{self.options['weights']}: holds a {model.config.name} model without a category encoder; "
                 "mscustomnet needs MS-CustomNet weights (the customnet method runs CustomNet ones)"
+            )
+        if self.options["canvas"] == "white" and not model.config.use_layout:
+            raise ValueError(
+                f"{self.name} option 'canvas': 'white' needs a model trained with M_L; {self.options['weights']} "
+                "was trained without it and samples on a blank canvas"
             )
         if self._weights_sha256() != expected:
             raise RuntimeError(f"{self.options['weights']}: weights changed while the method was being set up")
@@ -216,6 +236,8 @@ class MSCustomNetMethod(Method):
             guidance=float(o["guidance"]),
             resolution=int(o["resolution"]) or None,  # None: the model's own
             schedule=o["schedule"],
+            reference_fit=o["reference_fit"],
+            canvas=o["canvas"],
         )
 
 

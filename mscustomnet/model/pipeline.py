@@ -49,6 +49,9 @@ DEFAULT_GUIDANCE = 3.0
 REFERENCE_FITS = ("thumbnail", "upscale")
 #: Where CustomNet's reference square goes: as the official app (into the box) or as its training data.
 PLACEMENTS = ("app", "dataset")
+#: MS-CustomNet's concat input: M_L on black (paper Eq. 4) or CustomNet's app canvas (reference squares in their
+#: boxes on white), with which a step-0 MS-CustomNet reproduces CustomNet at K = 1.
+CANVASES = ("black", "white")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,16 @@ def customnet_canvas(
     return canvas
 
 
+def white_canvas(squares: Sequence[Image.Image], subjects: Sequence[Subject], resolution: int) -> torch.Tensor:
+    """CustomNet's app canvas for several subjects: each reference square resized into its box as
+    :func:`app_canvas` does, pasted back to front by ``z`` on white. For one subject it is :func:`app_canvas`."""
+    canvas = torch.ones(3, resolution, resolution)
+    for square, s in sorted(zip(squares, subjects, strict=True), key=lambda pair: pair[1].z):
+        x0, y0, x1, y1 = app_box(s.box, resolution)
+        canvas[:, y0:y1, x0:x1] = F.interpolate(to_tensor(square)[None], size=(y1 - y0, x1 - x0), mode="bilinear")[0]
+    return canvas
+
+
 def blank_canvas(batch: int, resolution: int) -> torch.Tensor:
     """The concat input of a network trained without M_L: white canvases [batch, 3, R, R] in [-1, 1]."""
     return torch.ones(batch, 3, resolution, resolution)
@@ -319,18 +332,35 @@ class MSCustomNetPipeline(_Pipeline):
         guidance: float = DEFAULT_GUIDANCE,
         resolution: int | None = None,
         schedule: str = DEFAULT_SCHEDULE,
+        reference_fit: str = "upscale",
+        canvas: str = "black",
     ) -> list[Image.Image]:
+        """``reference_fit="upscale"`` and ``canvas="black"`` are MS-CustomNet's own (every reference scaled to the
+        200 px CLIP sees, small COCO objects included; M_L on black, Eq. 4). ``reference_fit="thumbnail"`` with
+        ``canvas="white"`` conditions as CustomNet's app does, so that a step-0 MS-CustomNet (zero category columns)
+        gives CustomNet's image for one subject: the sanity check the paper's initialisation implies."""
         resolution = resolution or self.model.config.resolution
         check_resolution(self.model, resolution)
+        if reference_fit not in REFERENCE_FITS:
+            raise ValueError(f"reference fit {reference_fit!r} is not one of {REFERENCE_FITS}")
+        if canvas not in CANVASES:
+            raise ValueError(f"canvas {canvas!r} is not one of {CANVASES}")
+        if canvas == "white" and not self.model.config.use_layout:
+            raise ValueError("canvas 'white' needs a model trained with M_L; this one samples on a blank canvas")
         if any(len(row) == 0 for row in subjects):
             raise ValueError("every request needs at least one subject")
-        # MS-CustomNet's own choice: every reference scaled to the 200 px CLIP sees, small COCO objects included.
-        squares = [prepare_reference(s.reference, s.mask, fit="upscale") for row in subjects for s in row]
+        squares = [prepare_reference(s.reference, s.mask, fit=reference_fit) for row in subjects for s in row]
         tokens, mask, _ = self._encode_subjects(subjects, squares)
-        if self.model.config.use_layout:
-            layouts = torch.stack([to_tensor(layout_map(row, resolution)) for row in subjects])
-        else:  # trained without M_L: the blank canvas it always saw
+        if not self.model.config.use_layout:  # trained without M_L: the blank canvas it always saw
             layouts = blank_canvas(len(subjects), resolution)
+        elif canvas == "white":
+            rows, start = [], 0
+            for row in subjects:
+                rows.append(white_canvas(squares[start : start + len(row)], row, resolution))
+                start += len(row)
+            layouts = torch.stack(rows)
+        else:
+            layouts = torch.stack([to_tensor(layout_map(row, resolution)) for row in subjects])
         return self._run(prompts, layouts, tokens, mask, seeds, steps, guidance, schedule)
 
 
@@ -377,6 +407,7 @@ def check_resolution(model: CustomNetModel, resolution: int) -> None:
 
 
 __all__ = [
+    "CANVASES",
     "PLACEMENTS",
     "REFERENCE_FITS",
     "Conditioning",
@@ -399,4 +430,5 @@ __all__ = [
     "prepare_reference",
     "to_pil",
     "to_tensor",
+    "white_canvas",
 ]

@@ -96,6 +96,29 @@ def _request(task, seed):
     return GenerationRequest(task=task, sample_index=0, seed=seed, subjects=tuple(subjects))
 
 
+def test_customnet_conditioning_options_reach_the_pipeline_and_the_fingerprint(tiny_weights):
+    """-M reference_fit=thumbnail -M canvas=white (issue 20 item 5); the defaults keep version 2's fingerprint."""
+    default = MSCustomNetMethod(weights=str(tiny_weights))
+    assert default.config()["layout"].startswith("M_L") and "scaled to 200" in default.config()["reference"]
+    app = MSCustomNetMethod(weights=str(tiny_weights), reference_fit="thumbnail", canvas="white", steps=2)
+    assert app.config()["layout"].startswith("CustomNet's app canvas") and "thumbnail" in app.config()["reference"]
+    assert app.fingerprint_hash() != default.fingerprint_hash()
+    with pytest.raises(ValueError, match="option 'canvas'"):
+        MSCustomNetMethod(canvas="grey")
+    with pytest.raises(ValueError, match="option 'reference_fit'"):
+        MSCustomNetMethod(reference_fit="crop")
+    seen = {}
+    app.setup("cpu")
+    call = app._pipeline.__class__.__call__
+    app._pipeline.__class__.__call__ = lambda self, *a, **kw: (seen.update(kw), call(self, *a, **kw))[1]
+    try:
+        task = next(t for t in load_manifest().tasks if t.k == 2)
+        app.generate([_request(task, 0)])
+    finally:
+        app._pipeline.__class__.__call__ = call
+    assert (seen["reference_fit"], seen["canvas"]) == ("thumbnail", "white")
+
+
 def test_generate_is_seeded_and_sized(tiny_weights):
     task = next(t for t in load_manifest().tasks if t.k == 3)
     method = MSCustomNetMethod(weights=str(tiny_weights), steps=2, resolution=32)

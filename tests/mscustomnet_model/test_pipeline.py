@@ -23,6 +23,7 @@ from mscustomnet.model.pipeline import (
     prepare_reference,
     to_pil,
     to_tensor,
+    white_canvas,
 )
 
 
@@ -269,3 +270,42 @@ def test_step0_ms_customnet_is_customnets_network_but_not_its_pipeline(tiny_cust
     CustomNetPipeline(tiny_customnet)(["a ball"], [Subject(ref, box, mask)], seeds=[0], steps=2, resolution=64)
     MSCustomNetPipeline(ms)(["a ball"], [[Subject(ref, box, mask, category_index=32)]], seeds=[0], steps=2)
     assert torch.all(seen["customnet"][0, :, 0, 0] == 1.0) and torch.all(seen["ms"][0, :, 0, 0] == -1.0)
+
+
+def test_step0_ms_customnet_with_customnets_conditioning_gives_customnets_image(tiny_customnet):
+    """Issue 20 item 5: with reference_fit="thumbnail" and canvas="white", a step-0 MS-CustomNet (F_proj's zero
+    category columns) is CustomNet for K = 1, image for image; its own defaults (upscale, M_L on black) are not."""
+    from mscustomnet.model.network import CustomNetModel
+
+    ms = CustomNetModel.from_customnet(tiny_customnet, category_dim=8).eval()
+    ref, mask = _solid((200, 10, 10), (40, 30)), _full_mask((40, 30))
+    box = (0.25, 0.25, 0.75, 0.625)
+    kw = {"seeds": [3], "steps": 3, "resolution": 64}
+    official = CustomNetPipeline(tiny_customnet)(["a ball"], [Subject(ref, box, mask)], **kw)[0]
+    row = [[Subject(ref, box, mask, category_index=32)]]
+    same = MSCustomNetPipeline(ms)(["a ball"], row, reference_fit="thumbnail", canvas="white", **kw)[0]
+    assert np.array_equal(np.asarray(same), np.asarray(official))
+    default = MSCustomNetPipeline(ms)(["a ball"], row, **kw)[0]
+    assert not np.array_equal(np.asarray(default), np.asarray(official))
+
+
+def test_white_canvas_is_the_app_canvas_for_one_subject_and_pastes_back_to_front():
+    red, blue = _solid((255, 0, 0), (20, 20)), _solid((0, 0, 255), (20, 20))
+    a = Subject(red, (0.0, 0.0, 0.5, 0.5), z=1)
+    b = Subject(blue, (0.25, 0.25, 0.75, 0.75), z=0)
+    assert torch.equal(white_canvas([red], [a], 32), app_canvas(red, a.box, 32))
+    both = white_canvas([red, blue], [a, b], 32)  # a (z = 1) is in front where the boxes overlap
+    assert torch.all(both[:, 8:16, 8:16] == torch.tensor([1.0, -1.0, -1.0])[:, None, None])
+    assert torch.all(both[:, 20:24, 20:24] == torch.tensor([-1.0, -1.0, 1.0])[:, None, None])
+    assert torch.all(both[:, 28:, 28:] == 1.0)
+
+
+def test_ms_customnet_pipeline_refuses_unknown_fit_and_canvas(tiny_customnet):
+    from mscustomnet.model.network import CustomNetModel
+
+    ms = CustomNetModel.from_customnet(tiny_customnet, category_dim=8).eval()
+    row = [[Subject(_solid((1, 2, 3), (8, 8)), (0.0, 0.0, 1.0, 1.0), category_index=0)]]
+    with pytest.raises(ValueError, match="canvas 'grey'"):
+        MSCustomNetPipeline(ms)(["x"], row, seeds=[0], steps=1, resolution=64, canvas="grey")
+    with pytest.raises(ValueError, match="reference fit 'crop'"):
+        MSCustomNetPipeline(ms)(["x"], row, seeds=[0], steps=1, resolution=64, reference_fit="crop")
