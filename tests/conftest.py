@@ -105,3 +105,40 @@ def prepared(manifest, prepared_cache):
     """The packaged manifest with every reference already in this test's MSIBENCH_CACHE."""
     shutil.copytree(prepared_cache / "references", Path(os.environ["MSIBENCH_CACHE"]) / "references")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+# Debian's headless Chromium driven by playwright (no browser download): the report, leaderboard and review-page
+# tests. Skipped when playwright or Chromium is missing, unless MSIBENCH_REQUIRE_BROWSER=1 (set by .ci/run, which
+# installs both), where it fails instead. MSIBENCH_CHROMIUM names another binary.
+CHROMIUM = os.environ.get("MSIBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def need_browser(condition: bool, what: str) -> None:
+    if condition:
+        return
+    if os.environ.get("MSIBENCH_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{what} (MSIBENCH_REQUIRE_BROWSER=1: .ci/run installs it)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need_browser(False, "playwright is not installed (pip install playwright)")
+    need_browser(Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()

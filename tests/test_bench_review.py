@@ -23,8 +23,6 @@ from msibench.bench.build import default_review_path, load_review
 from msibench.bench.review import DECISIONS_FORMAT, ReviewError, apply_decisions, load_decisions
 from msibench.cli import main
 
-CHROMIUM = os.environ.get("MSIBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 # Pool candidates of the packaged review (val2017 slice) that the partial review below leaves undecided: a baby
 # holding a phone (issue 22), a chair seen through its back, a bus behind a parked car (the last two rejected in v3).
 UNDECIDED = (519484, 107078, 366014)
@@ -200,27 +198,6 @@ def test_review_page_names_the_missing_photo_of_a_candidate(coco_root, partial_r
 
 
 # ------------------------------------------------------------------------------------------------------------ browser
-
-
-def _need(condition: bool, what: str) -> None:
-    if condition:
-        return
-    if os.environ.get("MSIBENCH_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{what} (MSIBENCH_REQUIRE_BROWSER=1: .ci/run installs it)")
-    pytest.skip(what)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need(False, "playwright is not installed (pip install playwright)")
-    _need(Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 def _open(context, page_path: Path):

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_report_browser import browser, open_report  # noqa: F401 - the browser fixture, shared
+from test_report_browser import open_report
 
 from msibench.present.leaderboard import LeaderboardError, build_leaderboard, find_runs
 from msibench.scoring.aggregate import compare
@@ -39,7 +39,7 @@ def _rows(page) -> list[str]:
     )
 
 
-def test_leaderboard_sorts_compares_and_links_reports(browser, board, runs_folder):  # noqa: F811
+def test_leaderboard_sorts_compares_and_links_reports(browser, board, runs_folder):
     page, _, outside, errors = open_report(browser, board)
     assert not errors and not outside
     # two paste configurations: the method's label and each one's fingerprint

@@ -4,8 +4,8 @@ It opens the report of real paste runs from disk, checks that Table I, the image
 that filtering and sorting work, and that no request leaves the report's folder (every request is intercepted;
 one that would leave is aborted and fails the test).
 
-Skipped when playwright or Chromium is missing, unless MSIBENCH_REQUIRE_BROWSER=1 (set by .ci/run, which installs
-both), where it fails instead. MSIBENCH_REPORT_SCREENSHOT=PATH saves the screenshots the README shows (PATH: a task
+The browser fixture (tests/conftest.py) skips when playwright or Chromium is missing, unless
+MSIBENCH_REQUIRE_BROWSER=1 (set by .ci/run, which installs both), where it fails instead. MSIBENCH_REPORT_SCREENSHOT=PATH saves the screenshots the README shows (PATH: a task
 card; PATH with "-top" before ".png": the top of the page).
 """
 
@@ -23,38 +23,6 @@ from msibench.report.build import build_report
 from msibench.scoring.aggregate import task_values
 from msibench.scoring.store import load_scores
 from msibench.scoring.table import COLUMNS, load_run, render_table
-
-CHROMIUM = os.environ.get("MSIBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _need(condition: bool, what: str) -> None:
-    if condition:
-        return
-    if os.environ.get("MSIBENCH_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{what} (MSIBENCH_REQUIRE_BROWSER=1: .ci/run installs it)")
-    pytest.skip(what)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need(False, "playwright is not installed (pip install playwright)")
-    _need(Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
