@@ -5,8 +5,9 @@ that filtering and sorting work, and that no request leaves the report's folder 
 one that would leave is aborted and fails the test).
 
 The browser fixture (tests/conftest.py) skips when playwright or Chromium is missing, unless
-MSIBENCH_REQUIRE_BROWSER=1 (set by .ci/run, which installs both), where it fails instead. MSIBENCH_REPORT_SCREENSHOT=PATH saves the screenshots the README shows (PATH: a task
-card; PATH with "-top" before ".png": the top of the page).
+MSIBENCH_REQUIRE_BROWSER=1 (set by .ci/run, which installs both), where it fails instead.
+MSIBENCH_REPORT_SCREENSHOT=PATH saves the screenshots the docs show (PATH: a task card; PATH with "-top" before
+".png": the top of the page).
 """
 
 from __future__ import annotations
