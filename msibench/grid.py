@@ -131,6 +131,10 @@ def _method(source: str, i: int, entry: Any) -> GridMethod:
         raise GridError(f"{where}.name: expected a method name, got {name!r}")
     if not isinstance(options, Mapping):
         raise GridError(f"{where}.options: expected a mapping of method options, got {options!r}")
+    name = name.strip()
+    file_part, sep, class_part = name.rpartition(":")
+    if sep and file_part.endswith(".py"):  # a plugin file: absolute, for jobs that start in another folder
+        name = f"{Path(file_part).expanduser().resolve()}:{class_part}"
     pairs = []
     for key, value in options.items():
         if isinstance(value, bool):
@@ -138,7 +142,7 @@ def _method(source: str, i: int, entry: Any) -> GridMethod:
         elif isinstance(value, (list, tuple, Mapping)):
             value = json.dumps(value, separators=(",", ":"))  # -M reads lists as JSON
         pairs.append((str(key), str(value)))
-    return GridMethod(name.strip(), tuple(pairs))
+    return GridMethod(name, tuple(pairs))
 
 
 def spec_from_mapping(data: Mapping[str, Any], source: str = "grid") -> GridSpec:

@@ -165,3 +165,14 @@ def test_grid_command(tmp_path):
     bad.write_text("methods: [paste]\ntrack: both\n")
     result = CliRunner().invoke(main, ["grid", str(bad), "--out", str(tmp_path / "h")])
     assert result.exit_code == 2 and "bad.yaml: field 'track'" in result.output
+
+
+def test_a_plugin_file_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(
+        "from msibench.methods.paste import PasteMethod\n\n\nclass Mine(PasteMethod):\n    name = 'mine'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_mapping({"methods": ["mine.py:Mine"], "out": "runs", "device": "cpu"})
+    (job,) = build_jobs(spec)
+    assert f"--method {plugin}:Mine" in job.command() and job.run_dir.startswith(str(tmp_path / "runs" / "mine-"))
