@@ -19,8 +19,7 @@ Compared, on the same inputs:
     ``cc_projection`` (``nn.Linear``, as ``LatentDiffusion.__init__`` defines it), under the checkpoint's key
     prefixes; ``mscustomnet.model.convert.convert_customnet_state_dict`` (what ``mscustomnet convert-customnet``
     runs, here with the matching tiny config) maps them onto our modules, which must then compute the same UNet
-    noise prediction, VAE posterior mode and decoding, and projection. The CLIP towers are not compared (the
-    official image tower is OpenAI's ``clip`` package); their keys, like the DDPM buffers the converter ignores,
+    noise prediction, VAE posterior mode and decoding, and projection. The DDPM buffers the converter ignores
     are filled so that the converter sees the full key set (``betas`` and ``alphas_cumprod`` from the official
     ``make_beta_schedule``, which the converter checks). ``pytorch_lightning`` and ``taming`` are replaced by empty
     stand-ins (``LightningModule`` = ``nn.Module``): the training framework, not the networks;
@@ -30,12 +29,21 @@ Compared, on the same inputs:
     whitespace, punctuation, accents, a prompt over 77 tokens). The official tokenizer files are built from
     open_clip's ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI CLIP's BPE, the merges ``openai/clip-vit-large-patch14``
     ships; no hub here), so what is compared is the two tokenization algorithms on the same BPE.
+(e) the CLIP towers after the conversion of (c): the official image tower is OpenAI's ``clip`` package (under
+    ``--python``: ``clip-anytorch==2.6.0``, a PyPI fork of openai/CLIP whose image tower code is OpenAI's, and
+    ``setuptools<81`` for its ``pkg_resources``): its ``VisionTransformer``, what ``clip.load`` builds and
+    ``FrozenCLIPImageEmbedder`` runs (``encode_image`` is ``visual(x)``), at a tiny width with random weights
+    under ``cond_stage_model.model.visual.*``; the text tower is ``FrozenCLIPEmbedder``'s transformers
+    ``CLIPTextModel`` (``last_hidden_state``) under ``text_encoder.transformer.*``. Ours, converted from those
+    keys, must give the same image embeddings (2 random inputs) and text states (3 prompts). Without the package
+    the script fails and says what to install.
 
 Usage (from the repository root)::
 
     git --git-dir=<bare TencentARC/CustomNet> archive 23a378f | tar -x -C /tmp/CustomNet
     python -m venv --system-site-packages /work/venvs/parity-old
-    /work/venvs/parity-old/bin/pip install transformers==4.46.3 "huggingface_hub<0.26" einops omegaconf kornia==0.7.0
+    /work/venvs/parity-old/bin/pip install transformers==4.46.3 "huggingface_hub<0.26" einops omegaconf kornia==0.7.0 \
+        clip-anytorch==2.6.0 "setuptools<81"
     python -m msibench data prepare --manifest v1 --coco-root COCO
     python parity/customnet.py --official /tmp/CustomNet --python /work/venvs/parity-old/bin/python
 
@@ -64,6 +72,7 @@ OFFICIAL_HELP = "a checkout of TencentARC/CustomNet (at 23a378f): the folder hol
 MARKERS = ["customnet/ddim.py", "main/app.py", "ldm/util.py", "ldm/modules/encoders/modules.py"]
 STEPS, GUIDANCE, LATENT = 50, 3.0, (1, 4, 32, 32)
 TINY_CONTEXT, TINY_IMAGE_EMBED = 32, 24  # tiny_config's text width and CLIP projection
+CLIP_PROMPTS = ["a photo of a dog next to a cat", "", "two people; one's hat (red) & a 3-legged stool"]
 
 
 def stand_in_eps(x, t, layout):
@@ -237,7 +246,43 @@ def _official_networks(inputs: dict) -> dict:
         mode = vae.encode(inputs["image"]).mode()
         decoded = vae.decode(inputs["z"])
         projected = projection(inputs["clip_and_view"])
-    return {"checkpoint": checkpoint, "eps": eps, "mode": mode, "decoded": decoded, "projected": projected}
+    out = {"checkpoint": checkpoint, "eps": eps, "mode": mode, "decoded": decoded, "projected": projected}
+    out.update(_official_clip_towers(inputs, checkpoint))
+    return out
+
+
+def _official_clip_towers(inputs: dict, checkpoint: dict) -> dict:
+    """(e) The image tower FrozenCLIPImageEmbedder.encode runs (OpenAI clip's VisionTransformer, what clip.load
+    builds for ViT-L/14, here at a tiny width; ``encode_image`` is ``visual(x)``) and the text tower
+    FrozenCLIPEmbedder.forward runs (transformers' CLIPTextModel, ``last_hidden_state``), random, under the
+    checkpoint's keys."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    stub = sys.modules.pop("clip", None)  # _stub_missing_models' stand-in for sections (a)-(b)
+    try:
+        import clip.model as openai_clip
+    except ImportError as err:
+        return {"clip_error": f"OpenAI's clip package does not import under --python: {err}"}
+    finally:
+        if stub is not None:
+            sys.modules["clip"] = stub
+    v = inputs["vision"]
+    torch.manual_seed(1)
+    visual = openai_clip.VisionTransformer(
+        input_resolution=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+        layers=v["num_hidden_layers"], heads=v["num_attention_heads"], output_dim=v["projection_dim"],
+    ).eval()  # fmt: skip
+    text = CLIPTextModel(CLIPTextConfig(**inputs["text"])).eval()
+    with torch.no_grad():
+        for module in (visual, text):
+            for param in module.parameters():
+                param.copy_(torch.randn_like(param) * 0.05)
+        image_embeds = visual(inputs["clip_pixels"].type(visual.conv1.weight.dtype)).float()
+        text_states = text(input_ids=inputs["token_ids"]).last_hidden_state
+    checkpoint.update({f"cond_stage_model.model.visual.{k}": t for k, t in visual.state_dict().items()})
+    checkpoint.update({f"text_encoder.transformer.{k}": t for k, t in text.state_dict().items()})
+    return {"clip_package": openai_clip.__file__, "image_embeds": image_embeds, "text_states": text_states}
 
 
 # ---------------------------------------------------------------------------------------------- our side
@@ -408,14 +453,25 @@ def _tiny_config():
 
     base = tiny_config(multi_subject=False)
     vae = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32)
-    return replace(base, unet=replace(base.unet, norm_num_groups=32), vae=vae)
+    # OpenAI clip's residual blocks have an MLP 4 times as wide as the tower (ViT-L/14: 1024 -> 4096).
+    image_encoder = replace(base.image_encoder, intermediate_size=4 * base.image_encoder.hidden_size)
+    return replace(base, unet=replace(base.unet, norm_num_groups=32), vae=vae, image_encoder=image_encoder)
 
 
 def _network_inputs() -> dict:
+    from dataclasses import asdict
+
     import torch
 
+    from mscustomnet.model.network import tokenize
+
+    config = _tiny_config()
+    vision, text = asdict(config.image_encoder), asdict(config.text_encoder)
+    size = vision["image_size"]
     g = torch.Generator().manual_seed(3)
     return {
+        "vision": vision, "text": text, "clip_pixels": torch.randn(2, 3, size, size, generator=g),
+        "clip_prompts": CLIP_PROMPTS, "token_ids": tokenize(CLIP_PROMPTS, text["max_position_embeddings"]),
         "x": torch.randn(1, 4, 8, 8, generator=g), "layout": torch.randn(1, 4, 8, 8, generator=g),
         "t": torch.tensor([500]), "context": torch.randn(1, 78, TINY_CONTEXT, generator=g),
         "image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, "z": torch.randn(1, 4, 16, 16, generator=g),
@@ -440,9 +496,14 @@ def _compare_networks(figures, inputs: dict, official: dict, rel_tolerance: floa
     # own random model in the official layout, and the ignored DDPM buffers present as the converter requires.
     checkpoint = export_customnet_state_dict(model.state_dict(), config)
     compared = official["checkpoint"]
-    ours_keys = {k for k in checkpoint if k.startswith(("model.diffusion_model.", "first_stage_model.", "cc_proj"))}
-    theirs = {k for k in compared if k.startswith(("model.diffusion_model.", "first_stage_model.", "cc_proj"))}
-    print(f"(c) official UNet/VAE/cc_projection keys: {len(theirs)}, the converter's for the same config: "
+    if "clip_error" in official:
+        print(f"(e) CLIP towers: {official['clip_error']} (pip install clip-anytorch==2.6.0 'setuptools<81')")
+        figures.failed.append("(e) OpenAI clip not installed")
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cc_proj", "cond_stage_model.", "text_encoder.")
+    prefixes = prefixes if "clip_error" not in official else prefixes[:3]
+    ours_keys = {k for k in checkpoint if k.startswith(prefixes) and k not in OPTIONAL_KEYS}
+    theirs = {k for k in compared if k.startswith(prefixes)}
+    print(f"(c) official UNet/VAE/cc_projection/CLIP keys: {len(theirs)}, the converter's for the same config: "
           f"{len(ours_keys)}, {'the same' if theirs == ours_keys else 'DIFFERENT'}")  # fmt: skip
     if theirs != ours_keys:
         print(f"    only official: {sorted(theirs - ours_keys)[:5]}; only ours: {sorted(ours_keys - theirs)[:5]}")
@@ -465,6 +526,20 @@ def _compare_networks(figures, inputs: dict, official: dict, rel_tolerance: floa
         projection = dict(model.named_modules())[_projection_name(model)]
         figures.compare("(c) converted cc_projection", projection(inputs["clip_and_view"]), official["projected"],
                         rel_tolerance=rel_tolerance)  # fmt: skip
+        if "clip_error" in official:
+            return
+        print(f"(e) official image tower: OpenAI clip's VisionTransformer ({official['clip_package']})")
+        image_embeds = model.image_encoder(pixel_values=inputs["clip_pixels"]).image_embeds
+        figures.compare("(e) converted CLIP image tower: image embeddings", image_embeds, official["image_embeds"],
+                        rel_tolerance=rel_tolerance)  # fmt: skip
+        text_states = model.encode_text(inputs["clip_prompts"])
+        figures.compare(f"(e) converted CLIP text tower: states of {len(inputs['clip_prompts'])} prompts",
+                        text_states, official["text_states"], rel_tolerance=rel_tolerance)  # fmt: skip
+        fresh = CustomNetModel(config).eval()  # control: the same architecture with its own random towers
+        unconverted = fresh.image_encoder(pixel_values=inputs["clip_pixels"]).image_embeds
+        figures.note(
+            "(e) control: unconverted random image tower (must differ)", unconverted, official["image_embeds"]
+        )
 
 
 def _projection_name(model) -> str:
