@@ -535,11 +535,14 @@ def _compare_networks(figures, inputs: dict, official: dict, rel_tolerance: floa
         text_states = model.encode_text(inputs["clip_prompts"])
         figures.compare(f"(e) converted CLIP text tower: states of {len(inputs['clip_prompts'])} prompts",
                         text_states, official["text_states"], rel_tolerance=rel_tolerance)  # fmt: skip
+        torch.manual_seed(2)
         fresh = CustomNetModel(config).eval()  # control: the same architecture with its own random towers
         unconverted = fresh.image_encoder(pixel_values=inputs["clip_pixels"]).image_embeds
         figures.note(
             "(e) control: unconverted random image tower (must differ)", unconverted, official["image_embeds"]
         )
+        if torch.equal(unconverted, official["image_embeds"]):
+            figures.failed.append("(e) control (identical)")
 
 
 def _projection_name(model) -> str:
