@@ -37,6 +37,18 @@ Compared, on the same inputs:
     ``CLIPTextModel`` (``last_hidden_state``) under ``text_encoder.transformer.*``. Ours, converted from those
     keys, must give the same image embeddings (2 random inputs) and text states (3 prompts). Without the package
     the script fails and says what to install.
+(f) the app end to end on one single-track task (the first of ``--manifest``): the official ``CustomNet`` model of
+    ``configs/config_customnet.yaml`` built by ``instantiate_from_config`` at a tiny width (the app fixes 256 px,
+    a 32 x 32 latent and ``cc_projection`` 772 -> 768, so the VAE downsamples 8 times and the cross-attention
+    width stays 768), random weights, ``clip.load`` answered by OpenAI clip's ``CLIP`` class at a tiny width (no
+    download), ``load_and_preprocess`` with the COCO mask for carvekit, then ``main/app.py`` ``run_generation``
+    from its own source (``prepare_data``, CLIP image tower, ``cc_projection``, VAE, text tower, ``DDIMSampler``
+    with CFG 3, decoder, truncating uint8 cast; ``seed_everything`` and the sampler's CPU ``randn``) against our
+    ``customnet`` method's ``generate`` on the runner's request, its model converted from the official model's
+    state dict by ``model_from_checkpoint``. Tolerance: one level (the truncating cast turns a float difference of
+    1e-6 at a level boundary into one level); the count of differing values is printed. Stand-ins: carvekit (the
+    COCO mask), ``clip.load``'s download, ``pytorch_lightning`` (``LightningModule`` = ``nn.Module``, with the
+    ``device`` it would give).
 
 Usage (from the repository root)::
 
@@ -91,12 +103,14 @@ def _stub_missing_models() -> None:
 
     import torch
 
-    names = ("carvekit", "carvekit.api", "carvekit.api.high", "clip", "pytorch_lightning", "taming", "taming.modules",
+    names = ("carvekit", "carvekit.api", "carvekit.api.high", "clip", "pytorch_lightning",
+             "pytorch_lightning.utilities", "pytorch_lightning.utilities.distributed", "taming", "taming.modules",
              "taming.modules.vqvae", "taming.modules.vqvae.quantize")  # fmt: skip
     for name in names:
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["carvekit.api.high"].HiInterface = None
     sys.modules["pytorch_lightning"].LightningModule = torch.nn.Module
+    sys.modules["pytorch_lightning.utilities.distributed"].rank_zero_only = lambda function: function
     sys.modules["taming.modules.vqvae.quantize"].VectorQuantizer2 = None
 
     def load(name, device="cpu", jit=False):
@@ -185,6 +199,7 @@ def _official(inputs: dict) -> dict:
         clip_inputs.append(clip.preprocess(batch["image_cond"])[0])
     return {
         **_official_networks(inputs["networks"]),
+        "end_to_end": _official_end_to_end(inputs["end_to_end"], official),
         "token_ids": _official_token_ids(inputs["tokenizer"], inputs["prompts"]),
         "timesteps": timesteps,
         "latents": latents,
@@ -193,6 +208,72 @@ def _official(inputs: dict) -> dict:
         "image_conds": torch.stack(conds),
         "clip_inputs": torch.stack(clip_inputs),
     }
+
+
+def _official_end_to_end(inputs: dict, official: Path) -> dict:
+    """(f) The app end to end: CustomNet (``configs/config_customnet.yaml``'s model at a tiny width, built by
+    ``instantiate_from_config``) with random weights, ``load_and_preprocess`` (carvekit replaced by the COCO mask),
+    then ``main/app.py`` ``run_generation`` (``prepare_data``, the CLIP image tower, ``cc_projection``, the VAE,
+    the text tower, ``DDIMSampler``, the decoder, the uint8 cast) from its own source."""
+    import copy
+    import math
+    import random
+
+    import numpy as np
+    import torch
+    from customnet.ddim import DDIMSampler
+    from einops import rearrange
+    from ldm.util import img2tensor, instantiate_from_config, load_and_preprocess
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    stub = sys.modules.pop("clip", None)
+    try:
+        import clip.model as openai_clip
+    finally:
+        if stub is not None:
+            sys.modules["clip"] = stub
+    v = inputs["vision"]
+
+    def load(name, device="cpu", jit=False):  # clip.load without the download: the same class at a tiny width
+        model = openai_clip.CLIP(inputs["embed_dim"], v["image_size"], v["num_hidden_layers"], v["hidden_size"],
+                                 v["patch_size"], 77, 49408, v["hidden_size"], 1, 1)  # fmt: skip
+        return model.float(), None
+
+    saved_load, stub.load = stub.load, load
+    try:
+        torch.manual_seed(0)
+        model = instantiate_from_config(OmegaConf.create(inputs["config"])).eval()
+    finally:
+        stub.load = saved_load
+    model.device = torch.device("cpu")  # LightningModule's property, which the nn.Module stand-in lacks
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.05)
+
+    class CPUSampler(DDIMSampler):  # register_buffer moves every buffer to CUDA
+        def register_buffer(self, name, attr):
+            setattr(self, name, attr)
+
+    def seed_everything(seed):  # pytorch_lightning's, without its environment variable
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    namespace = {"torch": torch, "np": np, "copy": copy, "math": math, "img2tensor": img2tensor,
+                 "rearrange": rearrange, "Image": Image, "seed_everything": seed_everything}  # fmt: skip
+    namespace["prepare_data"] = _app_function(official, "prepare_data", namespace)
+    run_generation = _app_function(official, "run_generation", namespace)
+    path, mask_path, (x0, y0, x1, y1), prompt, seed = inputs["task"]
+    alpha = np.asarray(Image.open(mask_path).convert("L"))
+
+    def interface(images):  # carvekit's output: RGBA, the object opaque
+        return [np.dstack([np.asarray(images[0]), alpha])]
+
+    square = load_and_preprocess(interface, Image.open(path).convert("RGB"))
+    image = run_generation(CPUSampler(model), model, "cpu", Image.fromarray(square), x0, y0, x1, y1, 0.0, 0.0,
+                           prompt, seed)  # fmt: skip
+    return {"checkpoint": model.state_dict(), "image": np.asarray(image)}
 
 
 def _official_token_ids(folder: str, prompts: list[str]):
@@ -392,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         clip_bpe_tokenizer(folder)
         _tiny_text_model(folder)  # FrozenCLIPEmbedder.__init__ loads a text model from the same folder
         inputs.update(tokenizer=folder, prompts=prompts)
+        end_to_end, request = _end_to_end_inputs(args.manifest, Path(folder) / "end-to-end-text")
+        inputs["end_to_end"] = end_to_end
         official = run_official(__file__, args, inputs)
 
     figures = Figures(args.tolerance)
@@ -425,7 +508,99 @@ def main(argv: list[str] | None = None) -> None:
     from mscustomnet.model.network import tokenize
 
     figures.compare(f"(d) token ids, {len(prompts)} prompts", tokenize(prompts), official["token_ids"], tolerance=0.0)
+    _compare_end_to_end(figures, official["end_to_end"], request)
     figures.exit()
+
+
+def _end_to_end_config():
+    """configs/config_customnet.yaml's model at a tiny width: the app fixes 256 px, the 32 x 32 latent (a VAE
+    that downsamples 8 times) and cc_projection's 772 -> 768, so the cross-attention width stays 768."""
+    from dataclasses import replace
+
+    from mscustomnet.model.config import CLIPTextSpec, CLIPVisionSpec, VAEConfig
+
+    base = _tiny_config()
+    return replace(
+        base, resolution=256,
+        unet=replace(base.unet, sample_size=32, cross_attention_dim=768),
+        vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, sample_size=256),
+        image_encoder=CLIPVisionSpec(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=1,
+                                     image_size=224, patch_size=32, projection_dim=768),
+        text_encoder=CLIPTextSpec(hidden_size=768, intermediate_size=64, num_hidden_layers=1, num_attention_heads=12),
+    )  # fmt: skip
+
+
+def _end_to_end_inputs(manifest_name: str, text_folder: Path) -> tuple[dict, object]:
+    """The official model config (the yaml's, at _end_to_end_config's sizes), a text model folder for
+    FrozenCLIPEmbedder, and the first single-track v1 task as the runner requests it."""
+    from dataclasses import asdict
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mscustomnet.model.pipeline import app_box
+    from msibench.bench.manifest import load_manifest
+    from msibench.bench.prepare import reference_paths
+    from msibench.runner import _request
+
+    config = _end_to_end_config()
+    text_folder.mkdir(parents=True, exist_ok=True)
+    clip_bpe_tokenizer(str(text_folder))
+    text = asdict(config.text_encoder)
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(text_folder)
+    unet = {"image_size": 32, "in_channels": 8, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
+            "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "use_spatial_transformer": True,
+            "transformer_depth": 1, "context_dim": 768, "use_checkpoint": False, "legacy": False}  # fmt: skip
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+    model = {"target": "customnet.customnet.CustomNet", "params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "log_every_t": 200, "timesteps": 1000,
+        "first_stage_key": "image_target", "cond_stage_key": "image_cond", "image_size": 32, "channels": 4,
+        "cond_stage_trainable": False, "conditioning_key": "hybrid", "monitor": "val/loss_simple_ema",
+        "scale_factor": 0.18215, "use_ema": False, "use_cond_concat": True, "use_bbox_mask": False,
+        "use_bg_inpainting": False, "learning_rate_scale": 10, "ucg_training": {"txt": 0.15},
+        "unet_config": {"target": "customnet.openaimodel.UNetModel", "params": unet},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": ddconfig,
+            "lossconfig": {"target": "torch.nn.Identity"}}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPImageEmbedder"},
+        "text_encoder_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                "params": {"version": str(text_folder), "device": "cpu"}},
+    }}  # fmt: skip
+    manifest = load_manifest(manifest_name)
+    task = manifest.select("single", limit=1)[0]
+    request = _request(task, 0, 0, manifest)
+    subject = task.subjects[0]
+    paths = reference_paths(subject.reference, manifest.sources[subject.reference.image_id])
+    box = app_box(subject.box, 256)
+    inputs = {"config": model, "vision": asdict(config.image_encoder), "embed_dim": 768,
+              "task": (str(paths.image), str(paths.mask), box, task.prompt, request.seed)}  # fmt: skip
+    return inputs, request
+
+
+def _compare_end_to_end(figures, official: dict, request) -> None:
+    """Our customnet method's generate, its model converted from the official random checkpoint."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from baselines.customnet import CustomNetMethod, model_from_checkpoint
+    from mscustomnet.model.pipeline import CustomNetPipeline
+
+    method = CustomNetMethod()
+    model = model_from_checkpoint(official["checkpoint"], config=_end_to_end_config(), where="the official model")
+    method._pipeline = CustomNetPipeline(model)
+    ours = np.array(method.generate([request])[0].convert("RGB"))
+    theirs = official["image"]
+    print(f"(f) app end to end, {request.task.id}, seed {request.seed}, 50 steps, CFG 3, 256 px: our customnet "
+          f"generate vs main/app.py run_generation; official image: mean {theirs.mean():.1f}, std "
+          f"{theirs.std():.1f} levels")  # fmt: skip
+    # One level: the app truncates (astype(uint8)), so a float difference of 1e-6 can cross a level boundary.
+    figures.compare("(f) output image (uint8)", ours, theirs, tolerance=1.0)
+    print(f"(f) values that differ: {int((ours != theirs).sum())} of {ours.size}")
+    control = np.array(method.generate([replace(request, seed=request.seed + 1)])[0].convert("RGB"))
+    figures.note("(f) control: ours at seed + 1 (must differ)", control, theirs)
+    if np.array_equal(control, theirs):
+        figures.failed.append("(f) control (identical)")
 
 
 def _prompts() -> list[str]:
