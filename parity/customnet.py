@@ -589,14 +589,29 @@ def _compare_end_to_end(figures, official: dict, request) -> None:
     method = CustomNetMethod()
     model = model_from_checkpoint(official["checkpoint"], config=_end_to_end_config(), where="the official model")
     method._pipeline = CustomNetPipeline(model)
-    ours = np.array(method.generate([request])[0].convert("RGB"))
+    import mscustomnet.model.pipeline as pipeline
+
+    floats = []
+    to_pil = pipeline.to_pil
+
+    def catch(images):  # our values before the uint8 cast, to show where a differing level comes from
+        floats.append(255.0 * ((images.float() + 1.0) / 2.0).clamp(0, 1)[0].permute(1, 2, 0).numpy())
+        return to_pil(images)
+
+    pipeline.to_pil = catch
+    try:
+        ours = np.array(method.generate([request])[0].convert("RGB"))
+    finally:
+        pipeline.to_pil = to_pil
     theirs = official["image"]
     print(f"(f) app end to end, {request.task.id}, seed {request.seed}, 50 steps, CFG 3, 256 px: our customnet "
           f"generate vs main/app.py run_generation; official image: mean {theirs.mean():.1f}, std "
           f"{theirs.std():.1f} levels")  # fmt: skip
     # One level: the app truncates (astype(uint8)), so a float difference of 1e-6 can cross a level boundary.
     figures.compare("(f) output image (uint8)", ours, theirs, tolerance=1.0)
-    print(f"(f) values that differ: {int((ours != theirs).sum())} of {ours.size}")
+    differ = ours != theirs
+    print(f"(f) values that differ: {int(differ.sum())} of {ours.size}; ours before the cast there: "
+          f"{', '.join(f'{v:.6f}' for v in floats[0][differ][:5])} (x 255)")  # fmt: skip
     control = np.array(method.generate([replace(request, seed=request.seed + 1)])[0].convert("RGB"))
     figures.note("(f) control: ours at seed + 1 (must differ)", control, theirs)
     if np.array_equal(control, theirs):
