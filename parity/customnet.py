@@ -1,4 +1,5 @@
-"""CustomNet: our sampler and app preprocessing against the official code (TencentARC/CustomNet@23a378f).
+"""CustomNet: our sampler, app preprocessing, converted networks and the whole app against the official code
+(TencentARC/CustomNet@23a378f).
 
 Compared, on the same inputs:
 
