@@ -22,8 +22,15 @@ tiny random CLIP text and vision towers (the same weights on both sides) and the
 inputs (image embedding and negative), on six v1 tasks (three single, K = 2, 3, 4) with their prepared references
 and the runner's seeds.
 
-Not compared here: the Kandinsky 2.2 decoder (diffusers' own ``KandinskyV22Pipeline`` on both sides); docs/parity.md
-says so.
+The Kandinsky 2.2 decoder: our ``LambdaEclipseMethod``'s decoding step (its ``KandinskyV22Pipeline``, loaded by
+its own ``_load_decoder`` from a tiny random decoder folder saved with our diffusers, called as the method calls
+it: the image embedding from the prior, the zero-image negative, steps, guidance, size, the request's generator)
+against ``test_quick.py``'s decoder call on the official pins (``DiffusionPipeline.from_pretrained`` of the same
+folder, ``image_embeds``, ``negative_image_embeds``, ``num_inference_steps``, ``guidance_scale=7.5``), given the
+embeddings our method passed and a generator in the state ours had (test_quick.py passes none: the global RNG).
+The output image is compared as uint8 (``output_type="pil"``, what both return) and before the cast
+(``output_type="np"``). ``--decoder-steps`` (default test_quick.py's 50) and ``--decoder-resolution`` (default 64;
+test_quick.py's is the pipeline's 512, our default too) size it for a CPU.
 
 Usage (from the repository root)::
 
@@ -49,6 +56,7 @@ from _side_by_side import (  # noqa: E402
     official_side,
     parser,
     run_official,
+    usage_error,
 )
 
 OFFICIAL_HELP = "a checkout of eclipse-t2i/lambda-eclipse-inference (at 6a7e00e): the folder holding src/priors/"
@@ -71,6 +79,7 @@ def _official(inputs: dict) -> dict:
                     attention_mask=inputs["mask"], control_embedding=inputs["control"])  # fmt: skip
     return {
         "version": diffusers.__version__,
+        "decoder": _official_decoder(inputs["decoder"]),
         "embeds": out.predicted_image_embedding,
         "keys": sorted(prior.state_dict()),
         "binding": _official_binding(inputs["tokenizer"], inputs["tasks"]),
@@ -118,6 +127,27 @@ def _official_pipeline(inputs: dict, prior) -> list:
     return out
 
 
+def _official_decoder(inputs: dict) -> dict:
+    """test_quick.py's decoder: DiffusionPipeline.from_pretrained, then image_embeds / negative / 50 steps / 7.5."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(inputs["folder"])
+    pipe.set_progress_bar_config(disable=True)
+    out = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__}
+    for output_type in ("pil", "np"):
+        generator = torch.Generator()
+        generator.set_state(inputs["generator_state"])
+        images = pipe(
+            image_embeds=inputs["image_embeds"], negative_image_embeds=inputs["negative_image_embeds"],
+            num_inference_steps=inputs["steps"], guidance_scale=7.5, height=inputs["resolution"],
+            width=inputs["resolution"], generator=generator, output_type=output_type,
+        ).images  # fmt: skip
+        out[output_type] = np.asarray(images[0].convert("RGB")) if output_type == "pil" else images[0]
+    return out
+
+
 def _official_binding(tokenizer_dir: str, tasks: list) -> list[list[int]]:
     """Per task, which subject (1-based; 0: none) the official get_text_feats writes into each of the 77 positions."""
     import contextlib
@@ -162,7 +192,18 @@ def _official_binding(tokenizer_dir: str, tasks: list) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.split("\n\n")[0], OFFICIAL_HELP, tolerance=0.0)
     p.add_argument("--rel-tolerance", type=float, default=1e-6, help="largest rel figure (1e-6)")
+    p.add_argument("--decoder-steps", type=int, default=50, help="decoder steps (test_quick.py's 50)")
+    p.add_argument(
+        "--decoder-resolution",
+        type=int,
+        default=64,
+        help="decoder output size in pixels, a multiple of 16 (default 64; test_quick.py's 512 is slow on a CPU)",
+    )
     args = p.parse_args(argv)
+    if args.decoder_steps < 1:
+        usage_error(f"--decoder-steps {args.decoder_steps}: must be at least 1")
+    if args.decoder_resolution < 16 or args.decoder_resolution % 16:
+        usage_error(f"--decoder-resolution {args.decoder_resolution}: must be a positive multiple of 16")
     check_official(args.official, MARKERS, OFFICIAL_HELP)
     if args.side == "official":
         return official_side(args, _official)
@@ -194,7 +235,13 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = clip_bpe_tokenizer(tmp)
         encoders = _tiny_encoders()
         pipeline_tasks, requests = _pipeline_tasks(manifest)
-        inputs = {"weights": weights, "noise": noise, "proj": proj, "text": text, "mask": mask, "control": control,
+        decoder_folder = _tiny_decoder(Path(tmp) / "decoder")
+        ours_decoded = _our_decoding(prior, tokenizer, encoders, requests[3], decoder_folder, args)
+        caught = ("image_embeds", "negative_image_embeds", "generator_state")
+        decoder_inputs = {"folder": str(decoder_folder), "steps": args.decoder_steps,
+                          "resolution": args.decoder_resolution, **{k: ours_decoded[k] for k in caught}}  # fmt: skip
+        inputs = {"decoder": decoder_inputs,
+                  "weights": weights, "noise": noise, "proj": proj, "text": text, "mask": mask, "control": control,
                   "tokenizer": tmp, "tasks": tasks, "pipeline_tasks": pipeline_tasks,
                   **{k: v for k, v in encoders.items() if k.endswith(("config", "weights"))}}  # fmt: skip
         official = run_official(__file__, args, inputs)
@@ -217,6 +264,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"binding=span (our default) binds differently from the official rule in {differs_from_span} of "
           f"{len(tasks)} v1 tasks (information)")  # fmt: skip
     _compare_pipeline(figures, prior, tokenizer, encoders, requests, official["pipeline"], args.rel_tolerance)
+    decoded = official["decoder"]
+    print(f"decoder: ours {ours_decoded['pipeline']} / {ours_decoded['scheduler']} on diffusers "
+          f"{ours_decoded['version']}, official {decoded['pipeline']} / {decoded['scheduler']} on diffusers "
+          f"{official['version']}; {requests[3].task.id}, {args.decoder_steps} steps, guidance "
+          f"{ours_decoded['guidance']}, {args.decoder_resolution} px")  # fmt: skip
+    figures.compare("decoder image before the uint8 cast (output_type='np')", ours_decoded["np"], decoded["np"],
+                    rel_tolerance=args.rel_tolerance)  # fmt: skip
+    figures.compare("decoder image, uint8 (what both return)", ours_decoded["pil"], decoded["pil"], tolerance=0.0)
+    figures.note("control: our decoder with the generator one draw on (must differ)", ours_decoded["control"],
+                 decoded["np"])  # fmt: skip
+    if (abs(ours_decoded["control"] - decoded["np"])).max() == 0:  # the comparison would not see the noise
+        figures.failed.append("decoder control (identical)")
     figures.exit()
 
 
@@ -243,6 +302,83 @@ def _tiny_encoders() -> dict:
             "image_encoder": image_encoder,
             "text_weights": {k: v.clone() for k, v in text_encoder.state_dict().items()},
             "vision_weights": {k: v.clone() for k, v in image_encoder.state_dict().items()}}  # fmt: skip
+
+
+def _tiny_decoder(folder: Path) -> Path:
+    """A random KandinskyV22Pipeline save (the kandinsky-2-2-decoder layout: image-conditioned UNet, MoVQ, its
+    DDPMScheduler config) whose UNet takes the small prior's embedding width."""
+    import torch
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image", encoder_hid_dim=CONFIG["embedding_dim"],
+        encoder_hid_dim_type="image_proj", down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(8, 16), layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=4, resnet_time_scale_shift="scale_shift", norm_num_groups=4,
+    )  # fmt: skip
+    movq = VQModel(
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), in_channels=3, out_channels=3,
+        latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12,
+        vq_embed_dim=4,
+    )  # fmt: skip
+    with torch.no_grad():  # zero-initialised output layers would hide a difference
+        for module in (unet, movq):
+            for param in module.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+    # kandinsky-2-2-decoder's scheduler/scheduler_config.json.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        steps_offset=1, prediction_type="epsilon", thresholding=False,
+    )  # fmt: skip
+    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(folder)
+    return folder
+
+
+def _our_decoding(prior, tokenizer, encoders, request, folder: Path, args) -> dict:
+    """Our method's whole _generate_one with the tiny decoder loaded by its own _load_decoder; the decoder's
+    arguments (and the generator's state) are caught on the way, and its float output taken as well."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    from baselines.clip_pixels import pil_clip_processor
+    from baselines.lambda_eclipse import LambdaEclipseMethod
+
+    method = LambdaEclipseMethod(binding="official", decoder=str(folder), steps=args.decoder_steps,
+                                 resolution=args.decoder_resolution)  # fmt: skip
+    pipe = method._load_decoder(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    caught: dict = {}
+
+    def decoder(**kwargs):
+        generator = kwargs["generator"]
+        state = generator.get_state()
+        caught.update(image_embeds=kwargs["image_embeds"].clone(), generator_state=state,
+                      negative_image_embeds=kwargs["negative_image_embeds"],
+                      guidance=kwargs["guidance_scale"])  # fmt: skip
+        out = pipe(**kwargs)
+        for name, shift in (("np", 0), ("control", 1)):
+            again = torch.Generator()
+            again.set_state(state)
+            if shift:
+                torch.randn(1, generator=again)
+            caught[name] = pipe(**{**kwargs, "generator": again, "output_type": "np"}).images[0]
+        return out
+
+    image_encoder = encoders["image_encoder"]
+    with torch.no_grad():
+        size = image_encoder.config.image_size
+        zero_embed = image_encoder(pixel_values=torch.zeros(1, 3, size, size)).image_embeds
+    method._models = {"device": torch.device("cpu"), "dtype": torch.float32, "tokenizer": tokenizer,
+                      "text_encoder": encoders["text_encoder"], "image_processor": pil_clip_processor(size),
+                      "image_encoder": image_encoder, "prior": prior, "decoder": decoder, "zero_embed": zero_embed,
+                      "max_length": 77}  # fmt: skip
+    image = method._generate_one(request)
+    return {**caught, "pil": np.array(image), "version": diffusers.__version__, "pipeline": type(pipe).__name__,
+            "scheduler": type(pipe.scheduler).__name__}  # fmt: skip
 
 
 def _pipeline_tasks(manifest) -> tuple[list, list]:

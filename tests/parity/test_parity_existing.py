@@ -50,6 +50,25 @@ def test_every_script_says_how_to_run_it(script):
     assert done.returncode == 0 and "--official" in done.stdout and "--tolerance" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--decoder-steps", "0", "--decoder-steps 0: must be at least 1"),
+        ("--decoder-resolution", "40", "--decoder-resolution 40: must be a positive multiple of 16"),
+        ("--decoder-resolution", "0", "--decoder-resolution 0: must be a positive multiple of 16"),
+        ("--decoder-steps", "two", "--decoder-steps: invalid int value"),
+    ],
+)
+def test_lambda_eclipse_decoder_flags_are_checked_before_anything_runs(flag, value, says, tmp_path):
+    done = _run("lambda_eclipse.py", "--official", str(tmp_path), flag, value)
+    assert done.returncode == 2 and says in done.stderr
+
+
+def test_lambda_eclipse_decoder_flags_are_documented():
+    done = _run("lambda_eclipse.py", "--help")
+    assert "--decoder-steps" in done.stdout and "--decoder-resolution" in done.stdout
+
+
 def test_figures_fail_above_the_tolerance(capsys):
     figures = _module("_side_by_side").Figures(tolerance=1e-6)
     assert figures.compare("same", [1.0, 2.0], [1.0, 2.0]) == 0.0
